@@ -1,0 +1,151 @@
+"""Lightning callbacks of `main.py`: run-dir setup, image grids, checkpoint-on-signal."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchvision
+from omegaconf import OmegaConf
+from PIL import Image
+from pytorch_lightning.utilities import rank_zero_only
+
+logger = logging.getLogger(__name__)
+
+
+class SetupCallback(pl.Callback):
+    """Creates the run directory and writes `<now>-project.yaml` / `<now>-lightning.yaml` on rank 0."""
+
+    def __init__(self, resume: bool, now: str, logdir: str, ckptdir: str, cfgdir: str, config, lightning_config):
+        super().__init__()
+        self.resume, self.now = resume, now
+        self.logdir, self.ckptdir, self.cfgdir = logdir, ckptdir, cfgdir
+        self.config, self.lightning_config = config, lightning_config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.global_rank != 0:
+            return
+        for d in (self.logdir, self.ckptdir, self.cfgdir):
+            os.makedirs(d, exist_ok=True)
+        OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
+        OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
+                       os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+
+
+class ImageLogger(pl.Callback):
+    """Saves `pl_module.log_images(batch)` grids to `<logdir>/images/{train,val}/` at a batch frequency."""
+
+    def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True, increase_log_steps: bool = True,
+                 rescale: bool = True, disabled: bool = False, log_on_batch_idx: bool = False,
+                 log_first_step: bool = False, log_images_kwargs: Optional[dict] = None, log_val: bool = True):
+        super().__init__()
+        self.batch_freq, self.max_images = max(1, int(batch_frequency)), max_images
+        self.rescale, self.clamp, self.disabled = rescale, clamp, disabled
+        self.log_on_batch_idx, self.log_first_step = log_on_batch_idx, log_first_step
+        self.log_images_kwargs = dict(log_images_kwargs or {})
+        self.log_val = log_val
+        self.log_steps = [2 ** n for n in range(int(np.log2(self.batch_freq)) + 1)] if increase_log_steps else []
+        self._val_logged_epoch = -1
+
+    @rank_zero_only
+    def log_local(self, save_dir: str, split: str, images: dict, global_step: int, current_epoch: int,
+                  batch_idx: int) -> list[str]:
+        root = Path(save_dir) / "images" / split
+        root.mkdir(parents=True, exist_ok=True)
+        written = []
+        for k, img in images.items():
+            grid = torchvision.utils.make_grid(img, nrow=4)
+            if self.rescale:
+                grid = (grid + 1.0) / 2.0
+            grid = grid.permute(1, 2, 0).squeeze(-1).numpy()
+            grid = (np.clip(grid, 0, 1) * 255).astype(np.uint8)
+            path = root / f"{k}_gs-{global_step:06}_e-{current_epoch:06}_b-{batch_idx:06}.png"
+            Image.fromarray(grid).save(path)
+            written.append(str(path))
+        return written
+
+    def _save_dir(self, trainer: pl.Trainer) -> str:
+        lg = trainer.logger
+        # Lightning loggers nest versions; the run dir is where SetupCallback wrote the configs.
+        for cb in trainer.callbacks:
+            if isinstance(cb, SetupCallback):
+                return cb.logdir
+        return lg.save_dir if lg is not None else trainer.default_root_dir
+
+    def log_img(self, pl_module: pl.LightningModule, batch, batch_idx: int, split: str = "train") -> None:
+        if not hasattr(pl_module, "log_images") or not callable(pl_module.log_images) or self.max_images <= 0:
+            return
+        was_training = pl_module.training
+        if was_training:
+            pl_module.eval()
+        with torch.no_grad():
+            images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
+        for k in list(images):
+            img = images[k]
+            if not isinstance(img, torch.Tensor):
+                images.pop(k)
+                continue
+            img = img[: min(img.shape[0], self.max_images)].detach().float().cpu()
+            if img.dim() == 4 and img.shape[1] not in (1, 3):
+                img = img[:, :3]
+            images[k] = torch.clamp(img, -1.0, 1.0) if self.clamp else img
+        trainer = pl_module.trainer
+        self.log_local(self._save_dir(trainer), split, images, pl_module.global_step, pl_module.current_epoch, batch_idx)
+        if was_training:
+            pl_module.train()
+
+    def check_frequency(self, check_idx: int) -> bool:
+        if (check_idx % self.batch_freq == 0 or check_idx in self.log_steps) and (check_idx > 0 or self.log_first_step):
+            if check_idx in self.log_steps:
+                self.log_steps.remove(check_idx)
+            return True
+        return False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.disabled:
+            return
+        idx = batch_idx if self.log_on_batch_idx else pl_module.global_step
+        if self.check_frequency(idx):
+            self.log_img(pl_module, batch, batch_idx, split="train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        if self.disabled or not self.log_val or trainer.sanity_checking:
+            return
+        if batch_idx == 0 and self._val_logged_epoch != trainer.current_epoch * 10 ** 9 + pl_module.global_step:
+            self._val_logged_epoch = trainer.current_epoch * 10 ** 9 + pl_module.global_step
+            self.log_img(pl_module, batch, batch_idx, split="val")
+
+
+class CheckpointOnSignal(pl.Callback):
+    """On SIGUSR1 (e.g. a cluster's pre-emption notice) save `last.ckpt` at the next batch boundary."""
+
+    def __init__(self, ckpt_path: str, sig: int = signal.SIGUSR1):
+        super().__init__()
+        self.ckpt_path, self.sig = ckpt_path, sig
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+        logger.warning("signal %s received: a checkpoint will be written to %s", signum, self.ckpt_path)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        try:
+            self._previous = signal.signal(self.sig, self._handler)
+        except ValueError:  # not in the main thread
+            self._previous = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.requested:
+            self.requested = False
+            trainer.save_checkpoint(self.ckpt_path)
+            logger.warning("checkpoint written to %s", self.ckpt_path)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._previous is not None:
+            signal.signal(self.sig, self._previous)

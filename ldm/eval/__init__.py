@@ -1,0 +1,1 @@
+"""Evaluation: the shapes prompt-adherence evaluator."""

@@ -1,0 +1,123 @@
+"""Prompt adherence for shapes images by classical image analysis: read back size, color, shape, position."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ldm.data.shapes import COLORS, POSITIONS, SIZES, parse_caption
+
+ATTRIBUTES = ("shape", "color", "size", "position")
+# Fill ratio of the shape's soft area over its bounding box: square 1, circle pi/4, triangle 1/2.
+FILL_SQUARE_MIN = 0.89
+FILL_CIRCLE_MIN = 0.64
+TRIANGLE_TOP_MAX = 0.38
+# A pixel belongs to the object where it is at least this far (fraction) from background to object color.
+MASK_LEVEL = 0.5
+
+
+@dataclass
+class Reading:
+    """What the evaluator reads from one image (None where nothing was found)."""
+    shape: Optional[str]
+    color: Optional[str]
+    size: Optional[str]
+    position: Optional[str]
+
+    def as_dict(self) -> dict:
+        return {"shape": self.shape, "color": self.color, "size": self.size, "position": self.position}
+
+
+def _to_uint8_hwc(img: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    """Accept HWC/CHW, uint8 or float in [-1, 1]; return float64 HWC in [0, 255]."""
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu().float().numpy()
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
+        img = img.transpose(1, 2, 0)
+    if img.dtype == np.uint8:
+        return img.astype(np.float64)
+    return np.clip((img.astype(np.float64) + 1.0) * 127.5, 0, 255)
+
+
+def read_image(img: Union[np.ndarray, torch.Tensor]) -> Reading:
+    """Segment the object from the (gray, flat) background and classify its attributes."""
+    x = _to_uint8_hwc(img)
+    side = x.shape[0]
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+    bg = np.median(border, axis=0)
+    dist = np.linalg.norm(x - bg, axis=-1)
+    chroma = x.max(-1) - x.min(-1)
+    strong = dist > 0.75 * dist.max()
+    if dist.max() < 30 or strong.sum() == 0:
+        return Reading(None, None, None, None)
+    obj_color = x[strong].mean(0)
+    ref = np.linalg.norm(obj_color - bg)
+    soft = np.clip(dist / max(ref, 1e-6), 0.0, 1.0)
+    mask = soft >= MASK_LEVEL
+    # keep the connected component holding the strongest pixel (drops stray specks)
+    mask = _largest_component(mask)
+    if mask.sum() == 0 or chroma[mask].mean() < 20:
+        return Reading(None, None, None, None)
+    rows, cols = np.nonzero(mask)
+    r0, r1 = max(rows.min() - 1, 0), min(rows.max() + 2, side)
+    c0, c1 = max(cols.min() - 1, 0), min(cols.max() + 2, side)
+    box = soft[r0:r1, c0:c1]
+    # Occupancy profiles: an axis-aligned edge's partial coverage counts exactly once.
+    col_occ, row_occ = box.max(axis=0), box.max(axis=1)
+    w, h = col_occ.sum(), row_occ.sum()
+    fill = box.sum() / max(float(w * h), 1e-6)
+    # An apex-up triangle holds 1/4 of its mass above its vertical middle; circle and square 1/2.
+    ys = np.arange(box.shape[0]) + 0.5
+    mid = (row_occ * ys).sum() / h
+    top_frac = box[ys < mid].sum() / max(box.sum(), 1e-6)
+    if top_frac < TRIANGLE_TOP_MAX:
+        shape = "triangle"
+    elif fill >= FILL_SQUARE_MIN:
+        shape = "square"
+    elif fill >= FILL_CIRCLE_MIN:
+        shape = "circle"
+    else:
+        shape = "triangle"
+    palette = np.array(list(COLORS.values()), dtype=np.float64)
+    color = list(COLORS)[int(np.argmin(np.linalg.norm(palette - obj_color, axis=1)))]
+    extent = max(h, w) / side
+    small, large = 2 * SIZES["small"], 2 * SIZES["large"]
+    size = "small" if extent < (small + large) / 2 else "large"
+    cx = (c0 + (col_occ * (np.arange(len(col_occ)) + 0.5)).sum() / w) / side
+    cy = (r0 + (row_occ * (np.arange(len(row_occ)) + 0.5)).sum() / h) / side
+    names = list(POSITIONS)
+    anchors = np.array(list(POSITIONS.values()))
+    position = names[int(np.argmin(np.linalg.norm(anchors - np.array([cx, cy]), axis=1)))]
+    return Reading(shape, color, size, position)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def score(images: Iterable, prompts: Sequence[Union[str, dict]]) -> dict:
+    """Per-attribute accuracy and the all-four rate of `images` against their prompts (captions or dicts)."""
+    hits = {a: 0 for a in ATTRIBUTES}
+    all_ok, n = 0, 0
+    for img, prompt in zip(images, prompts):
+        want = parse_caption(prompt) if isinstance(prompt, str) else prompt
+        got = read_image(img).as_dict()
+        ok = [got[a] == want[a] for a in ATTRIBUTES]
+        for a, o in zip(ATTRIBUTES, ok):
+            hits[a] += int(o)
+        all_ok += int(all(ok))
+        n += 1
+    if n == 0:
+        raise ValueError("score() got no images")
+    out = {a: hits[a] / n for a in ATTRIBUTES}
+    out["all"] = all_ok / n
+    out["n"] = n
+    return out

@@ -1,0 +1,243 @@
+"""Train / test an ldm model from YAML configs, with the CompVis command line on Lightning 2.x.
+
+    python main.py --base configs/autoencoder/shapes_kl_f4.yaml -t
+    python main.py --base a.yaml b.yaml -t model.params.base_learning_rate=1e-4 lightning.trainer.max_steps=100
+    python main.py -r logs/<run>            # resume at the saved global step
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.callbacks import ImageLogger, SetupCallback  # noqa: F401  (CompVis import paths: main.ImageLogger, ...)
+from ldm.checkpoint import CheckpointError, load_checkpoint
+from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401  (CompVis import path)
+from ldm.util import ConfigError, check_no_missing, instantiate_from_config, load_config
+
+logger = logging.getLogger("ldm.main")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--name", type=str, default="", help="postfix for the run directory name")
+    p.add_argument("-r", "--resume", type=str, default="", help="resume from a log dir or a checkpoint in it")
+    p.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+                   help="configs merged left to right; trailing `key=value` arguments override them")
+    p.add_argument("-t", "--train", action="store_true", help="train")
+    p.add_argument("--no-test", action="store_true", help="skip the test run after training")
+    p.add_argument("-p", "--project", help="name of a new or path to an existing project")
+    p.add_argument("-d", "--debug", action="store_true",
+                   help="debug: log at DEBUG level and open a post-mortem debugger on an exception (interactive only)")
+    p.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
+    p.add_argument("-f", "--postfix", type=str, default="", help="postfix for the default name")
+    p.add_argument("-l", "--logdir", type=str, default="logs", help="directory for logging")
+    p.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
+                   help="scale base_learning_rate by accumulate_grad_batches * devices * batch_size")
+    p.add_argument("--unsafe-load", action="store_true",
+                   help="allow pickled Python objects in checkpoints (can run code: only for files you trust)")
+    return p
+
+
+def resolve_run(opt: argparse.Namespace, now: str) -> tuple[str, str, Optional[str], list[str]]:
+    """(logdir, nowname, resume checkpoint, base configs) from the command line."""
+    if opt.name and opt.resume:
+        raise ConfigError("-n/--name and -r/--resume cannot be used together: a resumed run keeps its directory")
+    if opt.resume:
+        path = Path(opt.resume)
+        if not path.exists():
+            raise ConfigError(f"--resume: cannot find {path}")
+        if path.is_file():
+            parts = path.resolve().parts
+            if "checkpoints" not in parts:
+                raise ConfigError(f"--resume: {path} is not inside a run's checkpoints/ directory")
+            logdir = str(Path(*parts[: parts.index("checkpoints")]))
+            ckpt = str(path)
+        else:
+            logdir = str(path).rstrip("/")
+            ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
+            if not os.path.isfile(ckpt):
+                raise ConfigError(f"--resume: {logdir} has no checkpoints/last.ckpt to resume from")
+        base = sorted(glob.glob(os.path.join(logdir, "configs", "*-project.yaml")))
+        if not base:
+            raise ConfigError(f"--resume: {logdir}/configs has no *-project.yaml to restore the config from")
+        # the newest project config wins, then any --base given now
+        return logdir, Path(logdir).name, ckpt, [base[-1]] + list(opt.base)
+    if opt.name:
+        name = "_" + opt.name
+    elif opt.base:
+        name = "_" + Path(opt.base[0]).stem
+    else:
+        name = ""
+    nowname = now + name + opt.postfix
+    return os.path.join(opt.logdir, nowname), nowname, None, list(opt.base)
+
+
+def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model, logdir: str, ckptdir: str,
+                         cfgdir: str, now: str, resume: bool, debug: bool) -> dict:
+    """Trainer keyword arguments: logger, callbacks (setup, checkpoints, images, lr, signal) and trainer config."""
+    import pytorch_lightning as pl  # noqa: F401
+    from ldm.callbacks import CheckpointOnSignal
+
+    trainer_opts = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
+    trainer_opts.setdefault("accelerator", "auto")
+    trainer_opts.setdefault("devices", 1)
+    # CompVis configs name GPUs as `gpus: 0,1`; map it once here.
+    gpus = trainer_opts.pop("gpus", None)
+    if gpus not in (None, "", 0):
+        ids = [int(g) for g in str(gpus).strip(",").split(",") if g.strip() != ""]
+        trainer_opts.update(accelerator="gpu", devices=ids)
+
+    logger_cfgs = {
+        "csv": {"target": "pytorch_lightning.loggers.CSVLogger",
+                "params": {"save_dir": logdir, "name": "csv", "version": ""}},
+        "tensorboard": {"target": "pytorch_lightning.loggers.TensorBoardLogger",
+                        "params": {"save_dir": logdir, "name": "tensorboard", "version": ""}},
+        "wandb": {"target": "pytorch_lightning.loggers.WandbLogger",
+                  "params": {"name": Path(logdir).name, "save_dir": logdir, "id": Path(logdir).name,
+                             "offline": os.environ.get("WANDB_MODE", "") in ("offline", "disabled")}},
+    }
+    lg = lightning_config.get("logger", None)
+    if lg is None:
+        lg_cfgs = [logger_cfgs["csv"]]
+    elif isinstance(lg, str):
+        lg_cfgs = [logger_cfgs[x.strip()] for x in lg.split(",")]
+    elif "target" in lg:
+        lg_cfgs = [OmegaConf.merge(logger_cfgs.get(lg.target.split(".")[-1].replace("Logger", "").lower(), {}), lg)]
+    else:
+        lg_cfgs = [v for v in lg.values()]
+    loggers = [instantiate_from_config(OmegaConf.create(c) if not isinstance(c, DictConfig) else c,
+                                       key="lightning.logger") for c in lg_cfgs]
+
+    ckpt_params = {"dirpath": ckptdir, "filename": "{epoch:06}-{step:09}", "verbose": True, "save_last": True}
+    monitor = getattr(model, "monitor", None)
+    if monitor:
+        ckpt_params.update(monitor=monitor, save_top_k=3, mode="min" if "loss" in monitor else "max")
+    else:
+        ckpt_params.update(save_top_k=0)
+    callbacks_cfg = OmegaConf.create({
+        "setup_callback": {"target": "ldm.callbacks.SetupCallback",
+                           "params": {"resume": resume, "now": now, "logdir": logdir, "ckptdir": ckptdir,
+                                      "cfgdir": cfgdir}},
+        "checkpoint_callback": {"target": "pytorch_lightning.callbacks.ModelCheckpoint", "params": ckpt_params},
+        "image_logger": {"target": "ldm.callbacks.ImageLogger",
+                         "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
+        "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
+                                 "params": {"logging_interval": "step"}},
+    })
+    user_cbs = lightning_config.get("callbacks", OmegaConf.create())
+    callbacks_cfg = OmegaConf.merge(callbacks_cfg, user_cbs)
+    callbacks = []
+    for k, c in callbacks_cfg.items():
+        if c is None or c.get("target") is None:
+            continue
+        if k == "setup_callback":
+            callbacks.append(instantiate_from_config(c, key=f"lightning.callbacks.{k}",
+                                                     extra_params={"config": config,
+                                                                   "lightning_config": lightning_config}))
+        else:
+            callbacks.append(instantiate_from_config(c, key=f"lightning.callbacks.{k}"))
+    callbacks.append(CheckpointOnSignal(os.path.join(ckptdir, "last.ckpt")))
+    trainer_opts.update(logger=loggers, callbacks=callbacks, default_root_dir=logdir)
+    return trainer_opts
+
+
+def set_learning_rate(model, config: DictConfig, trainer, scale_lr: bool) -> None:
+    """Effective learning rate, printed with its formula (scaled only with --scale_lr)."""
+    base_lr = float(config.model.get("base_learning_rate", 1e-4))
+    bs = int(config.data.params.batch_size) if "params" in config.data else 1
+    accumulate = int(trainer.accumulate_grad_batches)
+    ndev = int(trainer.num_devices) * int(trainer.num_nodes)
+    if scale_lr:
+        model.learning_rate = accumulate * ndev * bs * base_lr
+        print(f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * "
+              f"{ndev} (num devices) * {bs} (batchsize) * {base_lr:.2e} (base_lr)")
+    else:
+        model.learning_rate = base_lr
+        print(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {model.learning_rate:.2e}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    sys.path.append(os.getcwd())
+    parser = get_parser()
+    opt, unknown = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if opt.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    bad = [u for u in unknown if "=" not in u]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are written key=value)")
+    try:
+        logdir, nowname, resume_ckpt, base = resolve_run(opt, now)
+        if not base:
+            raise ConfigError("no config given: use --base CONFIG.yaml (or -r LOGDIR to resume)")
+        config = OmegaConf.merge(load_config(base), OmegaConf.from_dotlist(unknown))
+        check_no_missing(config, what="config")
+        for key in ("model", "data"):
+            if key not in config:
+                raise ConfigError(f"config has no `{key}:` section (files: {', '.join(base)})")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import pytorch_lightning as pl
+    import torch
+
+    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
+    pl.seed_everything(opt.seed, workers=True)
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    trainer = None
+    try:
+        model = instantiate_from_config(config.model, key="model")
+        data = instantiate_from_config(config.data, key="data")
+        data.prepare_data()
+        data.setup()
+        for k, ds in data.datasets.items():
+            print(f"{k:<10} {ds.__class__.__name__:<24} {len(ds)} items")
+        trainer_kwargs = build_trainer_kwargs(lightning_config, config, model, logdir, ckptdir, cfgdir, now,
+                                              resume=bool(resume_ckpt), debug=opt.debug)
+        trainer = pl.Trainer(**trainer_kwargs)
+        set_learning_rate(model, config, trainer, opt.scale_lr)
+        if resume_ckpt:  # fail early, naming the file, if it is unreadable or unsafe
+            load_checkpoint(resume_ckpt, allow_pickle=opt.unsafe_load)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def save_on_exception() -> None:
+        """Write last.ckpt when training stops on an exception, so no work is lost."""
+        if trainer is not None and trainer.global_rank == 0 and trainer.global_step > 0:
+            path = os.path.join(ckptdir, "last.ckpt")
+            print(f"Summoning checkpoint: saving {path}", file=sys.stderr)
+            trainer.save_checkpoint(path)
+
+    try:
+        if opt.train:
+            try:
+                trainer.fit(model, datamodule=data, ckpt_path=resume_ckpt, weights_only=not opt.unsafe_load)
+            except Exception:
+                save_on_exception()
+                raise
+        if not opt.no_test and not trainer.interrupted and "test" in data.dataset_configs:
+            trainer.test(model, datamodule=data)
+    except Exception:
+        if opt.debug and sys.stdin.isatty():
+            import pdb
+            pdb.post_mortem()
+        raise
+    finally:
+        if trainer is not None and trainer.global_rank == 0 and os.path.isdir(logdir):
+            print(f"Run directory: {logdir}")
+    del torch
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

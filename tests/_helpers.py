@@ -1,0 +1,29 @@
+"""Config targets used by the tests (importable as `_helpers.X`)."""
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Dataset
+
+
+class FailingDataset(Dataset):
+    """Shapes-like items that raise once `fail_at` items have been read (an error mid-training)."""
+
+    def __init__(self, fail_at: int = 10, size: int = 32, num_samples: int = 1000):
+        self.fail_at, self.size, self.length, self.reads = fail_at, size, num_samples, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        self.reads += 1
+        if self.reads > self.fail_at:
+            raise RuntimeError("injected failure in the data pipeline")
+        rng = np.random.default_rng(i)
+        return {"image": rng.uniform(-1, 1, (self.size, self.size, 3)).astype(np.float32)}
+
+
+class Plain:
+    """A target taking two keyword arguments."""
+
+    def __init__(self, a: int, b: int = 2):
+        self.a, self.b = a, b

@@ -1,0 +1,117 @@
+"""main.py end to end at tiny size: run dir layout, resume at the saved step, bad input, save on exception."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as main_mod
+from ldm.callbacks import CheckpointOnSignal
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = str(ROOT / "configs/autoencoder/shapes_kl_f4.yaml")
+TINY = ["model.params.ddconfig.ch=8", "model.params.ddconfig.ch_mult=[1,2]", "model.params.lossconfig.params.disc_ndf=8",
+        "data.params.batch_size=4", "data.params.train.params.num_samples=64",
+        "data.params.validation.params.num_samples=8", "lightning.trainer.val_check_interval=2",
+        "lightning.callbacks.image_logger.params.batch_frequency=2", "lightning.trainer.enable_progress_bar=false"]
+
+
+def run(args, logdir):
+    return main_mod.main(args + ["-l", str(logdir)])
+
+
+def test_train_then_resume_continues_at_saved_step(tmp_path):
+    assert run(["--base", CFG, "-t", "-n", "tiny", "lightning.trainer.max_steps=4"] + TINY, tmp_path) == 0
+    runs = sorted(glob.glob(str(tmp_path / "*_tiny")))
+    assert len(runs) == 1
+    rd = Path(runs[0])
+    assert len(list((rd / "configs").glob("*-project.yaml"))) == 1
+    assert len(list((rd / "configs").glob("*-lightning.yaml"))) == 1
+    assert (rd / "checkpoints" / "last.ckpt").is_file()
+    assert list((rd / "images" / "train").glob("reconstructions_gs-*.png"))
+    assert list((rd / "images" / "val").glob("inputs_gs-*.png"))
+    assert (rd / "csv" / "metrics.csv").is_file()
+    ck = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ck["global_step"] == 4 and ck["ldm_batches_seen"] == 4
+    w4 = ck["state_dict"]["decoder.conv_out.weight"]
+    # resume: the config is restored from the run dir; only the new max_steps is given
+    assert run(["-r", str(rd), "-t", "lightning.trainer.max_steps=7", "lightning.trainer.enable_progress_bar=false"],
+               tmp_path) == 0
+    ck = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ck["global_step"] == 7 and ck["ldm_batches_seen"] == 7
+    assert not torch.equal(w4, ck["state_dict"]["decoder.conv_out.weight"])
+    assert len(list((rd / "configs").glob("*-project.yaml"))) == 2  # the resumed run wrote its own copy
+    # the resumed config kept the tiny overrides from the first run
+    assert "ch: 8" in sorted((rd / "configs").glob("*-project.yaml"))[-1].read_text()
+
+
+def test_bad_yaml_and_missing_keys_exit_cleanly(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  target: [unclosed\n")
+    assert run(["--base", str(bad), "-t"], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "line" in err
+    cfg = str(ROOT / "configs/autoencoder/autoencoder_kl_f8.yaml")
+    assert run(["--base", cfg, "-t"], tmp_path) == 2
+    assert "data.params.train.params.root" in capsys.readouterr().err
+    assert run(["--base", CFG, "-t", "model.target=ldm.models.autoencoder.Nope"], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "model.target" in err and "Nope" in err
+    assert run(["-r", str(tmp_path / "missing_run")], tmp_path) == 2
+
+
+def test_exception_during_training_saves_checkpoint(tmp_path):
+    args = ["--base", CFG, "-t", "-n", "boom", "lightning.trainer.max_steps=50",
+            "data.params.train.target=_helpers.FailingDataset", "data.params.train.params={fail_at: 24}"] + TINY
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(args, tmp_path)
+    rd = Path(glob.glob(str(tmp_path / "*_boom"))[0])
+    ck = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 0 < ck["global_step"] < 50
+
+
+def test_checkpoint_on_sigusr1(tmp_path):
+    saved = []
+
+    class FakeTrainer:
+        def save_checkpoint(self, path):
+            saved.append(path)
+
+    cb = CheckpointOnSignal(str(tmp_path / "last.ckpt"))
+    cb.on_fit_start(None, None)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        cb.on_train_batch_end(FakeTrainer(), None, None, None, 0)
+    finally:
+        cb.on_fit_end(None, None)
+    assert saved == [str(tmp_path / "last.ckpt")]
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_other_loggers_offline(tmp_path, logger, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert run(["--base", CFG, "-t", "-n", logger, "lightning.trainer.max_steps=2", f"lightning.logger={logger}"] + TINY,
+               tmp_path) == 0
+    rd = Path(glob.glob(str(tmp_path / f"*_{logger}"))[0])
+    assert (rd / ("tensorboard" if logger == "tensorboard" else "wandb")).is_dir()
+
+
+def test_scale_lr_prints_formula(tmp_path, capsys):
+    assert run(["--base", CFG, "-n", "lr", "--scale_lr"] + TINY, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "Setting learning rate to 8.00e-03 = 1 (accumulate_grad_batches) * 1 (num devices) * 4 (batchsize)" in out
+
+
+def test_compvis_import_paths():
+    import main
+    from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage, VQModel, VQModelInterface  # noqa: F401
+    from ldm.modules.losses import LPIPSWithDiscriminator  # noqa: F401
+    from ldm.modules.losses.vqperceptual import VQLPIPSWithDiscriminator  # noqa: F401
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder  # noqa: F401
+    from ldm.modules.distributions.distributions import DiagonalGaussianDistribution  # noqa: F401
+    assert callable(main.DataModuleFromConfig) and callable(main.ImageLogger)
