@@ -102,7 +102,7 @@ def test_other_loggers_offline(tmp_path, logger, monkeypatch):
 
 
 def test_scale_lr_prints_formula(tmp_path, capsys):
-    assert run(["--base", CFG, "-n", "lr", "--scale_lr"] + TINY, tmp_path) == 0
+    assert run(["--base", CFG, "-n", "lr", "--scale_lr", "model.base_learning_rate=2e-3"] + TINY, tmp_path) == 0
     out = capsys.readouterr().out
     assert "Setting learning rate to 8.00e-03 = 1 (accumulate_grad_batches) * 1 (num devices) * 4 (batchsize)" in out
 

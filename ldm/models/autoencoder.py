@@ -121,7 +121,8 @@ class _FirstStageBase(pl.LightningModule):
         if hasattr(self.loss, "discriminator"):
             _, log_d = self._loss_call(x, rec, aux, 1, "val", step)
             logs.update(log_d)
-        metrics = reconstruction_metrics(x, rec, getattr(self.loss, "perceptual_loss", None))
+        metrics = reconstruction_metrics(x, self._reconstruct_deterministic(x, rec),
+                                         getattr(self.loss, "perceptual_loss", None))
         logs.update({f"val/{k}": v for k, v in metrics.items()})
         logs.update(self._extra_val_logs(aux))
         self.log("val/rec_loss", logs["val/rec_loss"], prog_bar=True, sync_dist=True)
@@ -132,14 +133,35 @@ class _FirstStageBase(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x = self.get_input(batch)
-        rec, _ = self._forward_eval(x)
+        rec = self._reconstruct_deterministic(x, None)
         metrics = reconstruction_metrics(x, rec, getattr(self.loss, "perceptual_loss", None))
         self.log_dict({f"test/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
     def _extra_val_logs(self, aux) -> dict:
         return {}
 
+    def _reconstruct_deterministic(self, x: torch.Tensor, rec: Optional[torch.Tensor]) -> torch.Tensor:
+        """The reconstruction the metrics are computed on (KL: from the posterior mode)."""
+        return rec if rec is not None else self._forward_eval(x)[0]
+
     # -- images ---------------------------------------------------------------------------------
+    def _extra_images(self, aux) -> dict[str, torch.Tensor]:
+        return {}
+
+    @torch.no_grad()
+    def log_images(self, batch: dict, only_inputs: bool = False, N: int = 8, **kwargs) -> dict[str, torch.Tensor]:
+        """Inputs and reconstructions (plus model-specific extras) for ImageLogger."""
+        x = self.get_input(batch)[:N].to(self.device)
+        log = {"inputs": x}
+        if only_inputs:
+            return log
+        rec, aux = self._forward_eval(x)
+        if x.shape[1] > 3:
+            log["inputs"], rec = self.to_rgb(x), self.to_rgb(rec)
+        log["reconstructions"] = rec
+        log.update(self._extra_images(aux))
+        return log
+
     def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
         assert self.image_key == "segmentation"
         if not hasattr(self, "colorize"):
@@ -153,12 +175,14 @@ class AutoencoderKL(_FirstStageBase):
 
     def __init__(self, ddconfig: dict, lossconfig: Optional[dict], embed_dim: int, ckpt_path: Optional[str] = None,
                  ignore_keys: Sequence[str] = (), image_key: str = "image", colorize_nlabels: Optional[int] = None,
-                 monitor: Optional[str] = None, ema_decay: Optional[float] = None, learn_logvar: bool = False):
+                 monitor: Optional[str] = None, ema_decay: Optional[float] = None, learn_logvar: bool = False,
+                 scheduler_config: Optional[dict] = None):
         super().__init__()
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (mean and log-variance)")
         self._init_common(ddconfig, lossconfig, embed_dim, image_key, colorize_nlabels, monitor)
         self.learn_logvar = learn_logvar
+        self.scheduler_config = scheduler_config
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         if ema_decay is not None:
@@ -190,23 +214,15 @@ class AutoencoderKL(_FirstStageBase):
     def _forward_eval(self, x):
         return self(x, sample_posterior=True)
 
+    def _reconstruct_deterministic(self, x, rec):
+        return self(x, sample_posterior=False)[0]
+
     def _loss_call(self, x, rec, posterior, optimizer_idx, split, step):
         return self.loss(x, rec, posterior, optimizer_idx, step, last_layer=self.get_last_layer(), split=split)
 
-    @torch.no_grad()
-    def log_images(self, batch: dict, only_inputs: bool = False, N: int = 8, **kwargs) -> dict[str, torch.Tensor]:
-        """Inputs, reconstructions and decodings of random latents."""
-        x = self.get_input(batch)[:N].to(self.device)
-        log = {"inputs": x}
-        if only_inputs:
-            return log
-        rec, posterior = self(x)
-        if x.shape[1] > 3:
-            x, rec = self.to_rgb(x), self.to_rgb(rec)
-            log["inputs"] = x
-        log["samples"] = self.decode(torch.randn_like(posterior.sample()))
-        log["reconstructions"] = rec
-        return log
+    def _extra_images(self, aux) -> dict[str, torch.Tensor]:
+        """Decodings of random latents drawn from N(0, I)."""
+        return {"samples": self.decode(torch.randn_like(aux.mode()))}
 
 
 class VQModel(_FirstStageBase):
@@ -286,20 +302,6 @@ class VQModel(_FirstStageBase):
         probs = counts / counts.sum()
         return {"val/perplexity": torch.exp(-(probs * torch.log(probs + 1e-10)).sum()),
                 "val/codebook_usage": (counts > 0).float().mean()}
-
-    @torch.no_grad()
-    def log_images(self, batch: dict, only_inputs: bool = False, N: int = 8, **kwargs) -> dict[str, torch.Tensor]:
-        """Inputs and reconstructions."""
-        x = self.get_input(batch)[:N].to(self.device)
-        log = {"inputs": x}
-        if only_inputs:
-            return log
-        rec, _ = self(x)
-        if x.shape[1] > 3:
-            x, rec = self.to_rgb(x), self.to_rgb(rec)
-            log["inputs"] = x
-        log["reconstructions"] = rec
-        return log
 
 
 class VQModelInterface(VQModel):

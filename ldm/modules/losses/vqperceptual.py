@@ -22,22 +22,10 @@ class VQLPIPSWithDiscriminator(GANLossMixin):
         super().__init__()
         if perceptual_loss != "lpips":
             raise ValueError(f"perceptual_loss '{perceptual_loss}' unknown: only 'lpips' is provided")
-        if pixel_loss not in ("l1", "l2"):
-            raise ValueError(f"pixel_loss must be 'l1' or 'l2', got '{pixel_loss}'")
-        self.codebook_weight, self.n_classes, self.pixel_loss = codebook_weight, n_classes, pixel_loss
+        self.codebook_weight, self.n_classes = codebook_weight, n_classes
         self._setup(disc_start, pixelloss_weight, disc_num_layers, disc_in_channels, disc_factor, disc_weight,
                     perceptual_weight, use_actnorm, disc_conditional, disc_loss, disc_ndf, perceptual_net,
-                    perceptual_backbone, perceptual_backbone_path)
-
-    def rec_terms(self, inputs: torch.Tensor, reconstructions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pixel_loss == "l1":
-            return super().rec_terms(inputs, reconstructions)
-        rec = (inputs.contiguous() - reconstructions.contiguous()).pow(2) * self.pixel_weight
-        p = torch.zeros((), device=inputs.device)
-        if self.perceptual_loss is not None:
-            p = self.perceptual_loss(inputs.contiguous(), reconstructions.contiguous())
-            rec = rec + self.perceptual_weight * p
-        return rec, p
+                    perceptual_backbone, perceptual_backbone_path, pixel_loss)
 
     def forward(self, codebook_loss: torch.Tensor, inputs: torch.Tensor, reconstructions: torch.Tensor,
                 optimizer_idx: int, global_step: int, last_layer: Optional[torch.Tensor] = None,

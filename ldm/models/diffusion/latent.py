@@ -1,0 +1,234 @@
+"""LatentDiffusion (Rombach et al. 2022): DDPM on the latents of a frozen first stage, with a conditioner."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ldm.models.diffusion.ddpm import DDPM, __conditioning_keys__, disabled_train
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class LatentDiffusion(DDPM):
+    """The LDM: `first_stage_model` (frozen AE), `cond_stage_model` (conditioner), `model` (UNet wrapper)."""
+
+    def __init__(self, first_stage_config, cond_stage_config, num_timesteps_cond: Optional[int] = None,
+                 cond_stage_key: str = "image", cond_stage_trainable: bool = False, concat_mode: bool = True,
+                 cond_stage_forward: Optional[str] = None, conditioning_key: Optional[str] = None,
+                 scale_factor: float = 1.0, scale_by_std: bool = False, *args: Any, **kwargs: Any):
+        self.num_timesteps_cond = num_timesteps_cond or 1
+        self.scale_by_std = scale_by_std
+        if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
+            raise ValueError("num_timesteps_cond must not exceed timesteps")
+        if conditioning_key is None:
+            conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == "__is_unconditional__":
+            conditioning_key = None
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", [])
+        super().__init__(*args, conditioning_key=conditioning_key, **kwargs)
+        self.concat_mode, self.cond_stage_trainable, self.cond_stage_key = concat_mode, cond_stage_trainable, cond_stage_key
+        if not scale_by_std:
+            self.scale_factor = scale_factor
+        else:
+            self.register_buffer("scale_factor", torch.tensor(scale_factor))
+        self.instantiate_first_stage(first_stage_config)
+        self.instantiate_cond_stage(cond_stage_config)
+        self.cond_stage_forward = cond_stage_forward
+        self.clip_denoised = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+
+    # -- parts ------------------------------------------------------------------------------------
+    def instantiate_first_stage(self, config) -> None:
+        model = instantiate_from_config(config, key="model.params.first_stage_config")
+        self.first_stage_model = model.eval()
+        self.first_stage_model.train = disabled_train
+        for p in self.first_stage_model.parameters():
+            p.requires_grad = False
+
+    def instantiate_cond_stage(self, config) -> None:
+        if config == "__is_first_stage__":
+            self.cond_stage_model = self.first_stage_model
+            return
+        if config == "__is_unconditional__" or config is None:
+            self.cond_stage_model = None
+            return
+        model = instantiate_from_config(config, key="model.params.cond_stage_config")
+        if not self.cond_stage_trainable:
+            model = model.eval()
+            model.train = disabled_train
+            for p in model.parameters():
+                p.requires_grad = False
+        self.cond_stage_model = model
+
+    def trainable_parameters(self) -> list:
+        params = super().trainable_parameters()
+        if self.cond_stage_trainable and self.cond_stage_model is not None:
+            params += list(self.cond_stage_model.parameters())
+        return params
+
+    # -- first stage ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior) -> torch.Tensor:
+        """A posterior sample (not its mode) times scale_factor, as trained in CompVis."""
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise TypeError(f"encoder output of type '{type(encoder_posterior).__name__}' not understood")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    @torch.no_grad()
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """scale_by_std: 1 / std of the first batch's latents, pooled over all DDP ranks, stored as a buffer."""
+        if not (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
+                and not self.restarted_from_ckpt):
+            return
+        x = super().get_input(batch, self.first_stage_key).to(self.device)
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach().double().flatten()
+        stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device, dtype=z.dtype)])
+        s, s2, n = _all_reduce_sum(stats).tolist()
+        var = (s2 - s * s / n) / (n - 1)
+        self.scale_factor.copy_(torch.tensor(1.0 / var ** 0.5, dtype=self.scale_factor.dtype))
+        logger.info("setting scale_factor to %.6f (1 / latent std over %d values)", float(self.scale_factor), int(n))
+
+    # -- conditioning -----------------------------------------------------------------------------
+    def get_learned_conditioning(self, c: Any) -> Any:
+        if self.cond_stage_forward is not None:
+            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
+        if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
+            c = self.cond_stage_model.encode(c)
+            return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+        return self.cond_stage_model(c)
+
+    def null_condition(self, c: Any) -> Any:
+        """The raw "no condition" of the same kind: empty strings, the null class, zeros."""
+        if isinstance(c, (list, tuple)) and all(isinstance(s, str) for s in c):
+            return [""] * len(c)
+        if isinstance(c, torch.Tensor) and not torch.is_floating_point(c):
+            null = getattr(self.cond_stage_model, "null_label", None)
+            if null is None:
+                raise ValueError(f"cond_stage_key '{self.cond_stage_key}': the conditioner has no null class "
+                                 f"(set ucg_rate: 0 or use a ClassEmbedder with a null class)")
+            return torch.full_like(c, int(null))
+        if isinstance(c, torch.Tensor):
+            return torch.zeros_like(c)
+        raise TypeError(f"cannot form a null condition for '{self.cond_stage_key}' of type {type(c).__name__}")
+
+    def drop_condition(self, c: Any, p: float) -> Any:
+        """Classifier-free guidance training: replace each item's condition by the null one with probability p."""
+        if p <= 0:
+            return c
+        null = self.null_condition(c)
+        n = len(c)
+        drop = torch.rand(n) < p
+        if isinstance(c, torch.Tensor):
+            mask = drop.to(c.device).view(-1, *([1] * (c.dim() - 1)))
+            return torch.where(mask, null, c)
+        return [nl if d else x for x, nl, d in zip(c, null, drop.tolist())]
+
+    def get_unconditional_conditioning(self, c_raw: Any) -> Any:
+        return self.get_learned_conditioning(self.null_condition(c_raw))
+
+    def raw_condition(self, batch: dict, bs: Optional[int] = None) -> Any:
+        key = self.cond_stage_key
+        if key not in batch:
+            raise KeyError(f"batch has no key '{key}' (cond_stage_key); keys: {sorted(batch)}")
+        xc = batch[key]
+        if key in ("image", "LR_image", "segmentation", "masked_image") and isinstance(xc, torch.Tensor) and xc.dim() == 4:
+            xc = xc.permute(0, 3, 1, 2).float()
+        if isinstance(xc, torch.Tensor):
+            xc = xc.to(self.device)
+        if bs is not None:
+            xc = xc[:bs]
+        return xc
+
+    @torch.no_grad()
+    def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
+                  cond_key: Optional[str] = None, return_original_cond: bool = False, bs: Optional[int] = None,
+                  drop_cond: float = 0.0):
+        x = super().get_input(batch, k).to(self.device)
+        if bs is not None:
+            x = x[:bs]
+        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        c = xc = None
+        if self.model.conditioning_key is not None:
+            xc = self.raw_condition(batch, bs)
+            c = self.drop_condition(xc, drop_cond)
+            if not self.cond_stage_trainable or force_c_encode:
+                c = self.get_learned_conditioning(c)
+        out = [z, c]
+        if return_first_stage_outputs:
+            out.extend([x, self.decode_first_stage(z)])
+        if return_original_cond:
+            out.append(xc)
+        return out
+
+    def shared_step(self, batch: dict):
+        z, c = self.get_input(batch, self.first_stage_key, drop_cond=self.ucg_rate if self.training else 0.0)
+        if self.cond_stage_trainable and c is not None:
+            with torch.enable_grad():
+                c = self.get_learned_conditioning(c)
+        t = self.timestep_sampler(z.shape[0], z.device)
+        return self.p_losses(z, c, t)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False):
+        if cond is None:
+            return self.model(x_noisy, t)
+        if not isinstance(cond, dict):
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond if isinstance(cond, list) else [cond]}
+        return self.model(x_noisy, t, **cond)
+
+    # -- images -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def log_images(self, batch: dict, N: int = 8, n_row: int = 4, sample: bool = True, ddim_steps: Optional[int] = None,
+                   plot_diffusion_rows: bool = True, unconditional_guidance_scale: Optional[float] = None,
+                   sampler: Optional[str] = None, **kwargs) -> dict[str, torch.Tensor]:
+        """Inputs, reconstructions, the diffusion row, and samples with and without guidance."""
+        log: dict[str, torch.Tensor] = {}
+        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
+                                           force_c_encode=True, return_original_cond=True, bs=N)
+        n = z.shape[0]
+        log["inputs"], log["reconstruction"] = x, xrec
+        if plot_diffusion_rows:
+            rows = []
+            for t in range(0, self.num_timesteps, max(1, self.num_timesteps // 5)):
+                tt = torch.full((min(n, n_row),), t, device=self.device, dtype=torch.long)
+                rows.append(self.decode_first_stage(self.q_sample(z[:n_row], tt)))
+            log["diffusion_row"] = torch.cat(rows)
+        if sample:
+            g = torch.Generator(device=self.device).manual_seed(0)
+            with self.ema_scope("sampling"):
+                log["samples"] = self.decode_first_stage(
+                    self.sample(c, n, steps=ddim_steps, sampler=sampler, guidance_scale=1.0, generator=g))
+                scale = self.guidance_scale if unconditional_guidance_scale is None else unconditional_guidance_scale
+                if scale != 1.0 and xc is not None:
+                    uc = self.get_unconditional_conditioning(xc)
+                    g = torch.Generator(device=self.device).manual_seed(0)
+                    log[f"samples_cfg_scale_{scale:.2f}"] = self.decode_first_stage(
+                        self.sample(c, n, steps=ddim_steps, sampler=sampler, guidance_scale=scale, uncond=uc,
+                                    generator=g))
+        return log

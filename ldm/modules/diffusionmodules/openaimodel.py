@@ -1,0 +1,297 @@
+"""Time-conditional UNet with SpatialTransformer cross-attention (CompVis `UNetModel`, SD v1/v2 layout)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from omegaconf import ListConfig
+from torch import nn
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+
+from ldm.modules.attention import SpatialTransformer, zero_module
+from ldm.modules.diffusionmodules.util import (UNET_NORM_GROUPS, avg_pool_nd, conv_nd, linear, normalization,
+                                               timestep_embedding, upsample_nearest)
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    """Sequential that passes the embedding to TimestepBlocks and the context to SpatialTransformers."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, TimestepBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then an optional 3x3 conv (key `conv`)."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None,
+                 padding: int = 1):
+        super().__init__()
+        self.channels, self.out_channels = channels, out_channels or channels
+        self.use_conv, self.dims = use_conv, dims
+        if use_conv:
+            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = upsample_nearest(x, self.dims)
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (padding 1) or average pooling (key `op`)."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None,
+                 padding: int = 1):
+        super().__init__()
+        self.channels, self.out_channels = channels, out_channels or channels
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=padding)
+        else:
+            assert self.channels == self.out_channels
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block with timestep embedding: in_layers, emb_layers, out_layers (zero conv), skip_connection."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: Optional[int] = None,
+                 use_conv: bool = False, use_scale_shift_norm: bool = False, dims: int = 2,
+                 use_checkpoint: bool = False, up: bool = False, down: bool = False,
+                 norm_groups: int = UNET_NORM_GROUPS):
+        super().__init__()
+        self.channels, self.emb_channels = channels, emb_channels
+        self.out_channels = out_channels or channels
+        self.use_checkpoint, self.use_scale_shift_norm = use_checkpoint, use_scale_shift_norm
+        self.in_layers = nn.Sequential(normalization(channels, norm_groups), nn.SiLU(),
+                                       conv_nd(dims, channels, self.out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
+        self.out_layers = nn.Sequential(normalization(self.out_channels, norm_groups), nn.SiLU(), nn.Dropout(p=dropout),
+                                        zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)))
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return grad_checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_conv(self.h_upd(in_rest(x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        while emb_out.dim() < h.dim():
+            emb_out = emb_out[..., None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over spatial positions with a 1-d conv qkv (keys norm, qkv, proj_out); legacy head order."""
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, use_checkpoint: bool = False,
+                 use_new_attention_order: bool = False, norm_groups: int = UNET_NORM_GROUPS):
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint, self.new_order = use_checkpoint, use_new_attention_order
+        self.norm = normalization(channels, norm_groups)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        xf = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(xf))
+        h, d, n = self.num_heads, c // self.num_heads, xf.shape[-1]
+        if self.new_order:  # split q, k, v first, then heads
+            q, k, v = (t.reshape(b * h, d, n) for t in qkv.chunk(3, dim=1))
+        else:  # legacy: heads first, then q, k, v
+            q, k, v = qkv.reshape(b * h, 3 * d, n).split(d, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None],
+                                             v.transpose(1, 2)[:, None])[:, 0]
+        out = out.transpose(1, 2).reshape(b, c, n)
+        return (xf + self.proj_out(out)).reshape(b, c, *spatial)
+
+
+class UNetModel(nn.Module):
+    """The CompVis/SD UNet: time embedding, input/middle/output blocks of ResBlocks and attention, out conv."""
+
+    def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
+                 num_res_blocks: Union[int, Sequence[int]], attention_resolutions: Sequence[int], dropout: float = 0.0,
+                 channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
+                 num_classes: Optional[Union[int, str]] = None, use_checkpoint: bool = False, use_fp16: bool = False,
+                 num_heads: int = -1, num_head_channels: int = -1, num_heads_upsample: int = -1,
+                 use_scale_shift_norm: bool = False, resblock_updown: bool = False,
+                 use_new_attention_order: bool = False, use_spatial_transformer: bool = False,
+                 transformer_depth: Union[int, Sequence[int]] = 1, context_dim: Optional[Union[int, Sequence[int]]] = None,
+                 n_embed: Optional[int] = None, legacy: bool = True, disable_self_attentions: Optional[Sequence[bool]] = None,
+                 num_attention_blocks: Optional[Sequence[int]] = None, disable_middle_self_attn: bool = False,
+                 use_linear_in_transformer: bool = False, adm_in_channels: Optional[int] = None,
+                 norm_groups: int = UNET_NORM_GROUPS):
+        super().__init__()
+        if use_spatial_transformer and context_dim is None:
+            raise ValueError("use_spatial_transformer needs context_dim (the conditioning's feature size)")
+        if context_dim is not None and not use_spatial_transformer:
+            raise ValueError("context_dim is set but use_spatial_transformer is false: cross-attention needs it")
+        if isinstance(context_dim, ListConfig):
+            context_dim = list(context_dim)
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("either num_heads or num_head_channels has to be set")
+        if n_embed is not None:
+            raise NotImplementedError("n_embed (codebook id prediction) is not provided")
+        if num_attention_blocks is not None:
+            raise NotImplementedError("num_attention_blocks is not provided")
+        channel_mult = list(channel_mult)
+        nrb = [num_res_blocks] * len(channel_mult) if isinstance(num_res_blocks, int) else list(num_res_blocks)
+        if len(nrb) != len(channel_mult):
+            raise ValueError("num_res_blocks must be an int or one entry per channel_mult level")
+        depth = ([transformer_depth] * len(channel_mult) if isinstance(transformer_depth, int)
+                 else list(transformer_depth))
+        self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
+        self.model_channels, self.num_res_blocks = model_channels, nrb
+        self.attention_resolutions, self.dropout = list(attention_resolutions), dropout
+        self.channel_mult, self.conv_resample = channel_mult, conv_resample
+        self.num_classes, self.use_checkpoint = num_classes, use_checkpoint
+        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.num_heads, self.num_head_channels = num_heads, num_head_channels
+        self.predict_codebook_ids = False
+        ted = model_channels * 4
+        self.time_embed = nn.Sequential(linear(model_channels, ted), nn.SiLU(), linear(ted, ted))
+        if num_classes is not None:
+            if isinstance(num_classes, int):
+                self.label_emb = nn.Embedding(num_classes, ted)
+            elif num_classes == "continuous":
+                self.label_emb = nn.Linear(1, ted)
+            elif num_classes == "sequential":
+                if adm_in_channels is None:
+                    raise ValueError("num_classes 'sequential' needs adm_in_channels")
+                self.label_emb = nn.Sequential(nn.Sequential(linear(adm_in_channels, ted), nn.SiLU(), linear(ted, ted)))
+            else:
+                raise ValueError(f"num_classes must be an int, 'continuous' or 'sequential', got {num_classes!r}")
+
+        def heads_for(ch: int) -> tuple[int, int]:
+            if num_head_channels == -1:
+                nh, dh = num_heads, ch // num_heads
+            else:
+                nh, dh = ch // num_head_channels, num_head_channels
+            if legacy:
+                dh = ch // nh if use_spatial_transformer else num_head_channels
+            return nh, dh
+
+        def attention(ch: int, level: int, nh_override: Optional[int] = None, self_attn_off: bool = False) -> nn.Module:
+            nh, dh = heads_for(ch)
+            if use_spatial_transformer:
+                return SpatialTransformer(ch, nh, dh, depth=depth[level], context_dim=context_dim,
+                                          disable_self_attn=self_attn_off, use_linear=use_linear_in_transformer,
+                                          use_checkpoint=use_checkpoint, norm_groups=norm_groups)
+            return AttentionBlock(ch, num_heads=nh_override or nh, num_head_channels=dh if num_head_channels != -1 else -1,
+                                  use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order,
+                                  norm_groups=norm_groups)
+
+        def resblock(ch_in: int, ch_out: int, **kw) -> ResBlock:
+            return ResBlock(ch_in, ted, dropout, out_channels=ch_out, dims=dims, use_checkpoint=use_checkpoint,
+                            use_scale_shift_norm=use_scale_shift_norm, norm_groups=norm_groups, **kw)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+        chans = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for nr in range(nrb[level]):
+                layers: list[nn.Module] = [resblock(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in self.attention_resolutions:
+                    off = disable_self_attentions[level] if disable_self_attentions is not None else False
+                    layers.append(attention(ch, level, self_attn_off=off))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = (resblock(ch, ch, down=True) if resblock_updown
+                        else Downsample(ch, conv_resample, dims=dims, out_channels=ch))
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepEmbedSequential(
+            resblock(ch, ch), attention(ch, len(channel_mult) - 1, self_attn_off=disable_middle_self_attn),
+            resblock(ch, ch))
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(nrb[level] + 1):
+                ich = chans.pop()
+                layers = [resblock(ch + ich, model_channels * mult)]
+                ch = model_channels * mult
+                if ds in self.attention_resolutions:
+                    off = disable_self_attentions[level] if disable_self_attentions is not None else False
+                    layers.append(attention(ch, level, nh_override=num_heads_upsample if num_heads_upsample > 0 else None,
+                                            self_attn_off=off))
+                if level and i == nrb[level]:
+                    layers.append(resblock(ch, ch, up=True) if resblock_updown
+                                  else Upsample(ch, conv_resample, dims=dims, out_channels=ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(normalization(ch, norm_groups), nn.SiLU(),
+                                 zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
+                y: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("y must be given if and only if the model is class-conditional (num_classes set)")
+        if timesteps.dim() == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if self.num_classes is not None:
+            emb = emb + self.label_emb(y)
+        hs = []
+        h = x
+        for module in self.input_blocks:
+            h = module(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.out(h)

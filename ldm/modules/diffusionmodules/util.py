@@ -1,0 +1,65 @@
+"""UNet building blocks shared by openaimodel: timestep embedding, N-d conv/pool, normalization."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Sinusoidal embedding period (Vaswani et al. 2017), as in CompVis/SD.
+MAX_PERIOD = 10000
+UNET_NORM_GROUPS = 32
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = MAX_PERIOD,
+                       repeat_only: bool = False) -> torch.Tensor:
+    """Sinusoidal embedding [cos(t f_i), sin(t f_i)] with f_i = exp(-ln(max_period) i / half)."""
+    if repeat_only:
+        return timesteps[:, None].float().expand(-1, dim)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (CompVis `normalization`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int, groups: int = UNET_NORM_GROUPS) -> nn.Module:
+    """GroupNorm(32 groups, eps 1e-5) in float32."""
+    return GroupNorm32(groups, channels)
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """1-, 2- or 3-d convolution."""
+    if dims in (1, 2, 3):
+        return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """1-, 2- or 3-d average pooling."""
+    if dims in (1, 2, 3):
+        return (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def linear(*args, **kwargs) -> nn.Linear:
+    return nn.Linear(*args, **kwargs)
+
+
+def upsample_nearest(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Nearest-neighbour x2 (3-d: spatial only)."""
+    if dims == 3:
+        return F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+    return F.interpolate(x, scale_factor=2, mode="nearest")

