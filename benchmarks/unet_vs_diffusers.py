@@ -41,6 +41,9 @@ def main() -> int:
                transformer_depth=1, context_dim=768, legacy=False)
     torch.manual_seed(0)
     ours = UNetModel(**cfg)
+    with torch.no_grad():  # no zero-initialised layers, so the parity check below is meaningful
+        for prm in ours.parameters():
+            prm.add_(torch.randn_like(prm) * 0.02)
     theirs = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, block_out_channels=tuple(mc * m for m in (1, 2, 4, 4)),
         layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
