@@ -1,7 +1,12 @@
-"""Learning-rate multipliers for `LambdaLR` (CompVis names): linear warm-up then cosine or linear decay."""
+"""Learning-rate multipliers for `LambdaLR` (CompVis names): linear warm-up then cosine or linear decay.
+
+They return Python floats, so that checkpoints holding scheduler state load with `weights_only=True`.
+"""
 from __future__ import annotations
 
 from typing import Sequence
+
+import math
 
 import numpy as np
 
@@ -17,9 +22,9 @@ class LambdaWarmUpCosineScheduler:
 
     def schedule(self, n: int, **kwargs) -> float:
         if n < self.lr_warm_up_steps:
-            return (self.lr_max - self.lr_start) / self.lr_warm_up_steps * n + self.lr_start
+            return float((self.lr_max - self.lr_start) / self.lr_warm_up_steps * n + self.lr_start)
         t = min((n - self.lr_warm_up_steps) / (self.lr_max_decay_steps - self.lr_warm_up_steps), 1.0)
-        return self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1 + np.cos(t * np.pi))
+        return float(self.lr_min + 0.5 * (self.lr_max - self.lr_min) * (1 + math.cos(t * math.pi)))
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)
@@ -48,9 +53,9 @@ class LambdaWarmUpCosineScheduler2:
         c = self.find_in_interval(n)
         n = n - self.cum_cycles[c]
         if n < self.lr_warm_up_steps[c]:
-            return (self.f_max[c] - self.f_start[c]) / self.lr_warm_up_steps[c] * n + self.f_start[c]
+            return float((self.f_max[c] - self.f_start[c]) / self.lr_warm_up_steps[c] * n + self.f_start[c])
         t = min((n - self.lr_warm_up_steps[c]) / (self.cycle_lengths[c] - self.lr_warm_up_steps[c]), 1.0)
-        return self.f_min[c] + 0.5 * (self.f_max[c] - self.f_min[c]) * (1 + np.cos(t * np.pi))
+        return float(self.f_min[c] + 0.5 * (self.f_max[c] - self.f_min[c]) * (1 + math.cos(t * math.pi)))
 
     def __call__(self, n: int, **kwargs) -> float:
         return self.schedule(n, **kwargs)
@@ -63,5 +68,5 @@ class LambdaLinearScheduler(LambdaWarmUpCosineScheduler2):
         c = self.find_in_interval(n)
         n = n - self.cum_cycles[c]
         if n < self.lr_warm_up_steps[c]:
-            return (self.f_max[c] - self.f_start[c]) / self.lr_warm_up_steps[c] * n + self.f_start[c]
-        return self.f_min[c] + (self.f_max[c] - self.f_min[c]) * (self.cycle_lengths[c] - n) / self.cycle_lengths[c]
+            return float((self.f_max[c] - self.f_start[c]) / self.lr_warm_up_steps[c] * n + self.f_start[c])
+        return float(self.f_min[c] + (self.f_max[c] - self.f_min[c]) * (self.cycle_lengths[c] - n) / self.cycle_lengths[c])

@@ -144,6 +144,9 @@ class DDPM(pl.LightningModule):
                 logger.debug("%s: switched to EMA weights", context)
             yield
 
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # one EMA update per optimizer step (not per micro-batch under gradient accumulation)
         if self.use_ema and self.global_step != self._ema_step:

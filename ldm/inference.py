@@ -1,0 +1,81 @@
+"""Loading trained runs for sampling, and batched text-to-image sampling with PNG metadata (used by scripts)."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, PngImagePlugin
+
+from ldm.util import ConfigError, load_config, load_model_from_config
+
+
+def find_run_config(ckpt: Union[str, Path]) -> Path:
+    """The newest `configs/*-project.yaml` of the run directory holding `ckpt` (logs/<run>/checkpoints/x.ckpt)."""
+    run = Path(ckpt).resolve().parent.parent
+    found = sorted(glob.glob(str(run / "configs" / "*-project.yaml")))
+    if not found:
+        raise ConfigError(f"no --config given and no configs/*-project.yaml in the run directory {run}")
+    return Path(found[-1])
+
+
+def latest_run(logdir: Union[str, Path], name: str) -> Path:
+    """Newest `logs/<timestamp>_<name>` directory with a checkpoints/last.ckpt."""
+    runs = [Path(p) for p in sorted(glob.glob(str(Path(logdir) / f"*_{name}"))) if (Path(p) / "checkpoints/last.ckpt").is_file()]
+    if not runs:
+        raise FileNotFoundError(f"no finished run named '*_{name}' with checkpoints/last.ckpt under {logdir}")
+    return runs[-1]
+
+
+def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]] = None, *, allow_pickle: bool = False,
+                      device: str = "cpu") -> tuple[torch.nn.Module, DictConfig]:
+    """Model from a run checkpoint; sub-model `ckpt_path`s are dropped (the checkpoint holds all weights)."""
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {ckpt}")
+    cfg = load_config(config if config is not None else find_run_config(ckpt))
+    for key in ("first_stage_config", "cond_stage_config", "unet_config"):
+        sub = OmegaConf.select(cfg, f"model.params.{key}.params")
+        if sub is not None and "ckpt_path" in sub.keys():
+            sub.ckpt_path = None
+    model = load_model_from_config(cfg, ckpt, allow_pickle=allow_pickle, device=device)
+    return model, cfg
+
+
+def file_hash(path: Union[str, Path], n: int = 10) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return x
+
+
+def save_png(array: np.ndarray, path: Union[str, Path], meta: dict) -> None:
+    info = PngImagePlugin.PngInfo()
+    for k, v in meta.items():
+        info.add_text(str(k), str(v))
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path, pnginfo=info)
+
+
+@torch.no_grad()
+def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, scale: float, seed: int,
+                   eta: float = 0.0, use_ema: bool = True) -> torch.Tensor:
+    """Decoded images (B, C, H, W) in [-1, 1] for `prompts`, one per prompt, with guidance `scale`."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    c = model.get_learned_conditioning(list(prompts))
+    uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+    kw = {"eta": eta} if sampler == "ddim" else {}
+    ctx = model.ema_scope("sampling") if use_ema else torch.no_grad()
+    with ctx:
+        z = model.sample(c, len(prompts), steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=g, **kw)
+        return model.decode_first_stage(z)

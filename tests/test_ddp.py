@@ -1,0 +1,37 @@
+"""EMA and scale_by_std agree across 2 CPU processes under DDP (gloo)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ema_and_scale_factor_identical_on_both_ranks(tmp_path):
+    from safetensors.torch import save_file
+    from ldm.util import instantiate_from_config, load_config
+    ae = instantiate_from_config(load_config(ROOT / "configs/autoencoder/shapes_kl_f4.yaml").model)
+    save_file(ae.state_dict(), str(tmp_path / "ae.safetensors"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path),
+                           str(tmp_path / "ae.safetensors")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["steps"] == r1["steps"] == 4
+    assert float(r0["scale_factor"]) != 1.0 and torch.equal(r0["scale_factor"], r1["scale_factor"])
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+    for k in r0["ema"]:
+        assert torch.equal(r0["ema"][k], r1["ema"][k]), k
+    # one EMA update per optimizer step (4), not per micro-batch (8)
+    assert int(r0["ema"]["num_updates"]) == 4
+    # the EMA lags the trained weights (it averages over the steps)
+    shadow = {k.replace(".", ""): k for k in r0["weights"]}
+    assert any(not torch.equal(r0["ema"][s], r0["weights"][k]) for s, k in shadow.items() if s in r0["ema"])

@@ -1,0 +1,175 @@
+"""Diffusion math and LatentDiffusion glue: schedules, targets, weighting, EMA, guidance dropout, configs."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.modules.diffusionmodules.loss import MinSNRWeighting, vlb_weights
+from ldm.modules.diffusionmodules.parameterization import Parameterization, predict_eps, predict_x0, training_target
+from ldm.modules.diffusionmodules.schedule import ddpm_buffers, make_beta_schedule, rescale_zero_terminal_snr
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compvis_linear_schedule_is_scaled_linear():
+    b = make_beta_schedule("linear", 1000, 0.00085, 0.012)
+    assert b.dtype == np.float64 and b[0] == pytest.approx(0.00085) and b[-1] == pytest.approx(0.012)
+    assert b[500] == pytest.approx((math.sqrt(0.00085) + 500 / 999 * (math.sqrt(0.012) - math.sqrt(0.00085))) ** 2)
+    assert make_beta_schedule("sqrt_linear", 10, 0.1, 0.2)[5] == pytest.approx(0.1 + 5 / 9 * 0.1)
+    assert make_beta_schedule("sqrt", 10, 0.1, 0.2)[5] == pytest.approx((0.1 + 5 / 9 * 0.1) ** 0.5)
+    cos = make_beta_schedule("cosine", 1000)
+    ac = np.cumprod(1 - cos)
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert ac[499] == pytest.approx(f(500) / f(0), rel=1e-6)
+
+
+def test_zero_terminal_snr():
+    b = rescale_zero_terminal_snr(make_beta_schedule("linear", 1000, 0.00085, 0.012))
+    ac = np.cumprod(1 - b)
+    assert ac[-1] == pytest.approx(0.0, abs=1e-12)
+    assert ac[0] == pytest.approx(1 - 0.00085, rel=1e-6)
+
+
+def test_buffers_names_and_values():
+    bufs = ddpm_buffers(make_beta_schedule("linear", 1000, 0.00085, 0.012))
+    assert set(bufs) == {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                         "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                         "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                         "posterior_mean_coef1", "posterior_mean_coef2"}
+    assert float(bufs["alphas_cumprod_prev"][0]) == 1.0 and float(bufs["posterior_variance"][0]) == 0.0
+
+
+@pytest.mark.parametrize("p", ["eps", "x0", "v"])
+def test_training_targets_closed_form(p):
+    x0, noise = torch.randn(4, 3), torch.randn(4, 3)
+    a = torch.tensor([0.9, 0.5, 0.1, 0.01])[:, None]
+    sa, s1a = a.sqrt(), (1 - a).sqrt()
+    xt = sa * x0 + s1a * noise
+    target = training_target(p, x0, noise, sa, s1a)
+    expected = {"eps": noise, "x0": x0, "v": sa * noise - s1a * x0}[p]
+    assert torch.allclose(target, expected)
+    # a perfect prediction gives back x0 and the noise
+    assert torch.allclose(predict_x0(p, xt, target, sa, s1a), x0, atol=1e-5)
+    assert torch.allclose(predict_eps(p, xt, target, sa, s1a), noise, atol=1e-4)
+
+
+def test_min_snr_weights():
+    snr = torch.tensor([0.5, 5.0, 50.0])
+    w = MinSNRWeighting(5.0)
+    assert torch.allclose(w(None, snr, Parameterization.X0), torch.tensor([0.5, 5.0, 5.0]))
+    assert torch.allclose(w(None, snr, Parameterization.EPS), torch.tensor([1.0, 1.0, 0.1]))
+    assert torch.allclose(w(None, snr, Parameterization.V), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    bufs = ddpm_buffers(make_beta_schedule("linear", 1000, 0.00085, 0.012))
+    lw = vlb_weights("eps", bufs["betas"].double(), bufs["alphas_cumprod"].double(), bufs["posterior_variance"].double())
+    assert lw[0] == lw[1] and torch.isfinite(lw).all()
+
+
+def test_ema_keys_and_update():
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    ema = LitEma(m, decay=0.5, use_num_upates=False)
+    keys = set(ema.state_dict())
+    assert {"decay", "num_updates", "0weight", "0bias"} <= keys
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+    before = ema.state_dict()["0weight"].clone()
+    ema(m)
+    assert torch.allclose(ema.state_dict()["0weight"], 0.5 * before + 0.5)
+    with ema.average_parameters(m):
+        assert torch.allclose(m[0].weight, 0.5 * before + 0.5)
+    assert torch.all(m[0].weight == 1.0)
+
+
+def tiny_ldm_config(ae_ckpt: str, **over):
+    cfg = load_config(ROOT / "configs/ldm/shapes_txt2img.yaml")
+    cfg.model.params.first_stage_config.params.ckpt_path = ae_ckpt
+    u = cfg.model.params.unet_config.params
+    u.model_channels, u.num_head_channels = 32, 16
+    cfg.model.params.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def ae_ckpt(tmp_path_factory):
+    from safetensors.torch import save_file
+    cfg = load_config(ROOT / "configs/autoencoder/shapes_kl_f4.yaml")
+    ae = instantiate_from_config(cfg.model)
+    path = tmp_path_factory.mktemp("ae") / "ae.safetensors"
+    save_file(ae.state_dict(), str(path))
+    return str(path)
+
+
+def test_ldm_state_dict_prefixes_and_frozen_parts(ae_ckpt):
+    model = instantiate_from_config(tiny_ldm_config(ae_ckpt).model)
+    keys = list(model.state_dict())
+    assert any(k.startswith("model.diffusion_model.time_embed.0.") for k in keys)
+    assert any(k.startswith("first_stage_model.encoder.") for k in keys)
+    assert any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    assert "model_ema.diffusion_modeltime_embed0weight" in keys and "model_ema.num_updates" in keys
+    for name in ("betas", "alphas_cumprod", "posterior_mean_coef2", "scale_factor"):
+        assert name in keys
+    assert "logvar" not in keys and "lvlb_weights" not in keys
+    assert not any(p.requires_grad for p in model.first_stage_model.parameters())
+    assert not any(p.requires_grad for p in model.cond_stage_model.parameters())
+    model.train()
+    assert not model.first_stage_model.training
+
+
+def test_guidance_dropout_rate(ae_ckpt):
+    model = instantiate_from_config(tiny_ldm_config(ae_ckpt).model)
+    torch.manual_seed(0)
+    caps = ["a small red circle in the center"] * 20000
+    dropped = model.drop_condition(caps, 0.1)
+    rate = sum(c == "" for c in dropped) / len(caps)
+    assert abs(rate - 0.1) < 0.01
+    assert model.drop_condition(caps[:5], 0.0) == caps[:5]
+    labels = torch.arange(10)
+    with pytest.raises(ValueError, match="null class"):
+        model.drop_condition(labels, 0.5)
+
+
+def test_ldm_training_step_and_sampling(ae_ckpt):
+    from ldm.data.shapes import ShapesDataset
+    model = instantiate_from_config(tiny_ldm_config(ae_ckpt, ucg_rate=0.5).model)
+    ds = ShapesDataset(num_samples=8)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
+    model.train()
+    loss, log = model.shared_step(batch)
+    assert loss.requires_grad and "train/loss_simple" in log
+    loss.backward()
+    assert model.model.diffusion_model.out[2].weight.grad is not None
+    model.eval()
+    imgs = model.log_images(batch, N=2, ddim_steps=3)
+    assert imgs["samples"].shape == (2, 3, 32, 32) and "samples_cfg_scale_3.00" in imgs
+    assert imgs["diffusion_row"].shape[1:] == (3, 32, 32)
+
+
+def test_ldm_p_losses_targets_each_parameterization(ae_ckpt):
+    for p in ("eps", "x0", "v"):
+        model = instantiate_from_config(tiny_ldm_config(ae_ckpt, parameterization=p).model)
+        z = torch.randn(3, 4, 8, 8)
+        noise = torch.randn_like(z)
+        t = torch.tensor([5, 500, 995])
+        seen = {}
+        model.apply_model = lambda x, tt, c: seen.setdefault("x", x) * 0  # predicts zeros
+        loss, log = model.p_losses(z, None, t, noise=noise)
+        sa = model.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+        s1 = model.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+        assert torch.allclose(seen["x"], sa * z + s1 * noise, atol=1e-6)
+        target = {"eps": noise, "x0": z, "v": sa * noise - s1 * z}[p]
+        assert torch.allclose(log["train/loss_simple"], target.pow(2).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "ldm").glob("*.yaml")), ids=lambda p: p.stem)
+def test_ldm_configs_instantiate(path, ae_ckpt):
+    cfg = load_config(path)
+    if "shapes" in path.stem:
+        cfg.model.params.first_stage_config.params.ckpt_path = ae_ckpt
+    model = instantiate_from_config(cfg.model)
+    assert model.num_timesteps == cfg.model.params.timesteps
