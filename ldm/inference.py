@@ -79,3 +79,24 @@ def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, s
     with ctx:
         z = model.sample(c, len(prompts), steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=g, **kw)
         return model.decode_first_stage(z)
+
+
+@torch.no_grad()
+def img2img(model, image: torch.Tensor, prompts: Sequence[str], *, strength: float, steps: int, sampler: str,
+            scale: float, seed: int, use_ema: bool = True) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022): encode `image` (B, C, H, W in [-1, 1]), noise it to `strength`, denoise with guidance."""
+    from ldm.sampling import CFGDenoiser, get_sampler, get_sigmas, img2img_start
+
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    z0 = model.scale_factor * model.first_stage_model.encode(image.to(model.device)).mode()
+    c = model.get_learned_conditioning(list(prompts))
+    uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+    den = model.denoiser()
+    sigmas = get_sigmas(den.schedule, steps, "uniform").to(model.device)
+    noise = torch.randn(z0.shape, generator=g, device=model.device)
+    x, sig = img2img_start(z0, sigmas, strength, noise)
+    extra = {"cond": {"c": c}} | ({"uncond": {"c": uc}} if uc is not None else {})
+    ctx = model.ema_scope("img2img") if use_ema else torch.no_grad()
+    with ctx:
+        z = get_sampler(sampler)(CFGDenoiser(den, scale=scale), x, sig, extra_args=extra, disable=True)
+        return model.decode_first_stage(z / torch.sqrt(1 + sig[-1] ** 2))

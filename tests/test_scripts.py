@@ -70,3 +70,38 @@ def test_txt2img_bad_input(tiny_run, tmp_path, capsys):
                          str(ROOT / "configs/ldm/shapes_txt2img.yaml")]) == 2
     assert "missing.ckpt" in capsys.readouterr().err
     assert txt2img.main(["--ckpt", str(tiny_run / "checkpoints/last.ckpt"), "--H", "64", "--W", "64"]) == 2
+
+
+def test_img2img_strength(tiny_run, tmp_path, capsys):
+    import img2img
+    from ldm.data.shapes import ShapesDataset
+    import numpy as np
+    arr = ((ShapesDataset(num_samples=1)[0]["image"] + 1) * 127.5).round().astype("uint8")
+    Image.fromarray(arr).save(tmp_path / "in.png")
+    ckpt = str(tiny_run / "checkpoints" / "last.ckpt")
+    assert img2img.main(["--init-img", str(tmp_path / "in.png"), "--prompt", "a large red circle in the center",
+                         "--strength", "0.5", "--ddim_steps", "4", "--ckpt", ckpt, "--outdir", str(tmp_path / "o"),
+                         "--n_samples", "1"]) == 0
+    assert Image.open(tmp_path / "o/samples/00000.png").text["strength"] == "0.5"
+    assert img2img.main(["--init-img", str(tmp_path / "in.png"), "--prompt", "x", "--strength", "0", "--ckpt", ckpt]) == 2
+
+
+def test_sample_diffusion_unconditional(tmp_path):
+    import sample_diffusion
+    from safetensors.torch import save_file
+    from ldm.util import instantiate_from_config, load_config
+    ae = instantiate_from_config(load_config(ROOT / "configs/autoencoder/shapes_kl_f4.yaml").model)
+    save_file(ae.state_dict(), str(tmp_path / "ae.safetensors"))
+    assert main_mod.main(["--base", str(ROOT / "configs/ldm/shapes_uncond.yaml"), "-t", "-n", "unc", "-l", str(tmp_path),
+                          f"model.params.first_stage_config.params.ckpt_path={tmp_path / 'ae.safetensors'}",
+                          "model.params.unet_config.params.model_channels=32", "data.params.batch_size=4",
+                          "data.params.train.params.num_samples=8", "data.params.validation.params.num_samples=4",
+                          "lightning.trainer.max_steps=1", "lightning.trainer.enable_progress_bar=false"]) == 0
+    run = Path(glob.glob(str(tmp_path / "*_unc"))[0])
+    out = tmp_path / "samples"
+    assert sample_diffusion.main(["--ckpt", str(run / "checkpoints/last.ckpt"), "-n", "5", "--batch_size", "3",
+                                  "--custom_steps", "3", "-l", str(out), "--sampler", "heun"]) == 0
+    assert len(list((out / "img").glob("*.png"))) == 5
+    import numpy as np
+    data = np.load(out / "5x32x32x3-samples.npz")["arr_0"]
+    assert data.shape == (5, 32, 32, 3) and data.dtype == np.uint8
