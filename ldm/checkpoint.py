@@ -111,9 +111,19 @@ def load_state_dict_checked(module: torch.nn.Module, ckpt_or_sd: Mapping[str, An
 
 
 def init_from_ckpt(module: torch.nn.Module, path: Union[str, Path], ignore_keys: Iterable[str] = (), *,
-                   strict: bool = True, allow_pickle: bool = False) -> tuple[list[str], list[str]]:
-    """The CompVis `init_from_ckpt(path, ignore_keys)`, safe and checked."""
+                   strict: bool = True, allow_pickle: bool = False,
+                   tolerate_prefixes: Sequence[str] = (), prefix: Optional[str] = None) -> tuple[list[str], list[str]]:
+    """The CompVis `init_from_ckpt(path, ignore_keys)`, safe and checked.
+
+    Keys under `tolerate_prefixes` (parts not needed to run the model, e.g. a training loss) may be
+    missing or unexpected and are only logged; any other mismatch raises when `strict`.
+    """
     ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
-    out = load_state_dict_checked(module, ckpt, strict=strict, ignore_keys=ignore_keys, source=str(path))
+    out = load_state_dict_checked(module, ckpt, strict=False, ignore_keys=ignore_keys, source=str(path), prefix=prefix)
+    bad = [k for k in out[0] + out[1] if not k.startswith(tuple(tolerate_prefixes))]
+    if strict and bad:
+        raise CheckpointError(f"{path}: state dict does not match {module.__class__.__name__}: "
+                              f"{len(bad)} missing or unexpected keys: {_summarize(bad)}. "
+                              f"Use ignore_keys for keys to drop.")
     logger.info("Restored %s from %s", module.__class__.__name__, path)
     return out

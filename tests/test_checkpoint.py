@@ -84,3 +84,16 @@ def test_position_ids_tolerated():
     sd["transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     m2 = torch.nn.Linear(2, 2)
     load_state_dict_checked(m2, sd)  # strict, yet no error for the one known legacy key
+
+
+def test_init_from_ckpt_strict_except_tolerated_prefixes(tmp_path):
+    from ldm.checkpoint import init_from_ckpt
+    m = torch.nn.Module()
+    m.net, m.loss = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    sd = {k: v for k, v in m.state_dict().items() if not k.startswith("loss.")}
+    torch.save(sd, tmp_path / "a.ckpt")
+    init_from_ckpt(m, tmp_path / "a.ckpt", tolerate_prefixes=("loss.",))  # the loss is not needed to run
+    sd.pop("net.bias")
+    torch.save(sd, tmp_path / "b.ckpt")
+    with pytest.raises(CheckpointError, match="net.bias"):
+        init_from_ckpt(m, tmp_path / "b.ckpt", tolerate_prefixes=("loss.",))

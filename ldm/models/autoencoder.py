@@ -56,7 +56,7 @@ class _FirstStageBase(pl.LightningModule):
         return self.decoder.conv_out.weight
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
-        init_from_ckpt(self, path, ignore_keys=ignore_keys, strict=False)
+        init_from_ckpt(self, path, ignore_keys=ignore_keys, tolerate_prefixes=("loss.",))
 
     # -- training -------------------------------------------------------------------------------
     def _ae_parameters(self) -> list:

@@ -155,7 +155,8 @@ class DDPM(pl.LightningModule):
 
     # -- checkpoint -----------------------------------------------------------------------------
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
-        init_from_ckpt(self.model if only_model else self, path, ignore_keys=ignore_keys, strict=False)
+        init_from_ckpt(self.model if only_model else self, path, ignore_keys=ignore_keys,
+                       prefix="model." if only_model else None, tolerate_prefixes=("model_ema.",))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.restarted_from_ckpt = True
