@@ -171,6 +171,14 @@ def test_ldm_configs_instantiate_and_step(path, tmp_path):
     from safetensors.torch import save_file
     cfg = load_config(path)
     fs = cfg.model.params.first_stage_config
+    if path.stem == "txt2img":  # SD-v1-shaped: tiny width, and a tiny local CLIP text model
+        from transformers import CLIPTextConfig, CLIPTextModel
+        u = cfg.model.params.unet_config.params
+        u.model_channels, u.context_dim = 32, 32
+        fs.params.ddconfig.ch = 32
+        CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2)).save_pretrained(tmp_path / "clip")
+        cfg.model.params.cond_stage_config.params.version = str(tmp_path / "clip")
     if OmegaConf.is_missing(fs.params, "ckpt_path"):  # the embedded configs take a trained autoencoder
         fs.params.ckpt_path = None
         save_file(instantiate_from_config(fs).state_dict(), str(tmp_path / "fs.safetensors"))

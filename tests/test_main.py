@@ -59,6 +59,9 @@ def test_bad_yaml_and_missing_keys_exit_cleanly(tmp_path, capsys):
     cfg = str(ROOT / "configs/autoencoder/autoencoder_kl_f8.yaml")
     assert run(["--base", cfg, "-t"], tmp_path) == 2
     assert "data.params.train.params.root" in capsys.readouterr().err
+    assert run(["--base", str(ROOT / "configs/ldm/txt2img.yaml"), "-t"], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "data.params.train.params.root" in err and "model.params.cond_stage_config.params.version" in err
     assert run(["--base", CFG, "-t", "model.target=ldm.models.autoencoder.Nope"], tmp_path) == 2
     err = capsys.readouterr().err
     assert "model.target" in err and "Nope" in err
