@@ -81,9 +81,8 @@ def resolve_run(opt: argparse.Namespace, now: str) -> tuple[str, str, Optional[s
 
 
 def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model, logdir: str, ckptdir: str,
-                         cfgdir: str, now: str, resume: bool, debug: bool) -> dict:
+                         cfgdir: str, now: str, resume: bool) -> dict:
     """Trainer keyword arguments: logger, callbacks (setup, checkpoints, images, lr, signal) and trainer config."""
-    import pytorch_lightning as pl  # noqa: F401
     from ldm.callbacks import CheckpointOnSignal
 
     trainer_opts = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
@@ -188,7 +187,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     import pytorch_lightning as pl
-    import torch
 
     ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
     pl.seed_everything(opt.seed, workers=True)
@@ -202,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for k, ds in data.datasets.items():
             print(f"{k:<10} {ds.__class__.__name__:<24} {len(ds)} items")
         trainer_kwargs = build_trainer_kwargs(lightning_config, config, model, logdir, ckptdir, cfgdir, now,
-                                              resume=bool(resume_ckpt), debug=opt.debug)
+                                              resume=bool(resume_ckpt))
         trainer = pl.Trainer(**trainer_kwargs)
         set_learning_rate(model, config, trainer, opt.scale_lr)
         if resume_ckpt:  # fail early, naming the file, if it is unreadable or unsafe
@@ -235,7 +233,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if trainer is not None and trainer.global_rank == 0 and os.path.isdir(logdir):
             print(f"Run directory: {logdir}")
-    del torch
     return 0
 
 

@@ -35,8 +35,8 @@ def main() -> int:
     scale = model.guidance_scale if args.scale is None else args.scale
     prompts = random_prompts(args.n, seed=args.seed)
     print(f"checkpoint {args.ckpt}; {args.n} prompts; guidance scale {scale}")
-    print(f"| sampler | steps | shape | color | size | position | all four | wall s |")
-    print(f"| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| sampler | steps | shape | color | size | position | all four | wall s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for spec in args.runs:
         name, steps = spec.split(":")
         t0 = time.time()

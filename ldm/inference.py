@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 

@@ -4,7 +4,6 @@ Each rank writes its scale_factor, EMA buffers and model weights to OUT/rank<r>.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

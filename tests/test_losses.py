@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.losses import LPIPSWithDiscriminator, VQLPIPSWithDiscriminator

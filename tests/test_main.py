@@ -4,7 +4,6 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest

@@ -12,7 +12,7 @@ from ldm.models.diffusion.plms import PLMSSampler
 from ldm.sampling import (SAMPLERS, STOCHASTIC, CFGDenoiser, MaskedDenoiser, ThresholdedDenoiser, VPDenoiser,
                           get_sampler, get_sigmas, img2img_start, karras_sigmas)
 from ldm.sampling.denoiser import DiscreteSchedule
-from ldm.sampling.spacing import Spacing, compvis_ddim_timesteps
+from ldm.sampling.spacing import compvis_ddim_timesteps
 
 # data ~ N(M, S^2) per dimension
 M = torch.linspace(-1, 1, 8, dtype=torch.float64) * 0.5

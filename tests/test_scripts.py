@@ -75,7 +75,6 @@ def test_txt2img_bad_input(tiny_run, tmp_path, capsys):
 def test_img2img_strength(tiny_run, tmp_path, capsys):
     import img2img
     from ldm.data.shapes import ShapesDataset
-    import numpy as np
     arr = ((ShapesDataset(num_samples=1)[0]["image"] + 1) * 127.5).round().astype("uint8")
     Image.fromarray(arr).save(tmp_path / "in.png")
     ckpt = str(tiny_run / "checkpoints" / "last.ckpt")

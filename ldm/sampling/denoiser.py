@@ -6,7 +6,7 @@ a_t is seen through sigma_t = sqrt((1 - a_t) / a_t) and x_vp = x / sqrt(1 + sigm
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional, Union
+from typing import Callable, Literal, Union
 
 import torch
 from torch import nn

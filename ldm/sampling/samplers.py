@@ -6,13 +6,12 @@
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import trange
 
-from ldm.sampling.denoiser import append_dims, to_d
+from ldm.sampling.denoiser import to_d
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Optional[Callable[[dict], None]]

@@ -1,7 +1,6 @@
 """Noise-level (sigma) sequences for sampling: CompVis uniform, leading, trailing, linspace, Karras."""
 from __future__ import annotations
 
-import math
 from enum import Enum
 from typing import Union
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from ldm.sampling.denoiser import VPDenoiser
 from ldm.sampling.guidance import CFGDenoiser, MaskedDenoiser, ThresholdedDenoiser
-from ldm.sampling.samplers import sample_ddim, sample_plms
+from ldm.sampling.samplers import sample_ddim
 from ldm.sampling.spacing import Spacing, compvis_ddim_timesteps, get_sigmas, sigma_to_vp_scale
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ sampling: ldm.sampling. Attribute names (`model.diffusion_model`, `first_stage_m
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager, nullcontext
-from typing import Any, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -18,12 +18,11 @@ from torch import nn
 from ldm.checkpoint import init_from_ckpt
 from ldm.models.diffusion.ddim import _ApplyModelNet
 from ldm.modules.diffusionmodules.loss import SimpleWeighting, UniformTimesteps, elementwise_loss, vlb_weights
-from ldm.modules.diffusionmodules.parameterization import Parameterization, predict_x0, training_target
+from ldm.modules.diffusionmodules.parameterization import Parameterization, training_target
 from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_tensor, make_beta_schedule, \
     rescale_zero_terminal_snr
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.sampling import CFGDenoiser, VPDenoiser, get_sampler, get_sigmas
+from ldm.sampling import STOCHASTIC, CFGDenoiser, VPDenoiser, get_sampler, get_sigmas
 from ldm.sampling.spacing import sigma_to_vp_scale
 from ldm.util import instantiate_from_config
 
@@ -268,7 +267,7 @@ class DDPM(pl.LightningModule):
         if uncond is not None and scale != 1.0:
             extra["uncond"] = {"c": uncond}
         fn = get_sampler(sampler)
-        if sampler in ("ddpm", "euler_ancestral", "dpmpp_2m_sde", "ddim"):
+        if sampler in STOCHASTIC or sampler == "ddim":  # samplers that draw noise take the generator
             sampler_kwargs.setdefault("generator", generator)
         x = fn(model, x_T / sigma_to_vp_scale(sigmas[0]), sigmas, extra_args=extra, callback=callback, disable=True,
                **sampler_kwargs)

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from ldm.models.diffusion.ddpm import DDPM, __conditioning_keys__, disabled_train
+from ldm.models.diffusion.ddpm import DDPM, disabled_train
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ldm.modules.diffusionmodules.parameterization import Parameterization, training_target
+from ldm.modules.diffusionmodules.parameterization import Parameterization
 
 
 class LossType(str, Enum):
