@@ -166,29 +166,129 @@ def test_ldm_p_losses_targets_each_parameterization(ae_ckpt):
         assert torch.allclose(log["train/loss_simple"], target.pow(2).mean(), rtol=1e-5)
 
 
+PAPER_CONFIGS = {"cin-ldm-vq-f8", "celebahq-ldm-vq-4", "ffhq-ldm-vq-4", "lsun_bedrooms-ldm-vq-4", "lsun_churches-ldm-kl-8",
+                 "txt2img-1p4B", "txt2img"}
+
+
+def shrink_ldm_config(cfg, tmp_path: Path):
+    """The same architecture at tiny width: UNet, first stage and conditioner channels cut to 32 (heads kept)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    u = cfg.model.params.unet_config.params
+    u.model_channels = 32
+    if u.get("num_head_channels", -1) not in (-1, None):
+        u.num_head_channels = 8
+    if u.get("context_dim") is not None:
+        u.context_dim = 32
+    fs = cfg.model.params.first_stage_config.params
+    fs.ddconfig.ch = 32
+    if "n_embed" in fs:
+        fs.n_embed = 64
+    cs = cfg.model.params.cond_stage_config
+    if not isinstance(cs, str):
+        name = cs.target.rsplit(".", 1)[-1]
+        if name == "ClassEmbedder":
+            cs.params.embed_dim = 32
+        elif name == "BERTEmbedder":
+            cs.params.n_embed, cs.params.n_layer = 32, 1
+        elif name == "FrozenCLIPEmbedder":  # a tiny local CLIP text model in place of ViT-L/14
+            CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2)).save_pretrained(tmp_path / "clip")
+            cs.params.version = str(tmp_path / "clip")
+    return cfg
+
+
+def synthetic_batch(cfg, n: int = 2) -> dict:
+    """Random images at the smallest size the first stage and UNet down-sample evenly, plus the condition."""
+    p = cfg.model.params
+    f = 2 ** (len(p.first_stage_config.params.ddconfig.ch_mult) - 1)
+    latent = 2 ** (len(p.unet_config.params.channel_mult) - 1)
+    size = max(latent, 4) * f
+    batch = {"image": torch.rand(n, size, size, 3) * 2 - 1}
+    key = p.get("cond_stage_key", "image")
+    if key == "class_label":
+        batch[key] = torch.randint(0, p.cond_stage_config.params.n_classes, (n,))
+    elif key == "caption":
+        batch[key] = ["a photograph of a church", "a red bedroom"][:n]
+    return batch
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "ldm").glob("*.yaml")), ids=lambda p: p.stem)
 def test_ldm_configs_instantiate_and_step(path, tmp_path):
+    """Every shipped LDM config builds (paper-sized ones at tiny width) and takes a training step."""
     from safetensors.torch import save_file
     cfg = load_config(path)
+    if path.stem in PAPER_CONFIGS:
+        cfg = shrink_ldm_config(cfg, tmp_path)
     fs = cfg.model.params.first_stage_config
-    if path.stem == "txt2img":  # SD-v1-shaped: tiny width, and a tiny local CLIP text model
-        from transformers import CLIPTextConfig, CLIPTextModel
-        u = cfg.model.params.unet_config.params
-        u.model_channels, u.context_dim = 32, 32
-        fs.params.ddconfig.ch = 32
-        CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2)).save_pretrained(tmp_path / "clip")
-        cfg.model.params.cond_stage_config.params.version = str(tmp_path / "clip")
-    if OmegaConf.is_missing(fs.params, "ckpt_path"):  # the embedded configs take a trained autoencoder
+    if OmegaConf.is_missing(fs.params, "ckpt_path"):  # every config takes a trained first stage
         fs.params.ckpt_path = None
         save_file(instantiate_from_config(fs).state_dict(), str(tmp_path / "fs.safetensors"))
         fs.params.ckpt_path = str(tmp_path / "fs.safetensors")
+    assert not OmegaConf.missing_keys(cfg.model), OmegaConf.missing_keys(cfg.model)
     model = instantiate_from_config(cfg.model)
     assert model.num_timesteps == cfg.model.params.timesteps
-    if "data" in cfg and not OmegaConf.missing_keys(cfg.data):
+    if OmegaConf.missing_keys(cfg.data):  # user data: the roots must be the only unset keys
+        assert {k.rsplit(".", 1)[-1] for k in OmegaConf.missing_keys(cfg.data)} == {"root"}
+        batch = synthetic_batch(cfg)
+    else:
         ds = instantiate_from_config(cfg.data.params.validation)
         batch = torch.utils.data.default_collate([ds[i] for i in range(2)])
-        model.train()
-        loss, _ = model.shared_step(batch)
-        loss.backward()
-        assert torch.isfinite(loss)
+    model.train()
+    loss, _ = model.shared_step(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.model.parameters())
+
+
+def test_paper_configs_keep_the_paper_architectures():
+    """The paper family is shipped with its published shapes (checked on the config, not built at full size)."""
+    shipped = {p.stem for p in (ROOT / "configs" / "ldm").glob("*.yaml")}
+    assert PAPER_CONFIGS <= shipped
+    cin = load_config(ROOT / "configs/ldm/cin-ldm-vq-f8.yaml").model.params
+    assert cin.first_stage_config.target.endswith("VQModelInterface") and cin.first_stage_config.params.n_embed == 16384
+    assert cin.cond_stage_config.target.endswith("ClassEmbedder") and cin.unet_config.params.model_channels == 256
+    big = load_config(ROOT / "configs/ldm/txt2img-1p4B.yaml").model.params
+    assert big.cond_stage_config.params.n_embed == 1280 and big.cond_stage_config.params.n_layer == 32
+    assert big.unet_config.params.context_dim == 1280 and big.unet_config.params.model_channels == 320
+    for name in ("celebahq-ldm-vq-4", "ffhq-ldm-vq-4", "lsun_bedrooms-ldm-vq-4", "lsun_churches-ldm-kl-8"):
+        assert load_config(ROOT / f"configs/ldm/{name}.yaml").model.params.cond_stage_config == "__is_unconditional__"
+
+
+def test_cached_latents_match_encoding_and_are_reused(ae_ckpt, tmp_path, monkeypatch):
+    """CachedLatents stores the first stage's posterior moments; LatentDiffusion samples from them as after encoding."""
+    import ldm.data.latents as latents
+    from ldm.data.shapes import ShapesValidation
+    cfg = tiny_ldm_config(ae_ckpt)
+    ds_cfg = {"target": "ldm.data.shapes.ShapesValidation", "params": {"size": 32, "num_samples": 6}}
+    cached = latents.CachedLatents(ds_cfg, cfg.model.params.first_stage_config, cache_dir=tmp_path, batch_size=4)
+    assert len(cached) == 6 and latents.LATENT_KEY in cached[0] and "image" not in cached[0]
+    assert cached[2]["caption"] == ShapesValidation(size=32, num_samples=6)[2]["caption"]
+    # a second build with the same configs and checkpoint loads the file instead of encoding again
+    monkeypatch.setattr(latents, "encode_dataset", lambda *a, **k: pytest.fail("re-encoded a cached dataset"))
+    again = latents.CachedLatents(ds_cfg, cfg.model.params.first_stage_config, cache_dir=tmp_path)
+    assert again.path == cached.path and torch.equal(again.moments, cached.moments)
+    monkeypatch.undo()
+    other = dict(ds_cfg, params={"size": 32, "num_samples": 5})  # another dataset: another cache file
+    assert latents.CachedLatents(other, cfg.model.params.first_stage_config, cache_dir=tmp_path).path != cached.path
+
+    model = instantiate_from_config(cfg.model)
+    images = torch.utils.data.default_collate([ShapesValidation(size=32, num_samples=6)[i] for i in range(6)])
+    from_cache = torch.utils.data.default_collate([cached[i] for i in range(6)])
+    torch.manual_seed(0)
+    z_img, c_img = model.get_input(images, "image")
+    torch.manual_seed(0)
+    z_cache, c_cache = model.get_input(from_cache, "image")
+    assert torch.allclose(z_img, z_cache, rtol=1e-4, atol=1e-4) and torch.equal(c_img, c_cache)
+    model.train()
+    loss, _ = model.shared_step(from_cache)
+    assert torch.isfinite(loss)
+    log = model.log_images(from_cache, N=2, sample=False)
+    assert log["inputs"].shape == (2, 3, 32, 32)
+
+
+def test_cached_latents_refuse_an_untrained_first_stage(ae_ckpt, tmp_path):
+    from ldm.data.latents import CachedLatents
+    fs = OmegaConf.to_container(tiny_ldm_config(ae_ckpt).model.params.first_stage_config)
+    fs["params"]["ckpt_path"] = None
+    with pytest.raises(ValueError, match="ckpt_path"):
+        CachedLatents({"target": "ldm.data.shapes.ShapesValidation", "params": {"num_samples": 2}}, fs, cache_dir=tmp_path)

@@ -27,7 +27,8 @@ def tiny_run(tmp_path_factory):
                         f"model.params.first_stage_config.params.ckpt_path={tmp / 'ae.safetensors'}",
                         "model.params.unet_config.params.model_channels=32",
                         "model.params.unet_config.params.num_head_channels=16", "data.params.batch_size=4",
-                        "data.params.train.params.num_samples=16", "data.params.validation.params.num_samples=4",
+                        "data.params.train.params.dataset.params.num_samples=16",
+                        f"data.params.train.params.cache_dir={tmp / 'cache'}", "data.params.validation.params.num_samples=4",
                         "lightning.trainer.max_steps=2", "lightning.trainer.enable_progress_bar=false"])
     assert rc == 0
     return Path(glob.glob(str(tmp / "*_tiny"))[0])

@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 
 
+def _fused_ok(params: Sequence[torch.Tensor]) -> bool:
+    """Whether the fused (single-kernel) AdamW applies: all parameters floating point on one CPU or CUDA device."""
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+            and all(p.is_floating_point() for p in params))
+
+
 def disabled_train(self, mode: bool = True):
     """Overwrites model.train so that a frozen model stays in eval mode."""
     return self
@@ -220,7 +227,9 @@ class DDPM(pl.LightningModule):
         return loss
 
     def _bs(self, batch: dict) -> int:
-        return int(batch[self.first_stage_key].shape[0])
+        x = batch[self.first_stage_key] if self.first_stage_key in batch else next(
+            v for v in batch.values() if isinstance(v, torch.Tensor))  # cached latents carry no image
+        return int(x.shape[0])
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
@@ -238,7 +247,8 @@ class DDPM(pl.LightningModule):
         return params
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        params = self.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=self.learning_rate, fused=_fused_ok(params))
         if self.scheduler_config is None:
             return opt
         schedule = instantiate_from_config(self.scheduler_config, key="model.params.scheduler_config")

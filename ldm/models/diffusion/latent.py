@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ldm.data.latents import LATENT_KEY
 from ldm.models.diffusion.ddpm import DDPM, disabled_train
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -95,6 +96,22 @@ class LatentDiffusion(DDPM):
             raise TypeError(f"encoder output of type '{type(encoder_posterior).__name__}' not understood")
         return self.scale_factor * z
 
+    def _posterior_from_cache(self, moments: torch.Tensor):
+        """A cached encoding as the first stage returns it: a KL posterior from its moments, else the tensor."""
+        moments = moments.to(self.device).float()
+        if self.first_stage_model.__class__.__name__ == "AutoencoderKL":
+            return DiagonalGaussianDistribution(moments)
+        return moments
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict, k: str, bs: Optional[int] = None):
+        """The first stage's output for `batch`: from cached latents (ldm.data.latents) when present, else encoded."""
+        if LATENT_KEY in batch:
+            moments = batch[LATENT_KEY][:bs] if bs is not None else batch[LATENT_KEY]
+            return self._posterior_from_cache(moments)
+        x = super().get_input(batch, k).to(self.device)
+        return self.encode_first_stage(x[:bs] if bs is not None else x)
+
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_stage_model.decode(z / self.scale_factor)
@@ -105,8 +122,7 @@ class LatentDiffusion(DDPM):
         if not (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
                 and not self.restarted_from_ckpt):
             return
-        x = super().get_input(batch, self.first_stage_key).to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach().double().flatten()
+        z = self.get_first_stage_encoding(self.encode_batch(batch, self.first_stage_key)).detach().double().flatten()
         stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device, dtype=z.dtype)])
         s, s2, n = _all_reduce_sum(stats).tolist()
         var = (s2 - s * s / n) / (n - 1)
@@ -168,10 +184,7 @@ class LatentDiffusion(DDPM):
     def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
                   cond_key: Optional[str] = None, return_original_cond: bool = False, bs: Optional[int] = None,
                   drop_cond: float = 0.0):
-        x = super().get_input(batch, k).to(self.device)
-        if bs is not None:
-            x = x[:bs]
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
+        z = self.get_first_stage_encoding(self.encode_batch(batch, k, bs)).detach()
         c = xc = None
         if self.model.conditioning_key is not None:
             xc = self.raw_condition(batch, bs)
@@ -180,7 +193,9 @@ class LatentDiffusion(DDPM):
                 c = self.get_learned_conditioning(c)
         out = [z, c]
         if return_first_stage_outputs:
-            out.extend([x, self.decode_first_stage(z)])
+            xrec = self.decode_first_stage(z)
+            x = super().get_input(batch, k).to(self.device)[:bs] if k in batch else xrec  # cached: no image kept
+            out.extend([x, xrec])
         if return_original_cond:
             out.append(xc)
         return out
