@@ -93,6 +93,15 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
     if gpus not in (None, "", 0):
         ids = [int(g) for g in str(gpus).strip(",").split(",") if g.strip() != ""]
         trainer_opts.update(accelerator="gpu", devices=ids)
+    # Models with parameters outside some steps' loss (the GAN discriminator before disc_start) need DDP's
+    # unused-parameter detection; plain "ddp" would stop at the first step.
+    devices = trainer_opts.get("devices")
+    several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1)
+    strategy = trainer_opts.get("strategy", "auto")
+    if getattr(model, "ddp_find_unused_parameters", False) and (strategy == "ddp" or (strategy == "auto" and several)):
+        trainer_opts["strategy"] = "ddp_find_unused_parameters_true"
+        print(f"strategy ddp -> ddp_find_unused_parameters_true ({type(model).__name__} has parameters "
+              f"unused in some steps)")
 
     logger_cfgs = {
         "csv": {"target": "pytorch_lightning.loggers.CSVLogger",

@@ -117,3 +117,19 @@ def test_compvis_import_paths():
     from ldm.modules.diffusionmodules.model import Decoder, Encoder  # noqa: F401
     from ldm.modules.distributions.distributions import DiagonalGaussianDistribution  # noqa: F401
     assert callable(main.DataModuleFromConfig) and callable(main.ImageLogger)
+
+
+def test_ddp_allows_the_unused_discriminator(tmp_path):
+    """An autoencoder's discriminator is unused before disc_start: ddp gets unused-parameter detection."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config, load_config
+    cfg = load_config(CFG)
+    ae = instantiate_from_config(cfg.model)
+    kw = lambda trainer: main_mod.build_trainer_kwargs(  # noqa: E731
+        OmegaConf.create({"trainer": trainer}), cfg, ae, str(tmp_path), str(tmp_path / "ckpt"), str(tmp_path / "cfg"),
+        "now", False)
+    assert kw({"strategy": "ddp", "devices": 2})["strategy"] == "ddp_find_unused_parameters_true"
+    assert kw({"devices": 2, "accelerator": "cpu"})["strategy"] == "ddp_find_unused_parameters_true"
+    assert "strategy" not in kw({"devices": 1})
+    assert kw({"strategy": "fsdp", "devices": 2})["strategy"] == "fsdp"

@@ -25,6 +25,9 @@ FIRST_STAGE_BETAS = (0.5, 0.9)
 class _FirstStageBase(pl.LightningModule):
     """Shared glue: input handling, two-optimizer GAN training step, validation metrics, image logging."""
 
+    # The discriminator takes no part in the loss before disc_start, so DDP must allow unused parameters.
+    ddp_find_unused_parameters = True
+
     def _init_common(self, ddconfig, lossconfig, embed_dim: int, image_key: str, colorize_nlabels: Optional[int],
                      monitor: Optional[str]) -> None:
         self.image_key = image_key
