@@ -99,7 +99,9 @@ class LatentDiffusion(DDPM):
     def _posterior_from_cache(self, moments: torch.Tensor):
         """A cached encoding as the first stage returns it: a KL posterior from its moments, else the tensor."""
         moments = moments.to(self.device).float()
-        if self.first_stage_model.__class__.__name__ == "AutoencoderKL":
+        from ldm.models.autoencoder import AutoencoderKL
+
+        if isinstance(self.first_stage_model, AutoencoderKL):
             return DiagonalGaussianDistribution(moments)
         return moments
 
