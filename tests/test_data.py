@@ -82,6 +82,33 @@ def test_evaluator_rejects_wrong_prompts_and_blank_images():
     assert read_image(blank).as_dict() == {"shape": None, "color": None, "size": None, "position": None}
 
 
+@pytest.mark.parametrize("sigma", [0.7, 1.1])
+def test_evaluator_reads_shapes_through_blur(sigma):
+    """A decoder's blur must not turn small triangles and squares into circles."""
+    from scipy.ndimage import gaussian_filter
+    ds = S.ShapesDataset(split="validation", num_samples=300)
+    images = [gaussian_filter(ds[i]["image"].astype(np.float64), sigma=(sigma, sigma, 0)) for i in range(300)]
+    res = score(images, [ds[i]["caption"] for i in range(300)])
+    assert res["shape"] >= 0.99 and res["all"] >= 0.99, res
+
+
+def test_evaluator_reads_no_shape_in_clutter_or_other_forms():
+    bg, red = -0.6, np.array([0.8, -0.8, -0.8])
+    ys, xs = np.mgrid[0:32, 0:32] + 0.5
+    radius = np.hypot(xs - 16, ys - 16)
+    masks = {
+        "two objects": ((np.abs(xs - 7) < 3) & (np.abs(ys - 7) < 3)) | ((np.abs(xs - 23) < 4) & (np.abs(ys - 23) < 4)),
+        "cross": ((np.abs(xs - 16) < 2) & (np.abs(ys - 16) < 8)) | ((np.abs(ys - 16) < 2) & (np.abs(xs - 16) < 8)),
+        "ring": (radius < 8) & (radius > 4),
+        "bar": (np.abs(ys - 16) < 2) & (np.abs(xs - 16) < 12),
+    }
+    for name, m in masks.items():
+        img = np.where(m[..., None], red, bg)
+        assert read_image(img).shape is None, name
+    blob = np.exp(-(radius ** 2) / 18.0)[..., None]  # a round blur spot reads as a circle, not another shape
+    assert read_image(bg + blob * (red - bg)).shape == "circle"
+
+
 def test_bundled_datasets():
     tr, va = MNIST5k(split="train", size=32), MNIST5k(split="validation", size=32)
     assert len(tr) == 4500 and len(va) == 500

@@ -97,19 +97,25 @@ def sample_spec(rng: np.random.Generator, side: int, attributes: Optional[dict] 
 
 def coverage(spec: ShapeSpec, side: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
     """Fraction of each pixel covered by the shape, (side, side) in [0, 1]."""
+    return shape_coverage(spec.shape, spec.cx, spec.cy, SIZES[spec.size] * side, side, supersample)
+
+
+def shape_coverage(shape: str, cx: float, cy: float, half: float, side: int,
+                   supersample: int = SUPERSAMPLE) -> np.ndarray:
+    """Pixel coverage (side, side) of `shape` centred at (cx, cy) with half-extent `half`, all in pixels."""
     n = side * supersample
     c = (np.arange(n) + 0.5) / supersample  # sample coordinates in pixel units
     x, y = np.meshgrid(c, c)  # x: column, y: row (y grows downward)
-    h = SIZES[spec.size] * side
-    dx, dy = x - spec.cx, y - spec.cy
-    if spec.shape == "circle":
+    h = half
+    dx, dy = x - cx, y - cy
+    if shape == "circle":
         inside = dx * dx + dy * dy <= h * h
-    elif spec.shape == "square":
+    elif shape == "square":
         inside = (np.abs(dx) <= h) & (np.abs(dy) <= h)
-    elif spec.shape == "triangle":  # apex (cx, cy - h), base from (cx - h, cy + h) to (cx + h, cy + h)
+    elif shape == "triangle":  # apex (cx, cy - h), base from (cx - h, cy + h) to (cx + h, cy + h)
         inside = (dy <= h) & (np.abs(dx) <= (dy + h) / 2.0)
     else:
-        raise ValueError(f"unknown shape '{spec.shape}'")
+        raise ValueError(f"unknown shape '{shape}'")
     return inside.reshape(side, supersample, side, supersample).mean(axis=(1, 3))
 
 
