@@ -1,12 +1,15 @@
 """Benchmark: UNet training-step time, ours vs diffusers' UNet2DConditionModel, same weights, same run.
 
-    python benchmarks/unet_vs_diffusers.py [--model-channels 64] [--batch 4] [--steps 10] [--threads N]
+    python benchmarks/unet_vs_diffusers.py [--model-channels 64] [--batch 4] [--steps 10] [--threads N] \
+        [--attention fused_cpu|sdpa|auto]
 
 SD-v1 architecture (channel_mult 1,2,4,4; 2 res blocks; attention at 4,2,1; 8 heads; 768-d context)
 at a reduced width, batch of 32x32x4 latents with a 77x768 context. Weights are converted from ours to
 diffusers so both compute the same function (checked). Each step: forward, MSE to a target, backward,
 AdamW step. The two models alternate step by step so machine noise hits both alike; the median
-step time of each and their ratio are printed.
+step time of each and their ratio are printed. By default our UNet uses the fused small-head CPU
+attention kernel (`ldm.modules.small_head_attention`, heads of 8 here); `--attention sdpa` times it
+on torch's SDPA, the kernel diffusers uses.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.convert.diffusers_unet import compvis_to_diffusers_unet  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
+from ldm.modules.small_head_attention import BACKENDS, set_attention_backend  # noqa: E402
 
 
 def main() -> int:
@@ -30,7 +34,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--attention", choices=BACKENDS, default="fused_cpu",
+                   help="our attention backend (fused_cpu: the small-head kernel; sdpa: torch's SDPA, as diffusers)")
     args = p.parse_args()
+    set_attention_backend(args.attention)
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import UNet2DConditionModel
@@ -81,7 +88,7 @@ def main() -> int:
         times_t.append(step_theirs())
     mo, mt = statistics.median(times_o), statistics.median(times_t)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, params {nparams / 1e6:.2f} M, "
-          f"batch {args.batch}, model_channels {mc}")
+          f"batch {args.batch}, model_channels {mc}, our attention backend {args.attention}")
     print(f"ours:      median {mo * 1000:.1f} ms/step  ({1 / mo:.2f} it/s)")
     print(f"diffusers: median {mt * 1000:.1f} ms/step  ({1 / mt:.2f} it/s)")
     print(f"speed ratio (diffusers time / ours): {mt / mo:.2f}x")

@@ -9,6 +9,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
+from ldm.modules.small_head_attention import small_head_attention, use_kernel
+
 # SpatialTransformer's input GroupNorm (CompVis): 32 groups, eps 1e-6.
 TRANSFORMER_NORM_EPS = 1e-6
 FF_MULT = 4
@@ -42,7 +44,11 @@ class FeedForward(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention softmax(q k^T / sqrt(d)) v; keys/values from `context` when given (SDPA kernel)."""
+    """Multi-head attention softmax(q k^T / sqrt(d)) v; keys/values from `context` when given.
+
+    Computed by torch's scaled_dot_product_attention, or by the fused small-head CPU kernel when
+    `ldm.modules.small_head_attention.set_attention_backend` (or LDM_ATTENTION_BACKEND) selects it.
+    """
 
     def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8, dim_head: int = 64,
                  dropout: float = 0.0):
@@ -67,7 +73,10 @@ class CrossAttention(nn.Module):
         attn_mask = None
         if mask is not None:  # (b, m) True where the context token may be attended
             attn_mask = mask.view(b, 1, 1, -1).bool()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if use_kernel(q, k, attn_mask):
+            out = small_head_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
 
 
