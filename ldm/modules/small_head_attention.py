@@ -102,28 +102,29 @@ def use_kernel(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -
 
 
 class _SmallHeadAttention(torch.autograd.Function):
-    """softmax(q k^T * scale) v over (B, H, N, D) tensors with the fused kernel, forward and backward."""
+    """softmax(q k^T * scale) v with the fused kernel, forward and backward; q rows in (B, N, H, D) memory."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, d = q.shape
         m = k.shape[2]
         scale = d ** -0.5
-        qc = q.reshape(b * h, n, d).contiguous()
+        q_rows = q.transpose(1, 2).contiguous()  # no copy when q is a head split of a (B, N, H*D) projection
         kt = k.reshape(b * h, m, d).transpose(1, 2).contiguous()
         vt = v.reshape(b * h, m, d).transpose(1, 2).contiguous()
-        out, lse = load_kernel().fwd(qc, kt, vt, scale)
-        ctx.save_for_backward(qc, kt, vt, out, lse)
-        ctx.dims = (b, h, n, d, m, scale)
-        return out.view(b, h, n, d)
+        out, lse = load_kernel().fwd(q_rows, kt, vt, scale)
+        ctx.save_for_backward(q_rows, kt, vt, out, lse)
+        ctx.scale = scale
+        return out.transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D) memory
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        qc, kt, vt, out, lse = ctx.saved_tensors
-        b, h, n, d, m, scale = ctx.dims
-        dq, dkt, dvt = load_kernel().bwd(grad_out.reshape(b * h, n, d).contiguous(), qc, kt, vt, out, lse, scale)
-        return (dq.view(b, h, n, d), dkt.transpose(1, 2).reshape(b, h, m, d), dvt.transpose(1, 2).reshape(b, h, m, d))
+        q_rows, kt, vt, out, lse = ctx.saved_tensors
+        b, n, h, d = q_rows.shape
+        m = kt.shape[2]
+        dq, dkt, dvt = load_kernel().bwd(grad_out.transpose(1, 2).contiguous(), q_rows, kt, vt, out, lse, ctx.scale)
+        return dq.transpose(1, 2), dkt.transpose(1, 2).reshape(b, h, m, d), dvt.transpose(1, 2).reshape(b, h, m, d)
 
 
 def small_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
