@@ -1,7 +1,7 @@
 """Fused CPU attention for small head dims: a C++ kernel (`csrc/small_head_attention.cpp`) built on first use.
 
 PyTorch's CPU `scaled_dot_product_attention` runs at a fraction of the machine's speed when heads are
-8 or 16 wide (its GEMMs have the head dim as inner size), which is where small research UNets spend
+8 wide (its GEMMs have the head dim as inner size), which is where small research UNets spend
 most of a training step. This kernel computes the same function, softmax(q k^T / sqrt(d)) v, forward
 and backward, row by row without the score matrix. It is opt-in (`set_attention_backend`) because the
 first use compiles it with the system C++ compiler (about a minute; cached by torch under
@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "small_head_attention.cpp"
-SUPPORTED_HEAD_DIMS = (8, 16)
+SUPPORTED_HEAD_DIMS = (8,)  # at 16 SDPA was faster (benchmarks/attention_small_heads.py)
 BACKENDS = ("sdpa", "fused_cpu", "auto")
 ENV_VAR = "LDM_ATTENTION_BACKEND"
 
@@ -77,7 +77,7 @@ def load_kernel():
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-    """Whether the kernel handles this call: float32 on CPU, no mask, head dim 8 or 16."""
+    """Whether the kernel handles this call: float32 on CPU, no mask, 8-wide heads."""
     return (mask is None and q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == torch.float32
             and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dim() == 4)
 
@@ -129,4 +129,7 @@ class _SmallHeadAttention(torch.autograd.Function):
 
 def small_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for (B, H, N, D) float32 CPU tensors, D in SUPPORTED_HEAD_DIMS (fused kernel)."""
+    if not applies(q, k, None) or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"small_head_attention: needs float32 CPU (B, H, N, D) tensors with D in {SUPPORTED_HEAD_DIMS}; "
+                         f"got q {tuple(q.shape)} {q.dtype} on {q.device}, v {tuple(v.shape)}")
     return _SmallHeadAttention.apply(q, k, v)
