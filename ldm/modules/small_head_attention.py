@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -55,6 +56,17 @@ def _cpu_tag() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
+def _put_ninja_on_path() -> None:
+    """torch builds extensions with `ninja` from PATH; the pip `ninja` package lives in the environment's bin."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # the build then fails and load_kernel reports it
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def load_kernel():
     """Build (once per process, cached on disk) and return the extension; raise a RuntimeError naming the cause."""
     global _ext, _build_error
@@ -63,6 +75,7 @@ def load_kernel():
     if _build_error is not None:
         raise RuntimeError(f"small-head attention kernel ({SOURCE}) failed to build earlier: {_build_error}")
     from torch.utils.cpp_extension import load
+    _put_ninja_on_path()
     flags = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mprefer-vector-width=256")  # some CPUs' default tuning keeps GCC at 128-bit vectors
