@@ -39,11 +39,23 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
     p.add_argument("-f", "--postfix", type=str, default="", help="postfix for the default name")
     p.add_argument("-l", "--logdir", type=str, default="logs", help="directory for logging")
-    p.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False,
-                   help="scale base_learning_rate by accumulate_grad_batches * devices * batch_size")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
+                   help="scale base_learning_rate by accumulate_grad_batches * devices * batch_size (CompVis default: "
+                        "on; `--scale_lr false` uses base_learning_rate as it is)")
     p.add_argument("--unsafe-load", action="store_true",
                    help="allow pickled Python objects in checkpoints (can run code: only for files you trust)")
     return p
+
+
+def str2bool(v: str) -> bool:
+    """CompVis-style boolean flag values: yes/no, true/false, t/f, y/n, 1/0."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got '{v}'")
 
 
 def resolve_run(opt: argparse.Namespace, now: str) -> tuple[str, str, Optional[str], list[str]]:
@@ -158,7 +170,7 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
 
 
 def set_learning_rate(model, config: DictConfig, trainer, scale_lr: bool) -> None:
-    """Effective learning rate, printed with its formula (scaled only with --scale_lr)."""
+    """Effective learning rate, printed with its formula (scaled unless `--scale_lr false`, as CompVis)."""
     base_lr = float(config.model.get("base_learning_rate", 1e-4))
     bs = int(config.data.params.batch_size) if "params" in config.data else 1
     accumulate = int(trainer.accumulate_grad_batches)
@@ -169,7 +181,8 @@ def set_learning_rate(model, config: DictConfig, trainer, scale_lr: bool) -> Non
               f"{ndev} (num devices) * {bs} (batchsize) * {base_lr:.2e} (base_lr)")
     else:
         model.learning_rate = base_lr
-        print(f"++++ NOT USING LR SCALING ++++\nSetting learning rate to {model.learning_rate:.2e}")
+        print(f"++++ NOT USING LR SCALING (--scale_lr false) ++++\nSetting learning rate to {model.learning_rate:.2e} "
+              f"= {base_lr:.2e} (base_lr)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -90,7 +90,7 @@ def main() -> int:
         ci = torch.where(torch.rand(args.bs) < model.ucg_rate, torch.full_like(index[b], null), index[b])
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / max(args.warmup, 1))
-        loss, _ = model.p_losses(z, emb[ci], model.timestep_sampler(args.bs, z.device))
+        loss, _ = model.p_losses(z, emb[ci])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

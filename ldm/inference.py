@@ -1,17 +1,56 @@
 """Loading trained runs for sampling, and batched text-to-image sampling with PNG metadata (used by scripts)."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+from enum import Enum
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, PngImagePlugin
 
+from ldm.sampling import CFGDenoiser, get_sigmas, img2img_start, randn_like, sample
 from ldm.util import ConfigError, load_config, load_model_from_config
+
+
+class Precision(str, Enum):
+    """Sampling precision: full float32, or autocast to bfloat16 / float16 ("autocast", as CompVis' scripts, picks
+    float16 on CUDA and bfloat16 elsewhere; "full" is float32)."""
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    AUTOCAST = "autocast"
+    FULL = "full"
+
+
+def default_device() -> str:
+    """CUDA when available, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def precision_scope(precision: Union[Precision, str], device: Union[str, torch.device]) -> Iterator[None]:
+    """torch.autocast for the reduced precisions, nothing for float32."""
+    precision = Precision(precision)
+    device_type = torch.device(device).type
+    if precision in (Precision.FP32, Precision.FULL):
+        yield
+        return
+    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16,
+             Precision.AUTOCAST: torch.float16 if device_type == "cuda" else torch.bfloat16}[precision]
+    with torch.autocast(device_type=device_type, dtype=dtype):
+        yield
+
+
+def generators(seed: Union[int, Sequence[int]], device: Union[str, torch.device]):
+    """One generator for an int seed; one per image for a list (each image then reproduces from its own seed)."""
+    if isinstance(seed, int):
+        return torch.Generator(device=device).manual_seed(seed)
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
 
 
 def find_run_config(ckpt: Union[str, Path]) -> Path:
@@ -32,7 +71,7 @@ def latest_run(logdir: Union[str, Path], name: str) -> Path:
 
 
 def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]] = None, *, allow_pickle: bool = False,
-                      device: str = "cpu") -> tuple[torch.nn.Module, DictConfig]:
+                      device: Optional[str] = None) -> tuple[torch.nn.Module, DictConfig]:
     """Model from a run checkpoint; sub-model `ckpt_path`s are dropped (the checkpoint holds all weights)."""
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {ckpt}")
@@ -41,7 +80,7 @@ def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]]
         sub = OmegaConf.select(cfg, f"model.params.{key}.params")
         if sub is not None and "ckpt_path" in sub.keys():
             sub.ckpt_path = None
-    model = load_model_from_config(cfg, ckpt, allow_pickle=allow_pickle, device=device)
+    model = load_model_from_config(cfg, ckpt, allow_pickle=allow_pickle, device=device or default_device())
     return model, cfg
 
 
@@ -67,35 +106,38 @@ def save_png(array: np.ndarray, path: Union[str, Path], meta: dict) -> None:
 
 
 @torch.no_grad()
-def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, scale: float, seed: int,
-                   eta: float = 0.0, use_ema: bool = True) -> torch.Tensor:
-    """Decoded images (B, C, H, W) in [-1, 1] for `prompts`, one per prompt, with guidance `scale`."""
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    c = model.get_learned_conditioning(list(prompts))
-    uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
-    kw = {"eta": eta} if sampler == "ddim" else {}
-    ctx = model.ema_scope("sampling") if use_ema else torch.no_grad()
-    with ctx:
-        z = model.sample(c, len(prompts), steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=g, **kw)
-        return model.decode_first_stage(z)
+def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, scale: float,
+                   seed: Union[int, Sequence[int]], eta: float = 0.0, use_ema: bool = True,
+                   precision: Union[Precision, str] = Precision.FP32) -> torch.Tensor:
+    """Decoded images (B, C, H, W) in [-1, 1] for `prompts`, one per prompt, with guidance `scale`.
+
+    `seed`: an int seeds one generator for the batch; a list seeds one per image.
+    """
+    g = generators(seed, model.device)
+    kw = {"eta": eta} if eta else {}  # a sampler without an eta refuses a non-zero one
+    ctx = model.ema_scope("sampling") if use_ema else contextlib.nullcontext()
+    with ctx, precision_scope(precision, model.device):
+        c = model.get_learned_conditioning(list(prompts))
+        uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+        z = model.sample(c, len(prompts), steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=g,
+                         **kw)
+        return model.decode_first_stage(z.float()).float()
 
 
 @torch.no_grad()
 def img2img(model, image: torch.Tensor, prompts: Sequence[str], *, strength: float, steps: int, sampler: str,
-            scale: float, seed: int, use_ema: bool = True) -> torch.Tensor:
+            scale: float, seed: Union[int, Sequence[int]], use_ema: bool = True,
+            precision: Union[Precision, str] = Precision.FP32) -> torch.Tensor:
     """SDEdit (Meng et al. 2022): encode `image` (B, C, H, W in [-1, 1]), noise it to `strength`, denoise with guidance."""
-    from ldm.sampling import CFGDenoiser, get_sampler, get_sigmas, img2img_start
-
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    z0 = model.scale_factor * model.first_stage_model.encode(image.to(model.device)).mode()
-    c = model.get_learned_conditioning(list(prompts))
-    uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
-    den = model.denoiser()
-    sigmas = get_sigmas(den.schedule, steps, "uniform").to(model.device)
-    noise = torch.randn(z0.shape, generator=g, device=model.device)
-    x, sig = img2img_start(z0, sigmas, strength, noise)
-    extra = {"cond": {"c": c}} | ({"uncond": {"c": uc}} if uc is not None else {})
-    ctx = model.ema_scope("img2img") if use_ema else torch.no_grad()
-    with ctx:
-        z = get_sampler(sampler)(CFGDenoiser(den, scale=scale), x, sig, extra_args=extra, disable=True)
-        return model.decode_first_stage(z / torch.sqrt(1 + sig[-1] ** 2))
+    g = generators(seed, model.device)
+    ctx = model.ema_scope("img2img") if use_ema else contextlib.nullcontext()
+    with ctx, precision_scope(precision, model.device):
+        z0 = model.scale_factor * model.first_stage_model.encode(image.to(model.device)).mode()
+        c = model.get_learned_conditioning(list(prompts))
+        uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+        den = model.denoiser()
+        sigmas = get_sigmas(den.schedule, steps, "uniform").to(model.device)
+        x, sig = img2img_start(z0, sigmas, strength, randn_like(z0, g))
+        extra = {"cond": {"c": c}} | ({"uncond": {"c": uc}} if uc is not None else {})
+        z = sample(CFGDenoiser(den, scale=scale), x, sig, sampler, generator=g, extra_args=extra)
+        return model.decode_first_stage(z.float()).float()

@@ -12,11 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.inference import file_hash, img2img, load_for_sampling, save_png, to_uint8  # noqa: E402
-from ldm.sampling import SAMPLERS  # noqa: E402
-from ldm.util import ConfigError  # noqa: E402
+from ldm.checkpoint import CheckpointError
+from ldm.inference import Precision, file_hash, img2img, load_for_sampling, save_png, to_uint8
+from ldm.sampling import SAMPLERS
+from ldm.util import ConfigError
 
 
 def main(argv=None) -> int:
@@ -33,12 +32,15 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--unsafe-load", action="store_true")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
+                   help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
     opt = p.parse_args(argv)
     if not 0.0 < opt.strength <= 1.0:
         print(f"error: --strength must lie in (0, 1], got {opt.strength}", file=sys.stderr)
         return 2
     try:
-        model, _ = load_for_sampling(opt.ckpt, opt.config, allow_pickle=opt.unsafe_load)
+        model, _ = load_for_sampling(opt.ckpt, opt.config, allow_pickle=opt.unsafe_load, device=opt.device)
         img = Image.open(opt.init_img).convert("RGB")
     except (ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     x = torch.from_numpy(arr).permute(2, 0, 1)[None].repeat(opt.n_samples, 1, 1, 1)
     scale = model.guidance_scale if opt.scale is None else opt.scale
     images = img2img(model, x, [opt.prompt] * opt.n_samples, strength=opt.strength, steps=opt.ddim_steps,
-                     sampler=opt.sampler, scale=scale, seed=opt.seed)
+                     sampler=opt.sampler, scale=scale, seed=opt.seed, precision=opt.precision)
     out = Path(opt.outdir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     count = len(list(out.glob("*.png")))

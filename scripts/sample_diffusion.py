@@ -13,11 +13,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.inference import file_hash, load_for_sampling, save_png, to_uint8  # noqa: E402
-from ldm.sampling import SAMPLERS  # noqa: E402
-from ldm.util import ConfigError  # noqa: E402
+from ldm.checkpoint import CheckpointError
+from ldm.inference import Precision, file_hash, load_for_sampling, precision_scope, save_png, to_uint8
+from ldm.sampling import SAMPLERS
+from ldm.util import ConfigError
 
 
 def main(argv=None) -> int:
@@ -34,9 +33,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-l", "--logdir", default="outputs/sample_diffusion")
     p.add_argument("--unsafe-load", action="store_true")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
+                   help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
     opt = p.parse_args(argv)
     try:
-        model, _ = load_for_sampling(opt.ckpt, opt.config, allow_pickle=opt.unsafe_load)
+        model, _ = load_for_sampling(opt.ckpt, opt.config, allow_pickle=opt.unsafe_load, device=opt.device)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     out = Path(opt.logdir)
     (out / "img").mkdir(parents=True, exist_ok=True)
     h, done, arrays = file_hash(opt.ckpt), 0, []
-    kw = {"eta": opt.eta} if opt.sampler == "ddim" else {}
+    kw = {"eta": opt.eta} if opt.eta else {}  # a sampler without an eta refuses a non-zero one
     with tqdm(total=opt.n_samples, desc="sampling") as bar:
         while done < opt.n_samples:
             bs = min(opt.batch_size, opt.n_samples - done)
@@ -60,10 +62,10 @@ def main(argv=None) -> int:
                           else torch.arange(done, done + bs) % n_cls).to(model.device)
                 c = model.get_learned_conditioning(labels)
                 uc = model.get_unconditional_conditioning(labels) if scale != 1.0 else None
-            with model.ema_scope("sampling"):
+            with model.ema_scope("sampling"), precision_scope(opt.precision, model.device):
                 z = model.sample(c, bs, steps=opt.custom_steps, sampler=opt.sampler, guidance_scale=scale, uncond=uc,
                                  generator=g, **kw)
-                imgs = to_uint8(model.decode_first_stage(z))
+                imgs = to_uint8(model.decode_first_stage(z.float()).float())
             for i, a in enumerate(imgs):
                 meta = {"seed": opt.seed + done, "index_in_batch": i, "sampler": opt.sampler, "steps": opt.custom_steps,
                         "scale": scale, "ckpt_sha256": h}

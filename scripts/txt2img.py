@@ -13,11 +13,10 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.inference import file_hash, load_for_sampling, sample_prompts, save_png, to_uint8  # noqa: E402
-from ldm.sampling import SAMPLERS  # noqa: E402
-from ldm.util import ConfigError  # noqa: E402
+from ldm.checkpoint import CheckpointError
+from ldm.inference import Precision, file_hash, load_for_sampling, sample_prompts, save_png, to_uint8
+from ldm.sampling import SAMPLERS
+from ldm.util import ConfigError
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -39,6 +38,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", type=str, default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--no-ema", action="store_true", help="sample with the training weights, not the EMA ones")
     p.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the checkpoint")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
+                   help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
     return p
 
 
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
     sampler = "plms" if opt.plms else opt.sampler
     try:
-        model, _ = load_for_sampling(opt.ckpt, opt.config, allow_pickle=opt.unsafe_load)
+        model, _ = load_for_sampling(opt.ckpt, opt.config, allow_pickle=opt.unsafe_load, device=opt.device)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     for k, (it, prompts) in enumerate(tqdm(jobs, desc="sampling")):
         seed = opt.seed + k
         images = sample_prompts(model, prompts, steps=opt.ddim_steps, sampler=sampler, scale=scale, seed=seed,
-                                eta=opt.ddim_eta, use_ema=not opt.no_ema)
+                                eta=opt.ddim_eta, use_ema=not opt.no_ema, precision=opt.precision)
         for i, arr in enumerate(to_uint8(images)):
             save_png(arr, out / "samples" / f"{count:05}.png",
                      {"prompt": prompts[i], "seed": seed, "index_in_batch": i, "sampler": sampler,

@@ -198,3 +198,20 @@ def test_vq_interface_and_identity():
     ident = IdentityFirstStage(vq_interface=True)
     assert ident.encode(x) is x and ident.quantize(x)[0] is x
     assert isinstance(m, VQModel)
+
+
+def test_vq_batch_resize_range_resizes_the_input_and_trains():
+    """Old code resized only the reconstruction's input, then compared it with the original-size batch (crash)."""
+    cfg = tiny(load_config(ROOT / "configs/autoencoder/autoencoder_vq_f4.yaml"))
+    res = cfg.model.params.ddconfig.resolution
+    cfg.model.params.batch_resize_range = [res - 16, res]
+    model = instantiate_from_config(cfg.model)
+    batch = {"image": torch.rand(2, res, res, 3) * 2 - 1}
+    assert model.get_input(batch).shape[-1] == res  # the first batches use the largest size (CompVis)
+    model.batches_seen = 10
+    sizes = {model.get_input(batch).shape[-1] for _ in range(40)}
+    assert sizes == {res - 16, res}
+    x = model.get_input(batch)
+    rec, aux = model._forward_train(x)
+    loss, _ = model._loss_call(x, rec, aux, 0, "train", 0)
+    assert rec.shape == x.shape and torch.isfinite(loss)

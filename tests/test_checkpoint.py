@@ -83,7 +83,9 @@ def test_position_ids_tolerated():
     sd = dict(m.state_dict())
     sd["transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     m2 = torch.nn.Linear(2, 2)
-    load_state_dict_checked(m2, sd)  # strict, yet no error for the one known legacy key
+    missing, unexpected = load_state_dict_checked(m2, sd)  # strict, yet no error for the one known legacy key
+    assert missing == [] and unexpected == []
+    assert torch.equal(m2.weight, m.weight) and torch.equal(m2.bias, m.bias)
 
 
 def test_init_from_ckpt_strict_except_tolerated_prefixes(tmp_path):

@@ -10,9 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.diffusionmodules.loss import MinSNRWeighting, vlb_weights
-from ldm.modules.diffusionmodules.parameterization import Parameterization, predict_eps, predict_x0, training_target
+from ldm.modules.diffusionmodules.parameterization import Parameterization
 from ldm.modules.diffusionmodules.schedule import ddpm_buffers, make_beta_schedule, rescale_zero_terminal_snr
 from ldm.modules.ema import LitEma
+from ldm.sampling.spacing import compvis_ddim_timesteps
 from ldm.util import instantiate_from_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,26 +47,14 @@ def test_buffers_names_and_values():
     assert float(bufs["alphas_cumprod_prev"][0]) == 1.0 and float(bufs["posterior_variance"][0]) == 0.0
 
 
-@pytest.mark.parametrize("p", ["eps", "x0", "v"])
-def test_training_targets_closed_form(p):
-    x0, noise = torch.randn(4, 3), torch.randn(4, 3)
-    a = torch.tensor([0.9, 0.5, 0.1, 0.01])[:, None]
-    sa, s1a = a.sqrt(), (1 - a).sqrt()
-    xt = sa * x0 + s1a * noise
-    target = training_target(p, x0, noise, sa, s1a)
-    expected = {"eps": noise, "x0": x0, "v": sa * noise - s1a * x0}[p]
-    assert torch.allclose(target, expected)
-    # a perfect prediction gives back x0 and the noise
-    assert torch.allclose(predict_x0(p, xt, target, sa, s1a), x0, atol=1e-5)
-    assert torch.allclose(predict_eps(p, xt, target, sa, s1a), noise, atol=1e-4)
-
-
 def test_min_snr_weights():
     snr = torch.tensor([0.5, 5.0, 50.0])
     w = MinSNRWeighting(5.0)
     assert torch.allclose(w(None, snr, Parameterization.X0), torch.tensor([0.5, 5.0, 5.0]))
     assert torch.allclose(w(None, snr, Parameterization.EPS), torch.tensor([1.0, 1.0, 0.1]))
     assert torch.allclose(w(None, snr, Parameterization.V), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    zero = torch.zeros(1)  # zero terminal SNR: min(SNR, gamma) / SNR -> 1, not 0 / 0
+    assert float(w(None, zero, Parameterization.EPS)) == 1.0 and float(w(None, zero, Parameterization.V)) == 0.0
     bufs = ddpm_buffers(make_beta_schedule("linear", 1000, 0.00085, 0.012))
     lw = vlb_weights("eps", bufs["betas"].double(), bufs["alphas_cumprod"].double(), bufs["posterior_variance"].double())
     assert lw[0] == lw[1] and torch.isfinite(lw).all()
@@ -121,17 +110,19 @@ def test_ldm_state_dict_prefixes_and_frozen_parts(ae_ckpt):
     assert not model.first_stage_model.training
 
 
-def test_guidance_dropout_rate(ae_ckpt):
-    model = instantiate_from_config(tiny_ldm_config(ae_ckpt).model)
+def test_guidance_dropout_rate():
+    from ldm.models.diffusion.latent import drop_conditions, null_condition_like
     torch.manual_seed(0)
     caps = ["a small red circle in the center"] * 20000
-    dropped = model.drop_condition(caps, 0.1)
+    dropped = drop_conditions(caps, 0.1, null_condition_like(caps, "caption"))
     rate = sum(c == "" for c in dropped) / len(caps)
     assert abs(rate - 0.1) < 0.01
-    assert model.drop_condition(caps[:5], 0.0) == caps[:5]
-    labels = torch.arange(10)
+    labels = torch.arange(20000) % 7
+    dropped = drop_conditions(labels, 0.25, null_condition_like(labels, "class_label", null_label=7))
+    assert abs(float((dropped == 7).float().mean()) - 0.25) < 0.01 and torch.equal(dropped[dropped != 7],
+                                                                                     labels[dropped != 7])
     with pytest.raises(ValueError, match="null class"):
-        model.drop_condition(labels, 0.5)
+        null_condition_like(torch.arange(10), "class_label")
 
 
 def test_ldm_training_step_and_sampling(ae_ckpt):
@@ -292,3 +283,135 @@ def test_cached_latents_refuse_an_untrained_first_stage(ae_ckpt, tmp_path):
     fs["params"]["ckpt_path"] = None
     with pytest.raises(ValueError, match="ckpt_path"):
         CachedLatents({"target": "ldm.data.shapes.ShapesValidation", "params": {"num_samples": 2}}, fs, cache_dir=tmp_path)
+
+
+# -- the denoiser of a model, and the training defaults ------------------------------------------------------------
+def _perturbed(model, scale: float = 0.05):
+    """Weights moved away from initialisation (a fresh UNet's output layer is zero: every comparison would pass)."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def _reference_compvis_denoiser(model, x, sigma, c):
+    """k-diffusion's CompVisDenoiser(model, quantize=False), written independently: fractional t by log-sigma
+    interpolation in float64, c_in = 1 / sqrt(1 + sigma^2), x0 = x - sigma * eps."""
+    ac = model.alphas_cumprod.double()
+    log_sigmas = (((1 - ac) / ac) ** 0.5).log().numpy()
+    t = np.interp(np.log(sigma.double().numpy()), log_sigmas, np.arange(len(log_sigmas)))
+    s = sigma.double().view(-1, 1, 1, 1)
+    eps = model.apply_model((x.double() / (1 + s ** 2).sqrt()).float(), torch.tensor(t, dtype=torch.float32), c)
+    return x.double() - s * eps.double()
+
+
+def test_ldm_denoiser_equals_a_fractional_timestep_compvis_denoiser(ae_ckpt):
+    """Old code told the UNet floor(t): off grid by up to a whole timestep, and t - 1 on some grid levels."""
+    model = _perturbed(instantiate_from_config(tiny_ldm_config(ae_ckpt).model).eval())
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(3, 6, 384, generator=g)
+    den = model.denoiser()
+    grid = den.sigmas[[21, 501, 981]]  # DDIM-50 levels
+    off = torch.tensor([0.35, 2.0, 9.5])  # between grid levels (as Karras / Heun evaluate)
+    for sigma in (grid, off):
+        x = torch.randn(3, 4, 8, 8, generator=g) * (1 + sigma.view(-1, 1, 1, 1))
+        with torch.no_grad():
+            ours, ref = den(x, sigma, c=c).double(), _reference_compvis_denoiser(model, x, sigma, c)
+        rel = float((ours - ref).norm() / ref.norm())
+        assert rel < 1e-5, rel
+
+
+def test_ldm_ddim_sends_the_exact_integer_timesteps(ae_ckpt):
+    model = instantiate_from_config(tiny_ldm_config(ae_ckpt).model).eval()
+    seen = []
+    model.apply_model = lambda x, t, c: (seen.append(t.clone()), x * 0)[1]
+    model.sample(torch.zeros(1, 6, 384), 1, steps=50, sampler="ddim", guidance_scale=1.0)
+    sent = [float(t[0]) for t in seen]
+    assert sent == [float(v) for v in compvis_ddim_timesteps(model.num_timesteps, 50)[::-1]]
+
+
+def test_eps_with_zero_terminal_snr_builds_and_names_the_vlb_problem(ae_ckpt):
+    """Old code failed at construction with a VLB message although the VLB term was off."""
+    model = instantiate_from_config(tiny_ldm_config(ae_ckpt, zero_terminal_snr=True).model)
+    assert float(model.alphas_cumprod[-1]) == 0.0 and not hasattr(model, "lvlb_weights")
+    loss, _ = model.p_losses(torch.randn(2, 4, 8, 8), torch.randn(2, 6, 384), torch.tensor([999, 998]))
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="original_elbo_weight"):
+        instantiate_from_config(tiny_ldm_config(ae_ckpt, zero_terminal_snr=True, original_elbo_weight=0.1).model)
+
+
+def test_v_prediction_with_zero_terminal_snr_samples_from_the_terminal_step(ae_ckpt):
+    model = _perturbed(instantiate_from_config(
+        tiny_ldm_config(ae_ckpt, zero_terminal_snr=True, parameterization="v").model).eval())
+    seen = []
+    orig = model.apply_model
+    model.apply_model = lambda x, t, c: (seen.append(float(t[0])), orig(x, t, c))[1]
+    z = model.sample(torch.zeros(2, 6, 384), 2, steps=10, sampler="ddim", spacing="trailing", guidance_scale=1.0)
+    assert seen[0] == 999.0 and torch.isfinite(z).all()
+
+
+def test_scale_by_std_measures_the_unscaled_latents(ae_ckpt):
+    """Old code multiplied by the configured factor first: 0.18215 with scale_by_std ended at latent std ~5.5."""
+    from ldm.data.shapes import ShapesDataset
+    model = instantiate_from_config(tiny_ldm_config(ae_ckpt, scale_factor=0.18215).model)
+    assert model.scale_by_std
+    ds = ShapesDataset(num_samples=32)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(32)])
+    model.on_train_batch_start(batch, 0)
+    z = model.get_input(batch, model.first_stage_key)[0]
+    assert abs(float(z.std()) - 1.0) < 0.1, float(z.std())
+
+
+def test_missing_ema_weights_start_from_the_loaded_weights(ae_ckpt, tmp_path, caplog):
+    """Old code left model_ema random when a checkpoint had no model_ema.* keys."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    from ldm.util import load_model_from_config
+    cfg = tiny_ldm_config(ae_ckpt)
+    trained = _perturbed(instantiate_from_config(cfg.model))
+    sd = {k: v.contiguous() for k, v in trained.state_dict().items() if not k.startswith("model_ema.")}
+    save_file(sd, str(tmp_path / "no_ema.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        model = load_model_from_config(cfg, tmp_path / "no_ema.safetensors")
+    assert "no EMA weights" in caplog.text
+    with model.ema_scope():
+        for (name, p), q in zip(model.model.named_parameters(), trained.model.parameters()):
+            assert torch.equal(p, q), name
+    fresh = instantiate_from_config(cfg.model)
+    fresh.init_from_ckpt(str(tmp_path / "no_ema.safetensors"))  # the CompVis ckpt_path route
+    shadow = dict(fresh.model_ema.named_buffers())
+    for name, p in trained.model.named_parameters():
+        assert torch.equal(shadow[fresh.model_ema.m_name2s_name[name]], p), name
+
+
+def test_pixel_ddpm_clips_its_x0_estimates():
+    """Old code stored clip_denoised but never applied it."""
+    from ldm.models.diffusion.ddpm import DDPM
+    unet = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {"image_size": 8, "in_channels": 1, "out_channels": 1, "model_channels": 32,
+                       "attention_resolutions": [], "num_res_blocks": 1, "channel_mult": [1], "num_heads": 1}}
+    ddpm = DDPM(unet, image_size=8, channels=1, parameterization="x0", use_ema=False).eval()
+    ddpm.apply_model = lambda x, t, c=None: torch.full_like(x, 10.0)  # x0 estimates far outside [-1, 1]
+    out = ddpm.sample(None, 2, steps=5, spacing="trailing")
+    assert torch.allclose(out, torch.ones_like(out))
+    ddpm.clip_denoised = False
+    assert torch.allclose(ddpm.sample(None, 2, steps=5, spacing="trailing"), torch.full((2, 1, 8, 8), 10.0))
+
+
+def test_raw_condition_permutes_image_like_keys_but_not_text_or_labels(ae_ckpt):
+    """Old code permuted only a fixed list of image keys (CompVis permutes all but caption, bbox and class)."""
+    model = instantiate_from_config(tiny_ldm_config(ae_ckpt).model)
+    batch = {"depth": torch.rand(2, 8, 8), "lr": torch.rand(2, 8, 8, 3), "caption": ["a", "b"],
+             "class_label": torch.tensor([1, 2])}
+    for key, shape in (("depth", (2, 1, 8, 8)), ("lr", (2, 3, 8, 8))):
+        model.cond_stage_key = key
+        assert tuple(model.raw_condition(batch).shape) == shape
+    model.cond_stage_key = "lr"
+    assert torch.equal(model.raw_condition(batch), batch["lr"].permute(0, 3, 1, 2))
+    model.cond_stage_key = "caption"
+    assert model.raw_condition(batch) == ["a", "b"]
+    model.cond_stage_key = "class_label"
+    assert torch.equal(model.raw_condition(batch), batch["class_label"])

@@ -62,3 +62,33 @@ def test_frozen_clip_from_local_dir_and_missing_weights(tmp_path):
         FrozenCLIPEmbedder(version="openai/clip-vit-large-patch14-not-here")
     with pytest.raises(PretrainedWeightsMissing, match="local checkpoint file"):
         FrozenOpenCLIPEmbedder(version="laion2b_s32b_b79k")
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_openclip_text_states_are_the_same_for_both_block_layouts(batch_first):
+    """open_clip < 2.26 runs its blocks sequence-first; old code fed them batch-first states (wrong attention)."""
+    from types import SimpleNamespace
+
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(0)
+    width, ctx = 16, 77
+
+    def model(bf):
+        torch.manual_seed(1)
+        blocks = torch.nn.ModuleList([ResidualAttentionBlock(width, 2, batch_first=bf) for _ in range(2)])
+        transformer = SimpleNamespace(resblocks=blocks) if not bf else SimpleNamespace(resblocks=blocks, batch_first=True)
+        torch.manual_seed(2)
+        return SimpleNamespace(token_embedding=torch.nn.Embedding(49408, width),
+                               positional_embedding=torch.randn(ctx, width) * 0.1, transformer=transformer,
+                               attn_mask=torch.full((ctx, ctx), float("-inf")).triu(1),
+                               ln_final=torch.nn.LayerNorm(width))
+
+    def states(m):
+        enc = SimpleNamespace(model=m, tokenizer=CLIPTokenizerOffline(ctx), layer_idx=1)
+        with torch.no_grad():
+            return FrozenOpenCLIPEmbedder._encode_batch(enc, ["a red circle", "two blue squares on the left"])
+
+    reference = states(model(True))  # the current open_clip layout
+    out = states(model(batch_first))
+    assert out.shape == (2, ctx, width) and torch.allclose(out, reference, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ def test_train_then_resume_continues_at_saved_step(tmp_path):
     ck = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=True)
     assert ck["global_step"] == 4 and ck["ldm_batches_seen"] == 4
     w4 = ck["state_dict"]["decoder.conv_out.weight"]
-    # resume: the config is restored from the run dir; only the new max_steps is given
+    # resume: the config is restored from the run dir; only the new max_steps is given. Run files are named by the
+    # second: start the resumed run in a later one, so that its config copy gets its own name
+    time.sleep(max(0.0, 1.05 - (time.time() % 1.0)))
     assert run(["-r", str(rd), "-t", "lightning.trainer.max_steps=7", "lightning.trainer.enable_progress_bar=false"],
                tmp_path) == 0
     ck = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=True)
@@ -103,10 +106,15 @@ def test_other_loggers_offline(tmp_path, logger, monkeypatch):
     assert (rd / ("tensorboard" if logger == "tensorboard" else "wandb")).is_dir()
 
 
-def test_scale_lr_prints_formula(tmp_path, capsys):
-    assert run(["--base", CFG, "-n", "lr", "--scale_lr", "model.base_learning_rate=2e-3"] + TINY, tmp_path) == 0
+def test_scale_lr_is_on_by_default_and_prints_formula(tmp_path, capsys):
+    """CompVis scales by default (the paper configs' base_learning_rate assume it); old code did not."""
+    assert run(["--base", CFG, "-n", "lr", "model.base_learning_rate=2e-3"] + TINY, tmp_path) == 0
     out = capsys.readouterr().out
     assert "Setting learning rate to 8.00e-03 = 1 (accumulate_grad_batches) * 1 (num devices) * 4 (batchsize)" in out
+    assert run(["--base", CFG, "-n", "lr2", "--scale_lr", "false", "model.base_learning_rate=2e-3"] + TINY, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "NOT USING LR SCALING" in out and "Setting learning rate to 2.00e-03" in out
+    assert main_mod.get_parser().parse_args(["--scale_lr"]).scale_lr is True
 
 
 def test_compvis_import_paths():

@@ -9,10 +9,13 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.sampling import (SAMPLERS, STOCHASTIC, CFGDenoiser, MaskedDenoiser, ThresholdedDenoiser, VPDenoiser,
-                          get_sampler, get_sigmas, img2img_start, karras_sigmas)
-from ldm.sampling.denoiser import DiscreteSchedule
+from ldm.sampling import (SAMPLERS, STOCHASTIC, CFGDenoiser, Denoiser, DiscreteSchedule, MaskedDenoiser,
+                          ThresholdedDenoiser, get_sampler, get_sigmas, img2img_start, karras_sigmas, scaling_for)
 from ldm.sampling.spacing import compvis_ddim_timesteps
+
+
+def vp_denoiser(net, ac, parameterization):
+    return Denoiser(net, scaling_for(parameterization), DiscreteSchedule(ac))
 
 # data ~ N(M, S^2) per dimension
 M = torch.linspace(-1, 1, 8, dtype=torch.float64) * 0.5
@@ -48,10 +51,12 @@ def _slope(name, sigmas_fn, n=32, **kw):
 
 @pytest.mark.parametrize("name,order,kw", [
     ("euler", 1, {}), ("ddim", 1, {}), ("dpm_solver_1", 1, {}), ("heun", 2, {}), ("dpmpp_2m", 2, {}),
-    ("unipc", 3, {}), ("plms", 2, {}),
+    ("unipc", 3, {"lower_order_final": False}), ("unipc", 2, {}), ("plms", 2, {}),
 ])
 def test_deterministic_samplers_converge_with_their_order(name, order, kw):
-    """Error slope vs step count on Karras sigmas. PLMS: 2nd order on this non-uniform grid (4th on a uniform one)."""
+    """Error slope vs step count on Karras sigmas. PLMS: 2nd order on this non-uniform grid (4th on a uniform one).
+    UniPC-2 with its corrector is 3rd order; lowering the order on the last steps (its default, as the reference and
+    diffusers) leaves an uncorrected first-order final step, so 2nd order overall."""
     slope = _slope(name, _karras, **kw)
     assert abs(slope - order) < 0.15, (name, slope)
     assert _err(name, 64, _karras, **kw) < 0.06
@@ -119,7 +124,7 @@ def test_every_sampler_same_answer_for_eps_x0_v(name):
     nets = _vp_nets(ac)
     outs = []
     for p, net in nets.items():
-        den = VPDenoiser(net, ac, parameterization=p)
+        den = vp_denoiser(net, ac, p)
         sig = get_sigmas(den.schedule, 10, "karras").double()
         g = torch.Generator().manual_seed(3)
         x = torch.randn(4, 8, generator=g, dtype=torch.float64) * sig[0]
@@ -130,7 +135,7 @@ def test_every_sampler_same_answer_for_eps_x0_v(name):
 def test_denoiser_recovers_exact_x0_for_each_parameterization():
     ac = sd_alphas_cumprod()
     for p, net in _vp_nets(ac).items():
-        den = VPDenoiser(net, ac, parameterization=p)
+        den = vp_denoiser(net, ac, p)
         sigma = den.sigmas[[10, 500, 990]].double()
         x = torch.randn(3, 8, dtype=torch.float64) * 3
         assert torch.allclose(den(x, sigma), gauss_denoiser(x, sigma), atol=1e-4), p
@@ -168,28 +173,50 @@ def test_cfg_is_one_batched_forward_and_right_formula():
     x, sig = torch.zeros(2, 4, dtype=torch.float64), torch.ones(2)
     out = cfg(x, sig, cond={"y": torch.tensor([2.0, 2.0])}, uncond={"y": torch.tensor([1.0, 1.0])})
     assert calls == [4] and torch.allclose(out, torch.full_like(out, 1 + 3 * (2 - 1)))
-    cfg_r = CFGDenoiser(lambda x, sigma, y=None: torch.stack([x[0] * 0 + y[0], x[1] * 3 * y[1]]), scale=2.0, rescale=1.0)
-    x = torch.randn(2, 16, dtype=torch.float64)
-    out = cfg_r(x[:1], torch.ones(1), cond={"y": torch.tensor([1.0])}, uncond={"y": torch.tensor([0.0])})
-    assert out.std() > 0
 
 
-def test_guidance_rescale_matches_conditional_std():
-    def den(x, sigma, y=None):
-        return torch.where(y.view(-1, 1) > 0, 2 * x, 0.5 * x)
+@pytest.mark.parametrize("p", ["eps", "v"])
+def test_guidance_rescale_equals_diffusers_on_the_model_output(p):
+    """Guidance rescale acts on eps / v (diffusers `rescale_noise_cfg`), not on the x0 estimate."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-    x = torch.randn(3, 64, dtype=torch.float64)
-    full = CFGDenoiser(den, scale=5.0, rescale=1.0)(x, torch.ones(3), cond={"y": torch.ones(3)}, uncond={"y": torch.zeros(3)})
-    assert torch.allclose(full.std(1), (2 * x).std(1))
+    ac = sd_alphas_cumprod()
+    g = torch.Generator().manual_seed(11)
+    w_u, w_c = torch.randn(8, 8, generator=g, dtype=torch.float64), torch.randn(8, 8, generator=g, dtype=torch.float64)
+
+    def net(x_vp, t, y=None):  # a network whose output depends on the condition and the input
+        w = torch.where(y.view(-1, 1, 1) > 0, w_c, w_u)
+        return torch.einsum("bi,bij->bj", x_vp, w) * (1 + t.view(-1, 1) / 1000)
+
+    den = vp_denoiser(net, ac, p)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64) * 4
+    sigma = den.sigmas[[100, 400, 800]].double()
+    phi, scale = 0.7, 6.0
+    ours = CFGDenoiser(den, scale=scale, rescale=phi)(x, sigma, cond={"y": torch.ones(3)}, uncond={"y": torch.zeros(3)})
+    t = den.schedule.sigma_to_t(sigma)
+    x_vp = x / torch.sqrt(1 + sigma.view(-1, 1) ** 2)
+    f_u, f_c = net(x_vp, t, torch.zeros(3)), net(x_vp, t, torch.ones(3))
+    f = rescale_noise_cfg(f_u + scale * (f_c - f_u), f_c, guidance_rescale=phi)
+    assert torch.allclose(ours, den.from_model_output(x, sigma, f), atol=1e-10)
+    # on the x0 estimate (the old behaviour) the answer differs
+    d_u, d_c = den.from_model_output(x, sigma, f_u), den.from_model_output(x, sigma, f_c)
+    assert not torch.allclose(ours, rescale_noise_cfg(d_u + scale * (d_c - d_u), d_c, guidance_rescale=phi), atol=1e-3)
+    with pytest.raises(TypeError, match="Denoiser"):
+        CFGDenoiser(lambda x, s: x, scale=2.0, rescale=0.5)
 
 
-def test_dynamic_thresholding():
-    den = ThresholdedDenoiser(lambda x, s: x, percentile=0.5)
+def test_thresholding_modes_exact_values():
     x = torch.tensor([[0.5, 3.0, -4.0, 2.0]])
-    out = den(x, torch.ones(1))
-    assert out.abs().max() <= 1.0 + 1e-6
-    static = ThresholdedDenoiser(lambda x, s: x, percentile=None)
-    assert static(x, torch.ones(1)).abs().max() == 1.0
+    dyn = ThresholdedDenoiser(lambda x, s: x, mode="dynamic", percentile=0.5)(x, torch.ones(1))
+    # the 0.5-quantile of |x| = (0.5, 2, 3, 4) is 2.5: clamp to +-2.5, divide by 2.5
+    assert torch.allclose(dyn, torch.tensor([[0.2, 1.0, -1.0, 0.8]]))
+    static = ThresholdedDenoiser(lambda x, s: x, mode="static")(x, torch.ones(1))
+    assert torch.equal(static, torch.tensor([[0.5, 1.0, -1.0, 1.0]]))
+    norm = ThresholdedDenoiser(lambda x, s: x, mode="norm", max_value=1.5)(x, torch.ones(1))
+    rms = float(x.pow(2).mean().sqrt())  # 2.7157: scaled down to RMS 1.5
+    assert torch.allclose(norm, x * 1.5 / rms) and abs(float(norm.pow(2).mean().sqrt()) - 1.5) < 1e-6
+    small = torch.full((1, 4), 0.1)  # RMS below the threshold: unchanged
+    assert torch.equal(ThresholdedDenoiser(lambda x, s: x, mode="norm", max_value=1.5)(small, torch.ones(1)), small)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -209,11 +236,16 @@ def test_img2img_strength():
     sig = torch.cat([karras_sigmas(20, 0.02, 10.0), torch.zeros(1)])
     x0, noise = torch.zeros(1, 4), torch.ones(1, 4)
     x, rest = img2img_start(x0, sig, 0.5, noise)
-    assert len(rest) == 11 and torch.allclose(x, noise * rest[0])
+    assert len(rest) == 11 and torch.allclose(x, noise * rest[0] / torch.sqrt(1 + rest[0] ** 2))  # VP sample
     x, rest = img2img_start(x0, sig, 1.0, noise)
     assert len(rest) == 21
+    # int(strength * steps) steps, as CompVis and diffusers: 0.59 of 10 runs 5 (rounding would run 6)
+    _, rest = img2img_start(x0, sig[10:], 0.59, noise)
+    assert len(rest) == 6
     with pytest.raises(ValueError):
         img2img_start(x0, sig, 0.0, noise)
+    with pytest.raises(ValueError, match="0 denoising steps"):
+        img2img_start(x0, sig, 0.04, noise)
 
 
 class _CompVisLike(torch.nn.Module):

@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 # Adam betas of the CompVis first-stage optimizers (generator and discriminator).
 FIRST_STAGE_BETAS = (0.5, 0.9)
+# VQModel `batch_resize_range`: sizes step by 16; the first batches use the largest (CompVis: global_step <= 4).
+RESIZE_MULTIPLE = 16
+RESIZE_WARMUP_BATCHES = 4
 
 
 class _FirstStageBase(pl.LightningModule):
@@ -281,12 +284,20 @@ class VQModel(_FirstStageBase):
             return dec, diff, ind
         return dec, diff
 
+    def get_input(self, batch: dict, k: Optional[str] = None) -> torch.Tensor:
+        """The batch images; with `batch_resize_range` [lo, hi] resized (bicubic) to a random multiple of 16 in it,
+        the full hi for the first batches (CompVis `VQModel.get_input`), so input and reconstruction share a size."""
+        x = super().get_input(batch, k)
+        if self.batch_resize_range is None:
+            return x
+        lo, hi = self.batch_resize_range
+        sizes = list(range(lo, hi + RESIZE_MULTIPLE, RESIZE_MULTIPLE))
+        size = hi if self.batches_seen <= RESIZE_WARMUP_BATCHES else sizes[int(torch.randint(len(sizes), ()))]
+        if size != x.shape[2]:
+            x = F.interpolate(x, size=size, mode="bicubic")
+        return x.detach()
+
     def _forward_train(self, x):
-        if self.batch_resize_range is not None:
-            lo, hi = self.batch_resize_range
-            size = int(torch.randint(lo // 16, hi // 16 + 1, ()).item()) * 16
-            if size != x.shape[2]:
-                x = F.interpolate(x, size=size, mode="bicubic")
         dec, diff, ind = self(x, return_pred_indices=True)
         return dec, (diff, ind)
 

@@ -25,8 +25,18 @@ class LitEma(nn.Module):
                 self.register_buffer(s_name, p.detach().clone().float())
         self.collected_params: list[torch.Tensor] = []
 
+    @torch.no_grad()
+    def reset_to(self, model: nn.Module) -> None:
+        """Shadow weights := `model`'s current weights, update count 0."""
+        shadow = dict(self.named_buffers())
+        for name, p in model.named_parameters():
+            if name in self.m_name2s_name:
+                shadow[self.m_name2s_name[name]].copy_(p.detach())
+        self.reset_num_updates()
+
     def reset_num_updates(self) -> None:
-        self.num_updates.zero_()
+        if int(self.num_updates) >= 0:  # -1: use_num_upates off
+            self.num_updates.zero_()
 
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:

@@ -1,39 +1,21 @@
-"""One sampler library: samplers with one contract, spacings, guidance wrappers, a registry by name."""
+"""One sampler library: samplers with one contract, spacings, guidance wrappers, a registry by name, and
+`sample`, the entry point that runs any of them on a denoiser from VP latents."""
 from __future__ import annotations
 
-from typing import Callable
+from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
+from ldm.modules.diffusionmodules.denoiser_scaling import EpsScaling, VScaling, X0Scaling, scaling_for
+from ldm.modules.diffusionmodules.parameterization import Parameterization
+from ldm.sampling.compvis import ApplyModelNetwork, CompVisDenoiser
+from ldm.sampling.entry import sample, vp_scale
+from ldm.sampling.guidance import CFGDenoiser, MaskedDenoiser, ThresholdedDenoiser, ThresholdMode, img2img_start
+from ldm.sampling.registry import EVALS_PER_STEP, SAMPLERS, STOCHASTIC, get_sampler
+from ldm.sampling.samplers import (randn_like, sample_ddim, sample_ddpm, sample_dpm_solver_1, sample_dpmpp_2m,
+                                   sample_dpmpp_2m_sde, sample_euler, sample_euler_ancestral, sample_heun, sample_plms,
+                                   sample_unipc)
+from ldm.sampling.spacing import Spacing, check_sigmas, get_sigmas, karras_sigmas
 
-from ldm.sampling.denoiser import DiscreteSchedule, Parameterization, VPDenoiser
-from ldm.sampling.guidance import CFGDenoiser, MaskedDenoiser, ThresholdedDenoiser, img2img_start
-from ldm.sampling.samplers import (sample_ddim, sample_ddpm, sample_dpm_solver_1, sample_dpmpp_2m, sample_dpmpp_2m_sde,
-                                   sample_euler, sample_euler_ancestral, sample_heun, sample_plms, sample_unipc)
-from ldm.sampling.spacing import Spacing, get_sigmas, karras_sigmas
-
-SAMPLERS: dict[str, Callable] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_solver_1": sample_dpm_solver_1,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "unipc": sample_unipc,
-}
-STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")
-# model evaluations per step (Heun evaluates twice except on a final step to sigma 0)
-EVALS_PER_STEP = {name: 1 for name in SAMPLERS} | {"heun": 2}
-
-
-def get_sampler(name: str) -> Callable:
-    """Sampler function by registry name (error lists the known names)."""
-    try:
-        return SAMPLERS[name]
-    except KeyError:
-        raise KeyError(f"unknown sampler '{name}'; known: {', '.join(sorted(SAMPLERS))}") from None
-
-
-__all__ = ["SAMPLERS", "STOCHASTIC", "get_sampler", "DiscreteSchedule", "Parameterization", "VPDenoiser",
-           "CFGDenoiser", "MaskedDenoiser", "ThresholdedDenoiser", "img2img_start", "Spacing", "get_sigmas",
-           "karras_sigmas"] + [f.__name__ for f in SAMPLERS.values()]
+__all__ = ["sample", "vp_scale", "randn_like", "SAMPLERS", "STOCHASTIC", "EVALS_PER_STEP", "get_sampler",
+           "Denoiser", "DiscreteSchedule", "CompVisDenoiser", "ApplyModelNetwork", "Parameterization", "EpsScaling",
+           "X0Scaling", "VScaling", "scaling_for", "CFGDenoiser", "MaskedDenoiser", "ThresholdedDenoiser",
+           "ThresholdMode", "img2img_start", "Spacing", "check_sigmas", "get_sigmas", "karras_sigmas",
+           ] + [f.__name__ for f in SAMPLERS.values()]

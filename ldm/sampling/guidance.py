@@ -1,10 +1,13 @@
 """Denoiser wrappers: classifier-free guidance (batched), guidance rescale, thresholding, inpainting masks, img2img."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from enum import Enum
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
+
+from ldm.modules.diffusionmodules.denoiser import append_dims
 
 
 def _cat_cond(a: Any, b: Any) -> Any:
@@ -20,17 +23,29 @@ def _cat_cond(a: Any, b: Any) -> Any:
     raise TypeError(f"cannot batch conditioning of type {type(a).__name__}")
 
 
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, eq. 15-16): match the guided output's per-sample std to the conditional one's,
+    then mix with weight phi."""
+    dims = list(range(1, guided.dim()))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
 class CFGDenoiser(nn.Module):
     """Classifier-free guidance (Ho & Salimans 2022): u + scale * (c - u), both in one batched forward.
 
-    `cond` and `uncond` are dicts of the inner denoiser's keyword arguments (e.g. {"context": emb} or
-    {"y": labels}). `rescale` > 0 applies guidance rescale (Lin et al. 2023, eq. 15-16) to the guided
-    x0 estimate: its per-sample std is matched to the conditional estimate's, mixed with weight `rescale`.
+    `cond` and `uncond` are dicts of the inner denoiser's keyword arguments (e.g. {"c": emb} or
+    {"y": labels}). `rescale` > 0 applies guidance rescale to the network's output (eps or v, as
+    diffusers' `guidance_rescale`), which needs an inner `ldm.sampling.Denoiser` to convert between
+    its output and the x0 estimate.
     """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], scale: float = 1.0, rescale: float = 0.0):
         super().__init__()
         self.inner, self.scale, self.rescale = denoiser, scale, rescale
+        if rescale > 0 and not hasattr(denoiser, "model_output"):
+            raise TypeError(f"guidance rescale acts on the network output (eps or v): wrap an ldm.sampling.Denoiser "
+                            f"(it converts D(x, sigma) to that output), not a {type(denoiser).__name__}")
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Optional[dict] = None,
                 uncond: Optional[dict] = None, **kwargs) -> torch.Tensor:
@@ -40,33 +55,55 @@ class CFGDenoiser(nn.Module):
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
         out_u, out_c = self.inner(x_in, sigma_in, **_cat_cond(uncond, cond), **kwargs).chunk(2)
-        guided = out_u + self.scale * (out_c - out_u)
+        guided = out_u + self.scale * (out_c - out_u)  # linear in the output, so the same for D and for eps / v
         if self.rescale > 0:
-            dims = list(range(1, x.dim()))
-            factor = out_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
-            guided = self.rescale * (guided * factor) + (1 - self.rescale) * guided
+            f = rescale_guidance(self.inner.model_output(x, sigma, guided), self.inner.model_output(x, sigma, out_c),
+                                 self.rescale)
+            guided = self.inner.from_model_output(x, sigma, f)
         return guided
 
 
-class ThresholdedDenoiser(nn.Module):
-    """Static clipping of x0 to [-max_value, max_value], or dynamic thresholding (Saharia et al. 2022, Imagen)."""
+class ThresholdMode(str, Enum):
+    """How an x0 estimate is bounded."""
+    STATIC = "static"    # clamp to [-max_value, max_value]
+    DYNAMIC = "dynamic"  # Imagen (Saharia et al. 2022): s = max(percentile of |x0|, max_value); clamp to +-s, divide by s
+    NORM = "norm"        # Stable Diffusion 2 `norm_thresholding`: scale x0 down to an RMS of at most max_value
 
-    def __init__(self, denoiser: Callable[..., torch.Tensor], percentile: Optional[float] = 0.995,
-                 max_value: float = 1.0):
+
+def threshold_x0(x0: torch.Tensor, mode: Union[ThresholdMode, str], max_value: float = 1.0,
+                 percentile: float = 0.995) -> torch.Tensor:
+    """Bound an x0 estimate per sample (see ThresholdMode)."""
+    mode = ThresholdMode(mode)
+    if mode is ThresholdMode.STATIC:
+        return x0.clamp(-max_value, max_value)
+    flat = x0.reshape(x0.shape[0], -1).float()
+    if mode is ThresholdMode.NORM:
+        s = flat.pow(2).mean(dim=1).sqrt().clamp_min(max_value)
+        return x0 * append_dims(max_value / s, x0.dim()).to(x0.dtype)
+    s = torch.quantile(flat.abs(), percentile, dim=1).clamp_min(max_value)
+    s = append_dims(s, x0.dim()).to(x0.dtype)
+    return x0.clamp(-s, s) / s * max_value
+
+
+class ThresholdedDenoiser(nn.Module):
+    """An x0 estimate bounded by `threshold_x0`: static clipping (pixels), Imagen's dynamic or SD2's norm thresholding."""
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], mode: Union[ThresholdMode, str] = ThresholdMode.DYNAMIC,
+                 max_value: float = 1.0, percentile: float = 0.995):
         super().__init__()
-        self.inner, self.percentile, self.max_value = denoiser, percentile, max_value
+        self.inner, self.mode, self.max_value, self.percentile = denoiser, ThresholdMode(mode), max_value, percentile
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        x0 = self.inner(x, sigma, **kwargs)
-        if self.percentile is None:
-            return x0.clamp(-self.max_value, self.max_value)
-        s = torch.quantile(x0.abs().reshape(x0.shape[0], -1).float(), self.percentile, dim=1)
-        s = s.clamp_min(self.max_value).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
-        return x0.clamp(-s, s) / s * self.max_value
+        return threshold_x0(self.inner(x, sigma, **kwargs), self.mode, self.max_value, self.percentile)
 
 
 class MaskedDenoiser(nn.Module):
-    """Inpainting: where `mask` is 1 the x0 estimate is the known `x0_known` (kept), elsewhere the model's."""
+    """Inpainting by x0 replacement: where `mask` is 1 the x0 estimate is the known `x0_known`, elsewhere the model's.
+
+    Works with every sampler, and the known region of the result is exactly `x0_known`. CompVis'
+    own inpainting (re-noise the known latents to each step's level and blend them into x_t) is the
+    `mask`/`x0` option of the DDIMSampler and PLMSSampler shells.
+    """
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], mask: torch.Tensor, x0_known: torch.Tensor):
         super().__init__()
@@ -79,10 +116,16 @@ class MaskedDenoiser(nn.Module):
 
 def img2img_start(x0: torch.Tensor, sigmas: torch.Tensor, strength: float, noise: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDEdit (Meng et al. 2022): noise x0 to the level `strength` of the way up, return (x, remaining sigmas)."""
+    """SDEdit (Meng et al. 2022): (VP sample of x0 noised to the start level, the remaining sigmas).
+
+    As CompVis and diffusers, int(strength * steps) of the `steps` = len(sigmas) - 1 steps are run.
+    """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")
     steps = len(sigmas) - 1
-    start = min(steps - 1, max(0, steps - int(round(strength * steps))))
-    sig = sigmas[start:]
-    return x0 + noise * sig[0], sig
+    run = int(strength * steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} with {steps} steps runs int({strength} * {steps}) = 0 denoising steps: "
+                         f"raise the strength or the steps")
+    sig = sigmas[steps - run:]
+    return (x0 + noise * sig[0]) * torch.rsqrt(1 + sig[0] ** 2), sig

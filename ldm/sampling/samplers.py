@@ -1,24 +1,39 @@
-"""Samplers with one contract: `sample_x(model, x, sigmas, extra_args=None, callback=None, disable=None)`.
+"""Samplers with one contract: `sample_x(model, x, sigmas, extra_args=None, callback=None, disable=None, generator=None)`.
 
 `model(x, sigma, **extra_args)` is a denoiser returning the x0 estimate D(x, sigma); `x` starts at
 `sigmas[0]` noise level (x = x0 + sigmas[0] * noise) and the sampler returns x at `sigmas[-1]`
-(a trailing 0 gives clean samples). Samplers call nothing but the model.
+(a trailing 0 gives clean samples). Samplers call nothing but the model. `generator` is a
+torch.Generator or one per image of the batch (each image then reproduces from its own seed
+whatever the batch); deterministic samplers accept and ignore it. Use `ldm.sampling.sample` to run
+one from VP latents.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import trange
 
-from ldm.sampling.denoiser import to_d
+from ldm.modules.diffusionmodules.denoiser import append_dims
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Optional[Callable[[dict], None]]
+Generator = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
-def _noise_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+    """Standard normal noise shaped like `x`; with a list of generators, image i draws from generator i."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    gens = list(generator)
+    if len(gens) != x.shape[0]:
+        raise ValueError(f"{len(gens)} generators given for a batch of {x.shape[0]}: pass one per image, or one")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in gens])
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (the eps estimate)."""
+    return (x - denoised) / append_dims(sigma, x.dim())
 
 
 def _report(callback: Callback, x, i, sigma, sigma_hat, denoised) -> None:
@@ -46,7 +61,8 @@ def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float 
 
 @torch.no_grad()
 def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
-                 callback: Callback = None, disable: Optional[bool] = None) -> torch.Tensor:
+                 callback: Callback = None, disable: Optional[bool] = None,
+                 generator: Generator = None) -> torch.Tensor:
     """Euler method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn)."""
     extra_args = extra_args or {}
     for i in trange(len(sigmas) - 1, disable=disable, desc="euler"):
@@ -59,24 +75,32 @@ def sample_euler(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_a
 @torch.no_grad()
 def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
                 callback: Callback = None, disable: Optional[bool] = None, eta: float = 0.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Generator = None) -> torch.Tensor:
     """DDIM (Song et al. 2021): x_next = x0 + sigma_down * eps + sigma_up * z, eq. 12 in VE form."""
     extra_args = extra_args or {}
     for i in trange(len(sigmas) - 1, disable=disable, desc="ddim"):
         denoised = model(x, _sig(sigmas[i], x), **extra_args)
         _report(callback, x, i, sigmas[i], sigmas[i], denoised)
-        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        eps = to_d(x, sigmas[i], denoised)
-        x = denoised + eps * sigma_down  # DDIM update, Song et al. 2021, eq. 12
-        if float(sigma_up) > 0:
-            x = x + _noise_like(x, generator) * sigma_up
+        x = ddim_step(x, sigmas[i], sigmas[i + 1], denoised, eta=eta, generator=generator)
+    return x
+
+
+def ddim_step(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, denoised: torch.Tensor,
+              eps: Optional[torch.Tensor] = None, eta: float = 0.0, generator: Generator = None) -> torch.Tensor:
+    """One DDIM step from the x0 estimate `denoised`; `eps` defaults to the one implied by x (CompVis passes the
+    model's own eps when x0 was thresholded)."""
+    sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+    eps = to_d(x, sigma, denoised) if eps is None else eps
+    x = denoised + eps * sigma_down  # DDIM update, Song et al. 2021, eq. 12
+    if float(sigma_up) > 0:
+        x = x + randn_like(x, generator) * sigma_up
     return x
 
 
 @torch.no_grad()
 def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
                            callback: Callback = None, disable: Optional[bool] = None, eta: float = 1.0,
-                           s_noise: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                           s_noise: float = 1.0, generator: Generator = None) -> torch.Tensor:
     """Ancestral Euler (Karras et al. 2022 notation): Euler to sigma_down, then add sigma_up noise."""
     extra_args = extra_args or {}
     for i in trange(len(sigmas) - 1, disable=disable, desc="euler_ancestral"):
@@ -85,14 +109,14 @@ def sample_euler_ancestral(model: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if float(sigma_up) > 0:
-            x = x + _noise_like(x, generator) * s_noise * sigma_up
+            x = x + randn_like(x, generator) * s_noise * sigma_up
     return x
 
 
 @torch.no_grad()
 def sample_ddpm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
                 callback: Callback = None, disable: Optional[bool] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Generator = None) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020): draw from the posterior q(x_next | x, x0 = D(x))."""
     extra_args = extra_args or {}
     for i in trange(len(sigmas) - 1, disable=disable, desc="ddpm"):
@@ -103,13 +127,14 @@ def sample_ddpm(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
         ratio = (s_next / s) ** 2
         mean = ratio * x + (1 - ratio) * denoised
         var = s_next ** 2 * (1 - ratio)
-        x = mean + (_noise_like(x, generator) * var.sqrt() if float(s_next) > 0 else 0.0)
+        x = mean + (randn_like(x, generator) * var.sqrt() if float(s_next) > 0 else 0.0)
     return x
 
 
 @torch.no_grad()
 def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
-                callback: Callback = None, disable: Optional[bool] = None) -> torch.Tensor:
+                callback: Callback = None, disable: Optional[bool] = None,
+                generator: Generator = None) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1 without churn); Euler for a step to sigma 0."""
     extra_args = extra_args or {}
     for i in trange(len(sigmas) - 1, disable=disable, desc="heun"):
@@ -128,33 +153,45 @@ def sample_heun(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
 
 @torch.no_grad()
 def sample_plms(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
-                callback: Callback = None, disable: Optional[bool] = None) -> torch.Tensor:
+                callback: Callback = None, disable: Optional[bool] = None,
+                generator: Generator = None) -> torch.Tensor:
     """PLMS (Liu et al. 2022, PNDM): pseudo linear multistep on eps; a pseudo improved-Euler first step."""
     extra_args = extra_args or {}
     old_eps: list[torch.Tensor] = []
     for i in trange(len(sigmas) - 1, disable=disable, desc="plms"):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _sig(s, x), **extra_args)
-        _report(callback, x, i, s, s, denoised)
-        eps = to_d(x, s, denoised)
-        if not old_eps:
-            if float(s_next) > 0:  # evaluate at the DDIM-predicted next point, average the two eps
-                x_pred = x + eps * (s_next - s)
-                eps_next = to_d(x_pred, s_next, model(x_pred, _sig(s_next, x), **extra_args))
-                eps_prime = (eps + eps_next) / 2
-            else:
-                eps_prime = eps
-        elif len(old_eps) == 1:
-            eps_prime = (3 * eps - old_eps[-1]) / 2  # Adams-Bashforth 2
-        elif len(old_eps) == 2:
-            eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12  # Adams-Bashforth 3
-        else:
-            eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24  # Adams-Bashforth 4
-        old_eps.append(eps)
-        if len(old_eps) > 3:
-            old_eps.pop(0)
-        x = x + eps_prime * (s_next - s)  # DDIM (eta 0) step with the combined eps
+        denoised = model(x, _sig(sigmas[i], x), **extra_args)
+        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+        x = plms_step(model, x, sigmas[i], sigmas[i + 1], to_d(x, sigmas[i], denoised), old_eps, extra_args)
     return x
+
+
+def plms_step(model: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, eps: torch.Tensor,
+              old_eps: list[torch.Tensor], extra_args: dict,
+              x0_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """One PLMS step given this step's eps; `old_eps` (the last three) is updated in place. `x0_fn` transforms the
+    x0 of each DDIM-form update (CompVis/SD2 thresholding)."""
+
+    def update(e: torch.Tensor, s_to: torch.Tensor) -> torch.Tensor:
+        x0 = x - e * sigma
+        return (x0 if x0_fn is None else x0_fn(x0)) + e * s_to  # DDIM (eta 0) step with the combined eps
+
+    if not old_eps:
+        if float(sigma_next) > 0:  # evaluate at the DDIM-predicted next point, average the two eps
+            x_pred = update(eps, sigma_next)
+            eps_next = to_d(x_pred, sigma_next, model(x_pred, _sig(sigma_next, x), **extra_args))
+            eps_prime = (eps + eps_next) / 2
+        else:
+            eps_prime = eps
+    elif len(old_eps) == 1:
+        eps_prime = (3 * eps - old_eps[-1]) / 2  # Adams-Bashforth 2
+    elif len(old_eps) == 2:
+        eps_prime = (23 * eps - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12  # Adams-Bashforth 3
+    else:
+        eps_prime = (55 * eps - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24  # Adams-Bashforth 4
+    old_eps.append(eps)
+    if len(old_eps) > 3:
+        old_eps.pop(0)
+    return update(eps_prime, sigma_next)
 
 
 def _lam(sigma: torch.Tensor) -> torch.Tensor:
@@ -164,7 +201,8 @@ def _lam(sigma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_dpm_solver_1(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
-                        callback: Callback = None, disable: Optional[bool] = None) -> torch.Tensor:
+                        callback: Callback = None, disable: Optional[bool] = None,
+                        generator: Generator = None) -> torch.Tensor:
     """DPM-Solver-1 in data prediction (Lu et al. 2022, DPM-Solver++ eq. 8 with k = 1)."""
     extra_args = extra_args or {}
     for i in trange(len(sigmas) - 1, disable=disable, desc="dpm_solver_1"):
@@ -180,7 +218,8 @@ def sample_dpm_solver_1(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
 
 @torch.no_grad()
 def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
-                    callback: Callback = None, disable: Optional[bool] = None) -> torch.Tensor:
+                    callback: Callback = None, disable: Optional[bool] = None,
+                    generator: Generator = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep in data prediction."""
     extra_args = extra_args or {}
     old_denoised, h_last = None, None
@@ -204,7 +243,7 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extr
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
                         callback: Callback = None, disable: Optional[bool] = None, eta: float = 1.0,
-                        s_noise: float = 1.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                        s_noise: float = 1.0, generator: Generator = None) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5 / appendix): stochastic second-order multistep."""
     extra_args = extra_args or {}
     old_denoised, h_last = None, None
@@ -222,12 +261,9 @@ def sample_dpmpp_2m_sde(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
             r = h_last / h
             x = x - 0.5 * torch.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
         if eta:
-            x = x + _noise_like(x, generator) * sigmas[i + 1] * (-torch.expm1(-2 * eta_h)).sqrt() * s_noise
+            x = x + randn_like(x, generator) * sigmas[i + 1] * (-torch.expm1(-2 * eta_h)).sqrt() * s_noise
         old_denoised, h_last = denoised, h
     return x
-
-
-UNIPC_LOWER_ORDER_FINAL_BELOW = 15  # steps; as in the UniPC reference setup
 
 
 def _unipc_coeffs(h: torch.Tensor, rks: list[torch.Tensor], order: int, corrector: bool) -> torch.Tensor:
@@ -255,7 +291,7 @@ def _unipc_coeffs(h: torch.Tensor, rks: list[torch.Tensor], order: int, correcto
 @torch.no_grad()
 def sample_unipc(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
                  callback: Callback = None, disable: Optional[bool] = None, order: int = 2,
-                 use_corrector: bool = True, lower_order_final: bool = True) -> torch.Tensor:
+                 use_corrector: bool = True, lower_order_final: bool = True, generator: Generator = None) -> torch.Tensor:
     """UniPC (Zhao et al. 2023): UniP-`order` predictor with the UniC corrector, B(h) = e^h - 1."""
     extra_args = extra_args or {}
     n = len(sigmas) - 1
@@ -276,7 +312,7 @@ def sample_unipc(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_a
             x = denoised
             break
         this_order = min(order, len(hist_x0))
-        if lower_order_final and n < UNIPC_LOWER_ORDER_FINAL_BELOW:  # stabilises very short schedules
+        if lower_order_final:  # order at most the steps left (UniPC reference, diffusers)
             this_order = min(this_order, n - i)
         x_prev, sigma_prev, used_order = x, s, this_order
         x = _unipc_update(x, s, s_next, hist_x0, hist_lam, this_order, None)

@@ -7,7 +7,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from ldm.sampling.denoiser import DiscreteSchedule
+from ldm.modules.diffusionmodules.denoiser import DiscreteSchedule
 
 
 class Spacing(str, Enum):
@@ -23,18 +23,26 @@ KARRAS_RHO = 7.0
 
 
 def compvis_ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
-    """CompVis `make_ddim_timesteps(..., 'uniform')`: range(0, T, T // S) + 1 (ascending)."""
-    if steps > num_timesteps:
-        raise ValueError(f"{steps} sampling steps exceed the {num_timesteps} training timesteps")
+    """CompVis `make_ddim_timesteps(..., 'uniform')`: range(0, T, T // S) + 1 (ascending).
+
+    As in CompVis the count is ceil(T / (T // S)), which can exceed S (S = 300 of T = 1000 gives 334).
+    With more than T / 2 steps the last timestep would be T, past the schedule: that is refused.
+    """
+    if steps < 1:
+        raise ValueError(f"sampling steps must be at least 1, got {steps}")
     c = num_timesteps // steps
-    return np.asarray(list(range(0, num_timesteps, c))) + 1
+    if c < 2:
+        raise ValueError(f"{steps} steps: 'uniform' (CompVis DDIM) spacing allows at most {num_timesteps // 2} of "
+                         f"{num_timesteps} training timesteps (it would reach timestep {num_timesteps}); "
+                         f"use 'trailing', 'leading' or 'linspace' spacing for more")
+    # T mod (T // S) == 1 (e.g. S = 3 of 1000) ends at timestep T, past the schedule (an IndexError in CompVis): T - 1
+    return np.minimum(np.asarray(list(range(0, num_timesteps, c))) + 1, num_timesteps - 1)
 
 
 def timesteps_for(spacing: Spacing, num_timesteps: int, steps: int) -> np.ndarray:
     """Ascending integer timesteps of a discrete spacing."""
     if spacing is Spacing.UNIFORM:
-        ts = compvis_ddim_timesteps(num_timesteps, steps)
-        return np.clip(ts, 0, num_timesteps - 1)
+        return compvis_ddim_timesteps(num_timesteps, steps)
     if spacing is Spacing.LEADING:
         return np.arange(steps) * (num_timesteps // steps)
     if spacing is Spacing.TRAILING:
@@ -62,9 +70,20 @@ def get_sigmas(schedule: DiscreteSchedule, steps: int, spacing: Union[Spacing, s
     s = sig[torch.as_tensor(ts[::-1].copy())]
     # CompVis DDIM ends at t = 0 ("previous alpha" of the first step is alphas_cumprod[0]); the others at 0.
     last = sig[:1] if spacing is Spacing.UNIFORM else s.new_zeros(1)
-    return torch.cat([s, last]).float()
+    out = torch.cat([s, last]).float()
+    check_sigmas(out, f"{steps} steps with '{spacing.value}' spacing on {schedule.num_timesteps} timesteps")
+    return out
 
 
-def sigma_to_vp_scale(sigma: torch.Tensor) -> torch.Tensor:
-    """sqrt(alpha_cumprod) = 1 / sqrt(1 + sigma^2): multiply a VE sample by it to get the VP sample."""
-    return 1.0 / torch.sqrt(1.0 + sigma ** 2)
+def check_sigmas(sigmas: torch.Tensor, what: str = "sigmas") -> None:
+    """Refuse a noise-level sequence with a zero-length or upward step (multistep samplers divide by the step)."""
+    s = torch.as_tensor(sigmas)
+    if s.dim() != 1 or s.shape[0] < 2:
+        raise ValueError(f"{what}: need a 1-D sequence of at least two noise levels, got shape {tuple(s.shape)}")
+    steps = s[1:] - s[:-1]
+    bad = torch.nonzero(steps >= 0).flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{what}: noise levels must strictly decrease; level {i + 1} ({float(s[i + 1]):.6g}) does not "
+                         f"go below level {i} ({float(s[i]):.6g}) ({len(bad)} such steps). Use fewer steps or "
+                         f"another spacing")

@@ -1,4 +1,10 @@
-"""CompVis `DDIMSampler` compatibility shell over `ldm.sampling` (same `sample(...)` signature and return)."""
+"""CompVis `DDIMSampler` compatibility shell over `ldm.sampling` (same `sample(...)` signature and return).
+
+The loop is CompVis' own: integer timesteps of the uniform DDIM spacing, [unconditional, conditional]
+guidance batches, and with `mask`/`x0` the known latents re-noised to each step's level
+(`q_sample(x0, t)`) and blended into x_t before the step; `dynamic_threshold` is Stable Diffusion 2's
+norm thresholding of the x0 estimate, with the step's direction still taken from the model's eps.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,28 +12,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ldm.sampling.denoiser import VPDenoiser
-from ldm.sampling.guidance import CFGDenoiser, MaskedDenoiser, ThresholdedDenoiser
-from ldm.sampling.samplers import sample_ddim
-from ldm.sampling.spacing import Spacing, compvis_ddim_timesteps, get_sigmas, sigma_to_vp_scale
+from ldm.sampling.compvis import CompVisDenoiser
+from ldm.sampling.entry import sample, vp_scale
+from ldm.sampling.guidance import CFGDenoiser, ThresholdMode, threshold_x0
+from ldm.sampling.samplers import Generator, _sig, ddim_step, randn_like, to_d
+from ldm.sampling.spacing import Spacing, compvis_ddim_timesteps, get_sigmas
 
 logger = logging.getLogger(__name__)
-
-
-class _ApplyModelNet:
-    """net(x_vp, t, c=...) -> model.apply_model(x_vp, t, c): what a CompVis LatentDiffusion exposes."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, c: Any = None) -> torch.Tensor:
-        return self.model.apply_model(x, t.long(), c)
 
 
 class CompVisSamplerBase:
     """Reads `alphas_cumprod`, `num_timesteps`, `parameterization` and `apply_model` from a CompVis model."""
 
-    sampler_fn: Callable = staticmethod(sample_ddim)
     name = "ddim"
 
     def __init__(self, model, schedule: str = "linear", device: Optional[torch.device] = None, **kwargs):
@@ -54,21 +50,20 @@ class CompVisSamplerBase:
         self.ddim_sqrt_one_minus_alphas = torch.sqrt(1.0 - self.ddim_alphas)
         self.ddim_eta = ddim_eta
 
-    def _denoiser(self, conditioning, unconditional_guidance_scale: float, unconditional_conditioning,
-                  mask, x0, dynamic_threshold):
-        den = VPDenoiser(_ApplyModelNet(self.model), self.model.alphas_cumprod,
-                         parameterization=getattr(self.model, "parameterization", "eps"), quantize=True)
+    def _denoiser(self, conditioning, unconditional_guidance_scale: float, unconditional_conditioning):
+        den = CompVisDenoiser(self.model, quantize=True)  # CompVis samplers pass integer timesteps
         extra: dict = {"cond": {"c": conditioning}}
-        model = CFGDenoiser(den, scale=unconditional_guidance_scale)
         if unconditional_conditioning is not None and unconditional_guidance_scale != 1.0:
             extra["uncond"] = {"c": unconditional_conditioning}
-        if dynamic_threshold is not None:
-            model = ThresholdedDenoiser(model, percentile=dynamic_threshold)
-        if mask is not None:
-            if x0 is None:
-                raise ValueError("mask given without x0 (the known latents to keep where mask is 1)")
-            model = MaskedDenoiser(model, mask, x0)
-        return model, extra
+        return den, CFGDenoiser(den, scale=unconditional_guidance_scale), extra
+
+    def _step(self, model: Callable, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+              denoised: torch.Tensor, extra: dict, state: dict, eta: float, generator: Generator,
+              x0_fn: Optional[Callable]) -> torch.Tensor:
+        """DDIM step; the x0 estimate passes `x0_fn` (thresholding), the direction keeps the model's eps."""
+        eps = to_d(x, sigma, denoised)
+        return ddim_step(x, sigma, sigma_next, denoised if x0_fn is None else x0_fn(denoised), eps=eps, eta=eta,
+                         generator=generator)
 
     @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape, conditioning=None, callback=None, normals_sequence=None,
@@ -76,42 +71,47 @@ class CompVisSamplerBase:
                temperature: float = 1.0, noise_dropout: float = 0.0, score_corrector=None, corrector_kwargs=None,
                verbose: bool = True, x_T=None, log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
                unconditional_conditioning=None, dynamic_threshold=None, ucg_schedule=None,
-               generator: Optional[torch.Generator] = None, **kwargs):
-        """CompVis signature; returns (samples, {"x_inter": [...], "pred_x0": [...]})."""
+               generator: Generator = None, **kwargs):
+        """CompVis signature; returns (samples, {"x_inter": [...], "pred_x0": [...]}).
+
+        `mask` is 1 where `x0` (latents) is kept; `dynamic_threshold` a float (SD2's norm threshold).
+        """
         unsupported = {"normals_sequence": normals_sequence is not None, "quantize_x0": quantize_x0,
                        "temperature": temperature != 1.0, "noise_dropout": noise_dropout != 0.0,
                        "score_corrector": score_corrector is not None, "ucg_schedule": ucg_schedule is not None}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise NotImplementedError(f"{type(self).__name__}.sample: options not provided: {', '.join(bad)}")
+        if mask is not None and x0 is None:
+            raise ValueError("mask given without x0 (the known latents to keep where mask is 1)")
         self.make_schedule(S, ddim_eta=eta, verbose=verbose)
         device = next(iter(self.model.parameters())).device if self.device is None else self.device
-        size = (batch_size, *shape)
         if x_T is None:
-            x_T = torch.randn(size, generator=generator, device=device)
-        sigmas = get_sigmas(self.model_schedule(), S, Spacing.UNIFORM).to(device)
-        model, extra = self._denoiser(conditioning, unconditional_guidance_scale, unconditional_conditioning,
-                                      mask, x0, dynamic_threshold)
+            x_T = randn_like(torch.empty((batch_size, *shape), device=device), generator)
+        den, model, extra = self._denoiser(conditioning, unconditional_guidance_scale, unconditional_conditioning)
+        sigmas = get_sigmas(den.schedule, S, Spacing.UNIFORM).to(device)
+        x0_fn = None
+        if dynamic_threshold is not None:
+            def x0_fn(d: torch.Tensor) -> torch.Tensor:
+                return threshold_x0(d, ThresholdMode.NORM, max_value=float(dynamic_threshold))
         intermediates = {"x_inter": [x_T], "pred_x0": [x_T]}
-
-        def _cb(info: dict) -> None:
-            i = info["i"]
+        x = x_T / vp_scale(sigmas[0])  # VP noise -> VE at the first level
+        state: dict = {}
+        n = len(sigmas) - 1
+        for i in range(n):
+            if mask is not None:  # CompVis inpainting: known latents re-noised to this level, blended into x_t
+                x_known = x0 + randn_like(x0, generator) * sigmas[i]
+                x = mask * x_known + (1.0 - mask) * x
+            denoised = model(x, _sig(sigmas[i], x), **extra)
             if callback is not None:
                 callback(i)
             if img_callback is not None:
-                img_callback(info["denoised"], i)
-            if i % log_every_t == 0 or i == S - 1:
-                intermediates["x_inter"].append(info["x"] * sigma_to_vp_scale(info["sigma"]))
-                intermediates["pred_x0"].append(info["denoised"])
-
-        x = x_T / sigma_to_vp_scale(sigmas[0])  # VP noise -> VE at the first level
-        kw = {"eta": eta, "generator": generator} if self.name == "ddim" else {}
-        x = type(self).sampler_fn(model, x, sigmas, extra_args=extra, callback=_cb, disable=not verbose, **kw)
-        return x * sigma_to_vp_scale(sigmas[-1]), intermediates
-
-    def model_schedule(self):
-        from ldm.sampling.denoiser import DiscreteSchedule
-        return DiscreteSchedule(self.model.alphas_cumprod)
+                img_callback(denoised, i)
+            x = self._step(model, x, sigmas[i], sigmas[i + 1], denoised, extra, state, eta, generator, x0_fn)
+            if i % log_every_t == 0 or i == n - 1:
+                intermediates["x_inter"].append(x * vp_scale(sigmas[i + 1]))
+                intermediates["pred_x0"].append(denoised)
+        return x * vp_scale(sigmas[-1]), intermediates
 
     # -- img2img helpers (CompVis names) ------------------------------------------------------
     @torch.no_grad()
@@ -131,16 +131,13 @@ class CompVisSamplerBase:
         if use_original_steps:
             raise NotImplementedError("decode(use_original_steps=True) is not provided")
         n = len(self.ddim_timesteps)
-        sigmas = get_sigmas(self.model_schedule(), n, Spacing.UNIFORM).to(x_latent.device)
-        sigmas = sigmas[n - t_start:]
-        model, extra = self._denoiser(cond, unconditional_guidance_scale, unconditional_conditioning, None, None, None)
-        x = x_latent / sigma_to_vp_scale(sigmas[0])
-        x = sample_ddim(model, x, sigmas, extra_args=extra, disable=True)
-        return x * sigma_to_vp_scale(sigmas[-1])
+        den, model, extra = self._denoiser(cond, unconditional_guidance_scale, unconditional_conditioning)
+        sigmas = get_sigmas(den.schedule, n, Spacing.UNIFORM).to(x_latent.device)[n - t_start:]
+        return sample(model, x_latent, sigmas, self.name, extra_args=extra,
+                      callback=None if callback is None else (lambda info: callback(info["i"])))
 
 
 class DDIMSampler(CompVisSamplerBase):
     """DDIM (Song et al. 2021) with the CompVis interface."""
 
-    sampler_fn = staticmethod(sample_ddim)
     name = "ddim"

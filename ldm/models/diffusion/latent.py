@@ -8,11 +8,47 @@ import torch
 import torch.distributed as dist
 
 from ldm.data.latents import LATENT_KEY
-from ldm.models.diffusion.ddpm import DDPM, disabled_train
+from ldm.models.diffusion.diffusion_module import DDPM, disabled_train
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
+
+
+# condition keys passed through as they are (CompVis `get_input`): text, boxes and class labels
+UNPERMUTED_COND_KEYS = ("caption", "txt", "coordinates_bbox", "class_label", "cls")
+
+
+def _unscaled_latents(encoder_posterior) -> torch.Tensor:
+    """The first stage's latents: a posterior sample for a KL autoencoder, the tensor itself otherwise."""
+    if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+        return encoder_posterior.sample()
+    if isinstance(encoder_posterior, torch.Tensor):
+        return encoder_posterior
+    raise TypeError(f"encoder output of type '{type(encoder_posterior).__name__}' not understood")
+
+
+def null_condition_like(c: Any, key: str, null_label: Optional[int] = None) -> Any:
+    """The raw "no condition" of the kind of `c` (condition key `key`): empty strings, the null class, zeros."""
+    if isinstance(c, (list, tuple)) and all(isinstance(s, str) for s in c):
+        return [""] * len(c)
+    if isinstance(c, torch.Tensor) and not torch.is_floating_point(c):
+        if null_label is None:
+            raise ValueError(f"cond_stage_key '{key}': the conditioner has no null class "
+                             f"(set ucg_rate: 0 or use a ClassEmbedder with a null class)")
+        return torch.full_like(c, int(null_label))
+    if isinstance(c, torch.Tensor):
+        return torch.zeros_like(c)
+    raise TypeError(f"cannot form a null condition for '{key}' of type {type(c).__name__}")
+
+
+def drop_conditions(c: Any, p: float, null: Any) -> Any:
+    """Each item of `c` replaced by its item of `null` with probability p (classifier-free guidance training)."""
+    drop = torch.rand(len(c)) < p
+    if isinstance(c, torch.Tensor):
+        mask = drop.to(c.device).view(-1, *([1] * (c.dim() - 1)))
+        return torch.where(mask, null, c)
+    return [nl if d else x for x, nl, d in zip(c, null, drop.tolist())]
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -88,13 +124,7 @@ class LatentDiffusion(DDPM):
 
     def get_first_stage_encoding(self, encoder_posterior) -> torch.Tensor:
         """A posterior sample (not its mode) times scale_factor, as trained in CompVis."""
-        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
-            z = encoder_posterior.sample()
-        elif isinstance(encoder_posterior, torch.Tensor):
-            z = encoder_posterior
-        else:
-            raise TypeError(f"encoder output of type '{type(encoder_posterior).__name__}' not understood")
-        return self.scale_factor * z
+        return self.scale_factor * _unscaled_latents(encoder_posterior)
 
     def _posterior_from_cache(self, moments: torch.Tensor):
         """A cached encoding as the first stage returns it: a KL posterior from its moments, else the tensor."""
@@ -124,12 +154,16 @@ class LatentDiffusion(DDPM):
         if not (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
                 and not self.restarted_from_ckpt):
             return
-        z = self.get_first_stage_encoding(self.encode_batch(batch, self.first_stage_key)).detach().double().flatten()
+        # measured on the first stage's own latents: a configured factor is replaced, not multiplied
+        z = _unscaled_latents(self.encode_batch(batch, self.first_stage_key)).detach().double().flatten()
         stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device, dtype=z.dtype)])
         s, s2, n = _all_reduce_sum(stats).tolist()
         var = (s2 - s * s / n) / (n - 1)
+        configured = float(self.scale_factor)
         self.scale_factor.copy_(torch.tensor(1.0 / var ** 0.5, dtype=self.scale_factor.dtype))
-        logger.info("setting scale_factor to %.6f (1 / latent std over %d values)", float(self.scale_factor), int(n))
+        logger.info("scale_by_std: setting scale_factor to %.6f (1 / std of %d unscaled latent values)%s",
+                    float(self.scale_factor), int(n),
+                    f"; replaces the configured {configured:g}" if configured != 1.0 else "")
 
     # -- conditioning -----------------------------------------------------------------------------
     def get_learned_conditioning(self, c: Any) -> Any:
@@ -142,29 +176,11 @@ class LatentDiffusion(DDPM):
 
     def null_condition(self, c: Any) -> Any:
         """The raw "no condition" of the same kind: empty strings, the null class, zeros."""
-        if isinstance(c, (list, tuple)) and all(isinstance(s, str) for s in c):
-            return [""] * len(c)
-        if isinstance(c, torch.Tensor) and not torch.is_floating_point(c):
-            null = getattr(self.cond_stage_model, "null_label", None)
-            if null is None:
-                raise ValueError(f"cond_stage_key '{self.cond_stage_key}': the conditioner has no null class "
-                                 f"(set ucg_rate: 0 or use a ClassEmbedder with a null class)")
-            return torch.full_like(c, int(null))
-        if isinstance(c, torch.Tensor):
-            return torch.zeros_like(c)
-        raise TypeError(f"cannot form a null condition for '{self.cond_stage_key}' of type {type(c).__name__}")
+        return null_condition_like(c, self.cond_stage_key, getattr(self.cond_stage_model, "null_label", None))
 
     def drop_condition(self, c: Any, p: float) -> Any:
         """Classifier-free guidance training: replace each item's condition by the null one with probability p."""
-        if p <= 0:
-            return c
-        null = self.null_condition(c)
-        n = len(c)
-        drop = torch.rand(n) < p
-        if isinstance(c, torch.Tensor):
-            mask = drop.to(c.device).view(-1, *([1] * (c.dim() - 1)))
-            return torch.where(mask, null, c)
-        return [nl if d else x for x, nl, d in zip(c, null, drop.tolist())]
+        return drop_conditions(c, p, self.null_condition(c)) if p > 0 else c
 
     def get_unconditional_conditioning(self, c_raw: Any) -> Any:
         return self.get_learned_conditioning(self.null_condition(c_raw))
@@ -174,8 +190,8 @@ class LatentDiffusion(DDPM):
         if key not in batch:
             raise KeyError(f"batch has no key '{key}' (cond_stage_key); keys: {sorted(batch)}")
         xc = batch[key]
-        if key in ("image", "LR_image", "segmentation", "masked_image") and isinstance(xc, torch.Tensor) and xc.dim() == 4:
-            xc = xc.permute(0, 3, 1, 2).float()
+        if key not in UNPERMUTED_COND_KEYS and isinstance(xc, torch.Tensor) and xc.dim() in (3, 4):
+            xc = super().get_input(batch, key)  # image-like (B, H, W[, C]) -> (B, C, H, W), as CompVis
         if isinstance(xc, torch.Tensor):
             xc = xc.to(self.device)
         if bs is not None:
@@ -207,8 +223,7 @@ class LatentDiffusion(DDPM):
         if self.cond_stage_trainable and c is not None:
             with torch.enable_grad():
                 c = self.get_learned_conditioning(c)
-        t = self.timestep_sampler(z.shape[0], z.device)
-        return self.p_losses(z, c, t)
+        return self.p_losses(z, c)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False):
         if cond is None:

@@ -1,11 +1,12 @@
-"""Denoising loss as a callable given the network, with timestep sampling and loss weighting as separate objects."""
+"""The denoising loss as a callable given the network; timestep sampling and loss weighting are separate objects."""
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
+from ldm.modules.diffusionmodules.denoiser_scaling import DenoiserScaling
 from ldm.modules.diffusionmodules.parameterization import Parameterization
 
 
@@ -44,10 +45,10 @@ class MinSNRWeighting:
         self.gamma = gamma
 
     def __call__(self, t: torch.Tensor, snr: torch.Tensor, param: Parameterization) -> torch.Tensor:
-        clipped = snr.clamp(max=self.gamma)
         param = Parameterization(param)
         if param is Parameterization.EPS:
-            return clipped / snr
+            return (self.gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, also at SNR = 0
+        clipped = snr.clamp(max=self.gamma)
         if param is Parameterization.V:
             return clipped / (snr + 1)
         return clipped
@@ -67,5 +68,62 @@ def vlb_weights(param: Parameterization, betas: torch.Tensor, alphas_cumprod: to
     w = w.clone()
     w[0] = w[1]  # the t = 0 term is a decoder likelihood in the original, not a KL
     if not torch.isfinite(w).all():
-        raise ValueError("non-finite VLB weights")
+        bad = torch.nonzero(~torch.isfinite(w)).flatten().tolist()
+        raise ValueError(f"original_elbo_weight > 0 needs the VLB weights, which are not finite at timesteps {bad[:5]} "
+                         f"for parameterization '{param.value}' (a zero-terminal-SNR schedule has alpha = 0 there): "
+                         f"set original_elbo_weight: 0 or use another schedule")
     return w
+
+
+class DiffusionLoss:
+    """Weighted denoising regression (Ho et al. 2020's L_simple, with CompVis' VLB term and learned log-variance).
+
+    Called with the network `net(x_t, t, cond)`, clean latents x0 and the conditioning, it draws t and
+    noise, forms x_t = alpha_t x0 + sigma_t noise, and regresses the network output on the target of
+    the model's scaling (ldm.modules.diffusionmodules.denoiser_scaling), the object D(x, sigma) uses.
+    Returns (loss, log dict with the CompVis keys).
+    """
+
+    def __init__(self, scaling: DenoiserScaling, timestep_sampler: Callable, weighting: Callable,
+                 loss_type: Union[LossType, str] = LossType.L2, l_simple_weight: float = 1.0,
+                 original_elbo_weight: float = 0.0, offset_noise: float = 0.0):
+        self.scaling, self.timestep_sampler, self.weighting = scaling, timestep_sampler, weighting
+        self.loss_type = LossType(loss_type)
+        self.l_simple_weight, self.original_elbo_weight, self.offset_noise = l_simple_weight, original_elbo_weight, offset_noise
+
+    def make_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Gaussian noise, plus per-channel offset noise (Guttenberg 2023) when `offset_noise` > 0."""
+        noise = torch.randn_like(x)
+        if self.offset_noise > 0:
+            noise = noise + self.offset_noise * torch.randn(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)),
+                                                            device=x.device, dtype=x.dtype)
+        return noise
+
+    def __call__(self, net: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Any, alphas: torch.Tensor,
+                 sigmas: torch.Tensor, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                 logvar: Optional[torch.Tensor] = None, vlb_weights: Optional[torch.Tensor] = None,
+                 prefix: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`alphas`, `sigmas`: the schedule's sqrt(a_t) and sqrt(1 - a_t) tables; `vlb_weights` when the VLB term is on."""
+        t = self.timestep_sampler(x0.shape[0], x0.device) if t is None else t
+        noise = self.make_noise(x0) if noise is None else noise
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        alpha, sigma = alphas[t].view(shape), sigmas[t].view(shape)
+        out = net(alpha * x0 + sigma * noise, t, cond)
+        target = self.scaling.target(x0, noise, alpha, sigma)
+        loss_simple = elementwise_loss(self.loss_type, out, target).mean(dim=list(range(1, out.dim())))
+        snr = (alphas[t] / sigmas[t]) ** 2
+        loss = self.weighting(t, snr, self.scaling.parameterization) * loss_simple
+        if logvar is not None:
+            logvar_t = logvar[t]
+            loss = loss / torch.exp(logvar_t) + logvar_t
+        total = self.l_simple_weight * loss.mean()
+        log = {f"{prefix}/loss_simple": loss_simple.mean()}
+        if self.original_elbo_weight:
+            loss_vlb = (vlb_weights[t] * loss_simple).mean()
+            total = total + self.original_elbo_weight * loss_vlb
+            log[f"{prefix}/loss_vlb"] = loss_vlb
+        log[f"{prefix}/loss"] = total
+        if logvar is not None and logvar.requires_grad:
+            log[f"{prefix}/loss_gamma"] = loss.mean()
+            log["logvar"] = logvar.detach().mean()
+        return total, log

@@ -301,8 +301,14 @@ class FrozenOpenCLIPEmbedder(_CachedTextEncoder):
         x = self.model.token_embedding(tokens) + self.model.positional_embedding
         blocks = self.model.transformer.resblocks
         attn_mask = self.model.attn_mask
+        # open_clip >= 2.26 runs its blocks batch-first (Transformer.batch_first); older releases sequence-first
+        seq_first = not getattr(self.model.transformer, "batch_first", False)
+        if seq_first:
+            x = x.permute(1, 0, 2)
         for i, block in enumerate(blocks):
             if i == len(blocks) - self.layer_idx:
                 break
             x = block(x, attn_mask=attn_mask)
+        if seq_first:
+            x = x.permute(1, 0, 2)
         return self.model.ln_final(x)

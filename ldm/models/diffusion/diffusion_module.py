@@ -1,0 +1,284 @@
+"""DDPM (Ho et al. 2020) as Lightning glue over small math modules; LatentDiffusion (.latent) subclasses it.
+
+Schedule: ldm.modules.diffusionmodules.schedule; eps/x0/v: .denoiser_scaling; loss, timestep sampling
+and weighting: .loss; sampling: ldm.sampling. Attribute names (`model.diffusion_model`,
+`first_stage_model`, `cond_stage_model`, `model_ema`) and buffer names are the CompVis checkpoint
+layout; users import both classes from the CompVis path ldm.models.diffusion.ddpm.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ldm.checkpoint import init_from_ckpt
+from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
+from ldm.modules.diffusionmodules.loss import DiffusionLoss, SimpleWeighting, UniformTimesteps, vlb_weights
+from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_tensor, make_beta_schedule, \
+    rescale_zero_terminal_snr
+from ldm.modules.ema import LitEma
+from ldm.sampling import CFGDenoiser, CompVisDenoiser, ThresholdedDenoiser, ThresholdMode, get_sigmas, randn_like
+from ldm.sampling import sample as run_sampler
+from ldm.sampling.samplers import Generator
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
+
+
+def _fused_ok(params: Sequence[torch.Tensor]) -> bool:
+    """Whether the fused (single-kernel) AdamW applies: all parameters floating point on one CPU or CUDA device."""
+    devices = {p.device for p in params}
+    return (len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
+            and all(p.is_floating_point() for p in params))
+
+
+def disabled_train(self, mode: bool = True):
+    """Overwrites model.train so that a frozen model stays in eval mode."""
+    return self
+
+
+class DiffusionWrapper(nn.Module):
+    """Routes conditioning into the UNet by `conditioning_key`: concat, crossattn, hybrid, adm, hybrid-adm."""
+
+    def __init__(self, diff_model_config, conditioning_key: Optional[str]):
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(diff_model_config, key="model.params.unet_config")
+        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm"):
+            raise ValueError(f"conditioning_key '{conditioning_key}' unknown: use concat, crossattn, hybrid, adm "
+                             "or hybrid-adm")
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
+                c_crossattn: Optional[list] = None, c_adm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if key == "concat":
+            return self.diffusion_model(torch.cat([x] + list(c_concat), dim=1), t)
+        if key == "crossattn":
+            return self.diffusion_model(x, t, context=torch.cat(list(c_crossattn), 1))
+        if key == "hybrid":
+            return self.diffusion_model(torch.cat([x] + list(c_concat), dim=1), t, context=torch.cat(list(c_crossattn), 1))
+        if key == "hybrid-adm":
+            return self.diffusion_model(torch.cat([x] + list(c_concat), dim=1), t,
+                                        context=torch.cat(list(c_crossattn), 1), y=c_adm)
+        return self.diffusion_model(x, t, y=c_crossattn[0])  # adm: class / vector conditioning
+
+
+class DDPM(pl.LightningModule):
+    """Denoising diffusion in pixel (or, subclassed, latent) space with the CompVis config keys."""
+
+    def __init__(self, unet_config, timesteps: int = 1000, beta_schedule: str = "linear", loss_type: str = "l2",
+                 ckpt_path: Optional[str] = None, ignore_keys: Sequence[str] = (), load_only_unet: bool = False,
+                 monitor: str = "val/loss", use_ema: bool = True, first_stage_key: str = "image", image_size: int = 256,
+                 channels: int = 3, log_every_t: int = 100, clip_denoised: bool = True, linear_start: float = 1e-4,
+                 linear_end: float = 2e-2, cosine_s: float = 8e-3, given_betas: Optional[Sequence[float]] = None,
+                 original_elbo_weight: float = 0.0, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
+                 conditioning_key: Optional[str] = None, parameterization: str = "eps",
+                 scheduler_config=None, use_positional_encodings: bool = False, learn_logvar: bool = False,
+                 logvar_init: float = 0.0, zero_terminal_snr: bool = False, offset_noise: float = 0.0,
+                 loss_weighting=None, timestep_sampler=None, ema_decay: float = 0.9999, ucg_rate: float = 0.0,
+                 sample_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0, **unused: Any):
+        super().__init__()
+        if unused:
+            logger.warning("DDPM: ignoring unsupported config keys: %s", ", ".join(sorted(unused)))
+        self.scaling = scaling_for(parameterization)
+        self.parameterization = self.scaling.parameterization
+        self.cond_stage_model = None
+        self.clip_denoised, self.log_every_t = clip_denoised, log_every_t
+        self.first_stage_key, self.image_size, self.channels = first_stage_key, image_size, channels
+        self.use_positional_encodings = use_positional_encodings
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.use_ema = use_ema
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+            self.register_load_state_dict_post_hook(_ema_from_loaded_weights)
+        self._ema_step = -1
+        self.scheduler_config = scheduler_config
+        self.v_posterior, self.original_elbo_weight, self.l_simple_weight = v_posterior, original_elbo_weight, l_simple_weight
+        self.loss_type = loss_type
+        self.ucg_rate = ucg_rate
+        self.sample_steps, self.sampler_name, self.guidance_scale = sample_steps, sampler, guidance_scale
+        if monitor is not None:
+            self.monitor = monitor
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
+                               zero_terminal_snr)
+        self.loss_fn = DiffusionLoss(
+            self.scaling,
+            timestep_sampler=(instantiate_from_config(timestep_sampler, key="model.params.timestep_sampler",
+                                                      extra_params={"num_timesteps": self.num_timesteps})
+                              if timestep_sampler is not None else UniformTimesteps(self.num_timesteps)),
+            weighting=(instantiate_from_config(loss_weighting, key="model.params.loss_weighting")
+                       if loss_weighting is not None else SimpleWeighting()),
+            loss_type=loss_type, l_simple_weight=l_simple_weight, original_elbo_weight=original_elbo_weight,
+            offset_noise=offset_noise)
+        self.learn_logvar = learn_logvar
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:  # a buffer (follows the device), not saved: CompVis keeps it out of checkpoints
+            self.register_buffer("logvar", logvar, persistent=False)
+        self.learning_rate = 1e-4
+        self.restarted_from_ckpt = False
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def register_schedule(self, given_betas, beta_schedule: str, timesteps: int, linear_start: float,
+                          linear_end: float, cosine_s: float, zero_terminal_snr: bool = False) -> None:
+        betas = (np.asarray(given_betas, dtype=np.float64) if given_betas is not None
+                 else make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.num_timesteps = int(betas.shape[0])
+        self.linear_start, self.linear_end = linear_start, linear_end
+        for name, value in ddpm_buffers(betas, self.v_posterior).items():
+            self.register_buffer(name, value)
+        if self.original_elbo_weight:  # the VLB weights only when the VLB term is used (infinite under ZTSNR + eps)
+            self.register_buffer("lvlb_weights", vlb_weights(
+                self.parameterization, self.betas.double(), self.alphas_cumprod.double(),
+                self.posterior_variance.double().clamp_min(1e-20)).float(), persistent=False)
+
+    # -- EMA ------------------------------------------------------------------------------------
+    @contextmanager
+    def ema_scope(self, context: Optional[str] = None):
+        """Swap in the EMA weights for the block (validation, sampling)."""
+        if not self.use_ema:
+            yield
+            return
+        with self.model_ema.average_parameters(self.model):
+            if context is not None:
+                logger.debug("%s: switched to EMA weights", context)
+            yield
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # one EMA update per optimizer step (not per micro-batch under gradient accumulation)
+        if self.use_ema and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.model_ema(self.model)
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
+        init_from_ckpt(self.model if only_model else self, path, ignore_keys=ignore_keys,
+                       prefix="model." if only_model else None, tolerate_prefixes=("model_ema.",))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.restarted_from_ckpt = True
+
+    # -- diffusion math glue --------------------------------------------------------------------
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False):
+        return self.model(x_noisy, t)
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: Optional[torch.Tensor] = None,
+                 noise: Optional[torch.Tensor] = None):
+        """The denoising loss at timesteps t (drawn when None): one call of `self.loss_fn`."""
+        return self.loss_fn(self.apply_model, x_start, cond, self.sqrt_alphas_cumprod,
+                            self.sqrt_one_minus_alphas_cumprod, t=t, noise=noise, logvar=self.logvar,
+                            vlb_weights=getattr(self, "lvlb_weights", None),
+                            prefix="train" if self.training else "val")
+
+    def get_input(self, batch: dict, k: str) -> torch.Tensor:
+        x = batch[k]
+        if x.dim() == 3:
+            x = x[..., None]
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def shared_step(self, batch: dict):
+        return self.p_losses(self.get_input(batch, self.first_stage_key), None)
+
+    def training_step(self, batch, batch_idx):
+        loss, log = self.shared_step(batch)
+        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=self._bs(batch))
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=self._bs(batch))
+        if self.scheduler_config is not None:
+            self.log("lr_abs", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
+                     batch_size=self._bs(batch))
+        return loss
+
+    def _bs(self, batch: dict) -> int:
+        x = batch[self.first_stage_key] if self.first_stage_key in batch else next(
+            v for v in batch.values() if isinstance(v, torch.Tensor))  # cached latents carry no image
+        return int(x.shape[0])
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        _, log = self.shared_step(batch)
+        self.log_dict(log, sync_dist=True, batch_size=self._bs(batch))
+        if self.use_ema:
+            with self.ema_scope():
+                _, log_ema = self.shared_step(batch)
+            self.log_dict({k + "_ema": v for k, v in log_ema.items()}, sync_dist=True, batch_size=self._bs(batch))
+
+    def trainable_parameters(self) -> list:
+        params = list(self.model.parameters())
+        if self.learn_logvar:
+            params.append(self.logvar)
+        return params
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=self.learning_rate, fused=_fused_ok(params))
+        if self.scheduler_config is None:
+            return opt
+        schedule = instantiate_from_config(self.scheduler_config, key="model.params.scheduler_config")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.schedule)
+        return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
+
+    # -- sampling -------------------------------------------------------------------------------
+    def denoiser(self, quantize: bool = False) -> CompVisDenoiser:
+        """D(x, sigma) of this model for ldm.sampling, the network told the fractional timestep of sigma."""
+        return CompVisDenoiser(self, quantize=quantize)
+
+    @torch.no_grad()
+    def sample(self, cond: Any, batch_size: int, steps: Optional[int] = None, sampler: Optional[str] = None,
+               guidance_scale: Optional[float] = None, uncond: Any = None, x_T: Optional[torch.Tensor] = None,
+               spacing: str = "uniform", generator: Generator = None, callback=None, guidance_rescale: float = 0.0,
+               shape: Optional[tuple[int, ...]] = None, **sampler_options) -> torch.Tensor:
+        """Sample latents (VP scale) with a registry sampler and classifier-free guidance.
+
+        `generator`: one torch.Generator, or one per image (each image then reproduces from its own seed).
+        `shape`: (C, H, W) of a sample, default (channels, image_size, image_size).
+        """
+        steps, sampler = steps or self.sample_steps, sampler or self.sampler_name
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        shape = (self.channels, self.image_size, self.image_size) if shape is None else tuple(shape)
+        if x_T is None:
+            x_T = randn_like(torch.empty((batch_size, *shape), device=self.device), generator)
+        den = self.denoiser()
+        sigmas = get_sigmas(den.schedule, steps, spacing).to(self.device)
+        model = CFGDenoiser(den, scale=scale, rescale=guidance_rescale)
+        if self.clip_denoised:  # pixel-space DDPM: x0 estimates clipped to the data range [-1, 1]
+            model = ThresholdedDenoiser(model, mode=ThresholdMode.STATIC)
+        extra = {"cond": {"c": cond}}
+        if uncond is not None and scale != 1.0:
+            extra["uncond"] = {"c": uncond}
+        return run_sampler(model, x_T, sigmas, sampler, generator=generator, extra_args=extra, callback=callback,
+                           **sampler_options)
+
+
+def _ema_from_loaded_weights(module: DDPM, incompatible) -> None:
+    """Load hook: a checkpoint without EMA weights (model_ema.*) starts the EMA from its loaded model weights."""
+    shadow = {"model_ema." + s for s in module.model_ema.m_name2s_name.values()}
+    missing = [k for k in incompatible.missing_keys if k.startswith("model_ema.")]
+    if not shadow <= set(missing):
+        return  # EMA weights present (or only partly missing: reported as usual)
+    module.model_ema.reset_to(module.model)
+    for k in missing:
+        incompatible.missing_keys.remove(k)
+    logger.warning("checkpoint has no EMA weights (model_ema.*): the EMA starts from the loaded model weights")

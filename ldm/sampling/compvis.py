@@ -1,0 +1,28 @@
+"""The CompVis model adapter: any object with `apply_model(x, t, c)`, `alphas_cumprod` and `parameterization`
+(a LatentDiffusion or DDPM, ours or a user's) seen as a denoiser D(x, sigma) for ldm.sampling."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
+from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
+
+
+class ApplyModelNetwork:
+    """net(x_vp, t, c=...) -> model.apply_model(x_vp, t, c), t fractional (or integer when quantized)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, c: Any = None) -> torch.Tensor:
+        return self.model.apply_model(x, t, c)
+
+
+class CompVisDenoiser(Denoiser):
+    """D(x, sigma) of a CompVis-style model; `quantize=True` sends the nearest integer timestep instead."""
+
+    def __init__(self, model: Any, quantize: bool = False):
+        super().__init__(ApplyModelNetwork(model), scaling_for(getattr(model, "parameterization", "eps")),
+                         DiscreteSchedule(model.alphas_cumprod, quantize=quantize))
