@@ -105,3 +105,16 @@ def test_sample_diffusion_unconditional(tmp_path):
     import numpy as np
     data = np.load(out / "5x32x32x3-samples.npz")["arr_0"]
     assert data.shape == (5, 32, 32, 3) and data.dtype == np.uint8
+
+
+def test_txt2img_device_and_reduced_precision(tiny_run, tmp_path):
+    """--device picks the device; --precision bf16 samples under autocast and gives images close to float32 ones."""
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    for d, prec in (("fp32", "fp32"), ("bf16", "bf16")):
+        assert txt2img.main(["--ckpt", str(ckpt), "--n_samples", "1", "--ddim_steps", "3", "--outdir",
+                             str(tmp_path / d), "--seed", "5", "--device", "cpu", "--precision", prec]) == 0
+    a = torch.tensor(list(Image.open(tmp_path / "fp32/samples/00000.png").getdata())).float()
+    b = torch.tensor(list(Image.open(tmp_path / "bf16/samples/00000.png").getdata())).float()
+    assert (a - b).abs().mean() < 8  # same picture up to bf16 rounding (0-255 scale)
+    with pytest.raises(SystemExit):
+        txt2img.get_parser().parse_args(["--ckpt", "x", "--precision", "fp8"])
