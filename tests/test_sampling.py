@@ -280,8 +280,8 @@ def _compvis_ddim_reference(model, S, x, c, eta=0.0):
     return x
 
 
-def _compvis_plms_reference(model, S, x, c):
-    """The CompVis PLMS loop (p_sample_plms) written out for comparison."""
+def _compvis_plms_reference(model, S, x, c, mask=None, x0=None, generator=None):
+    """The CompVis PLMS loop (p_sample_plms) written out for comparison; with `mask`, CompVis' inpainting blend."""
     ac = model.alphas_cumprod.double()
     ts = compvis_ddim_timesteps(1000, S)
     alphas, alphas_prev = ac[ts], torch.cat([ac[:1], ac[ts[:-1]]])
@@ -300,6 +300,10 @@ def _compvis_plms_reference(model, S, x, c):
     for i, t in enumerate(time_range):
         index = S - i - 1
         t_next = time_range[min(i + 1, len(time_range) - 1)]
+        if mask is not None:  # img_orig = q_sample(x0, ts), blended into x before the step (not into x_prev)
+            a_t = alphas[index]
+            noise = torch.randn(x0.shape, generator=generator).double()
+            x = (a_t.sqrt() * x0.double() + (1 - a_t).sqrt() * noise) * mask + (1 - mask) * x
         e_t = eps(x, t)
         if len(old_eps) == 0:
             x_prev = step(x, e_t, index)
@@ -347,6 +351,18 @@ def test_compvis_plms_shell_reproduces_compvis():
     assert torch.allclose(out.double(), ref, atol=1e-4), (out.double() - ref).abs().max()
     with pytest.raises(ValueError, match="eta"):
         PLMSSampler(model).sample(S, 2, (4, 8, 8), conditioning=c, eta=0.5, verbose=False)
+
+
+def test_compvis_plms_shell_inpaints_as_compvis():
+    model = _CompVisLike()
+    g = torch.Generator().manual_seed(7)
+    x_T, c, x0 = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., 5:] = 1
+    ref = _compvis_plms_reference(model, 10, x_T, c, mask=mask, x0=x0, generator=torch.Generator().manual_seed(3))
+    out, _ = PLMSSampler(model).sample(10, 2, (4, 8, 8), conditioning=c, x_T=x_T, mask=mask, x0=x0, verbose=False,
+                                       generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(out.double(), ref, atol=1e-4), (out.double() - ref).abs().max()
 
 
 def test_compvis_shell_guidance_batches_uncond_first():
