@@ -15,7 +15,7 @@ import torch
 from ldm.sampling.compvis import CompVisDenoiser
 from ldm.sampling.entry import sample, vp_scale
 from ldm.sampling.guidance import CFGDenoiser, ThresholdMode, threshold_x0
-from ldm.sampling.samplers import Generator, _sig, ddim_step, randn_like, to_d
+from ldm.sampling.samplers import Generator, ddim_step, randn_like, to_d
 from ldm.sampling.spacing import Spacing, compvis_ddim_timesteps, get_sigmas
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class CompVisSamplerBase:
             if mask is not None:  # CompVis inpainting: known latents re-noised to this level, blended into x_t
                 x_known = x0 + randn_like(x0, generator) * sigmas[i]
                 x = mask * x_known + (1.0 - mask) * x
-            denoised = model(x, _sig(sigmas[i], x), **extra)
+            denoised = model(x, sigmas[i].expand(x.shape[0]), **extra)
             if callback is not None:
                 callback(i)
             if img_callback is not None:

@@ -89,18 +89,18 @@ class Denoiser(nn.Module):
         return self.schedule.sigmas
 
     def _sigma(self, sigma: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+        """Per-sample noise levels, in float32 at least (a half-precision sigma would miss its grid timestep)."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         return sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
 
     def forward(self, x: torch.Tensor, sigma: Union[float, torch.Tensor], **cond) -> torch.Tensor:
-        sigma = self._sigma(sigma, x)
-        c_skip, c_out, c_in, c_noise = self.scaling(sigma.to(x.dtype))
+        c_skip, c_out, c_in, c_noise = self.scaling(self._sigma(sigma, x))
         t = self.schedule.sigma_to_t(c_noise)
-        out = self.net(x * append_dims(c_in, x.dim()), t, **cond)
+        out = self.net(x * append_dims(c_in, x.dim()).to(x.dtype), t, **cond)
         return append_dims(c_skip, x.dim()) * x + append_dims(c_out, x.dim()) * out  # EDM eq. 7
 
     def _skip_out(self, x: torch.Tensor, sigma: Union[float, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        c_skip, c_out, _, _ = self.scaling(self._sigma(sigma, x).to(x.dtype))
+        c_skip, c_out, _, _ = self.scaling(self._sigma(sigma, x))
         return append_dims(c_skip, x.dim()), append_dims(c_out, x.dim())
 
     def model_output(self, x: torch.Tensor, sigma: Union[float, torch.Tensor], denoised: torch.Tensor) -> torch.Tensor:
