@@ -53,6 +53,47 @@ def generators(seed: Union[int, Sequence[int]], device: Union[str, torch.device]
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
 
 
+def first_stage_factor(model) -> int:
+    """The first stage's downsampling factor f (image side / latent side); 1 for a pixel-space model."""
+    fs = getattr(model, "first_stage_model", None)
+    enc = getattr(fs, "encoder", None)
+    return 2 ** (len(enc.down) - 1) if enc is not None and hasattr(enc, "down") else 1
+
+
+def size_multiple(model) -> int:
+    """Image sides must be multiples of this: the first stage's factor times the UNet's total downsampling."""
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    mult = getattr(unet, "channel_mult", None)
+    return first_stage_factor(model) * (2 ** (len(mult) - 1) if mult is not None else 1)
+
+
+def load_image(path: Union[str, Path]) -> torch.Tensor:
+    """An RGB image file as (1, 3, H, W) in [-1, 1]."""
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+def add_model_arguments(parser, default_ckpt: Optional[str] = None, default_config: Optional[str] = None) -> None:
+    """The model flags of the task scripts: --config, --ckpt, --no-ema, --unsafe-load, --device, --precision."""
+    hint = f", or {default_config} for the default checkpoint" if default_config else ""
+    parser.add_argument("--config", type=str, default=None, help=f"default: the run's configs/*-project.yaml{hint}")
+    parser.add_argument("--ckpt", type=str, default=default_ckpt, required=default_ckpt is None)
+    parser.add_argument("--no-ema", action="store_true", help="sample with the training weights, not the EMA ones")
+    parser.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the checkpoint")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
+                        help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
+
+
+def load_from_arguments(opt, default_ckpt: Optional[str] = None, default_config: Optional[str] = None):
+    """The model of add_model_arguments' flags; the default checkpoint comes with its default config."""
+    config = opt.config
+    if config is None and default_ckpt is not None and opt.ckpt == default_ckpt:
+        config = default_config
+    return load_for_sampling(opt.ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device)
+
+
 def find_run_config(ckpt: Union[str, Path]) -> Path:
     """The newest `configs/*-project.yaml` of the run directory holding `ckpt` (logs/<run>/checkpoints/x.ckpt)."""
     run = Path(ckpt).resolve().parent.parent
@@ -124,6 +165,38 @@ def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, s
         return model.decode_first_stage(z.float()).float()
 
 
+def uses_text(model) -> bool:
+    """Whether the model reads text (cross-attention)."""
+    return model.model.conditioning_key in ("crossattn", "hybrid", "hybrid-adm")
+
+
+def image_conditioning(model, image: torch.Tensor, prompts: Sequence[str], scale: float, noise_level: int = 20):
+    """(cond, uncond) for sampling `model` on `image` (B, C, H, W in [-1, 1]) without a mask or a separate input:
+    text models get the prompts; an inpainting model a mask over everything (nothing known); a super-resolution
+    model the image downscaled by its factor (and an x4 upscaler that image at `noise_level`)."""
+    import torch.nn.functional as F
+
+    from ldm.inpainting import InpaintMode, inpaint_mode
+    from ldm.models.diffusion.upscale import LatentUpscaleDiffusion
+
+    n = image.shape[0]
+    c = model.get_learned_conditioning(list(prompts)) if uses_text(model) else None
+    uc = model.get_learned_conditioning([""] * n) if uses_text(model) and scale != 1.0 else None
+    mode = inpaint_mode(model)
+    if mode is not InpaintMode.REPLACE:  # inpainting models: everything is to be filled
+        from ldm.inpainting import inpainting_conditioning
+        return inpainting_conditioning(model, image, torch.ones_like(image[:, :1]), c, uc, mode)
+    f = first_stage_factor(model)
+    if isinstance(model, LatentUpscaleDiffusion):
+        zx, level = model.low_scale_conditioning(F.interpolate(image, scale_factor=1 / f, mode="area"),
+                                                 torch.full((n,), noise_level, device=image.device))
+        cond = model._conds(c, zx, level)
+        return cond, ({**cond, "c_crossattn": [uc]} if uc is not None else None)
+    if model.model.conditioning_key == "concat" and getattr(model, "cond_stage_key", None) in ("LR_image", "lr"):
+        return model.get_learned_conditioning(F.interpolate(image, scale_factor=1 / f, mode="area")), None
+    return c, uc
+
+
 @torch.no_grad()
 def img2img(model, image: torch.Tensor, prompts: Sequence[str], *, strength: float, steps: int, sampler: str,
             scale: float, seed: Union[int, Sequence[int]], use_ema: bool = True,
@@ -132,9 +205,9 @@ def img2img(model, image: torch.Tensor, prompts: Sequence[str], *, strength: flo
     g = generators(seed, model.device)
     ctx = model.ema_scope("img2img") if use_ema else contextlib.nullcontext()
     with ctx, precision_scope(precision, model.device):
-        z0 = model.scale_factor * model.first_stage_model.encode(image.to(model.device)).mode()
-        c = model.get_learned_conditioning(list(prompts))
-        uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
+        image = image.to(model.device)
+        z0 = model.scale_factor * model.first_stage_model.encode(image).mode()
+        c, uc = image_conditioning(model, image, prompts, scale)
         den = model.denoiser()
         sigmas = get_sigmas(den.schedule, steps, "uniform").to(model.device)
         x, sig = img2img_start(z0, sigmas, strength, randn_like(z0, g))

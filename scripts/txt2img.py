@@ -14,7 +14,7 @@ import torchvision
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
-from ldm.inference import Precision, file_hash, load_for_sampling, sample_prompts, save_png, to_uint8
+from ldm.inference import Precision, file_hash, first_stage_factor, load_for_sampling, sample_prompts, save_png, to_uint8
 from ldm.sampling import SAMPLERS
 from ldm.util import ConfigError
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    f = 2 ** (len(model.first_stage_model.encoder.down) - 1) if hasattr(model.first_stage_model, "encoder") else 1
+    f = first_stage_factor(model)
     native = model.image_size * f
     if (opt.H or native) != native or (opt.W or native) != native:
         print(f"error: this model samples {native}x{native} images; --H/--W {opt.H}x{opt.W} are not supported",

@@ -158,7 +158,7 @@ def test_ldm_p_losses_targets_each_parameterization(ae_ckpt):
 
 
 PAPER_CONFIGS = {"cin-ldm-vq-f8", "celebahq-ldm-vq-4", "ffhq-ldm-vq-4", "lsun_bedrooms-ldm-vq-4", "lsun_churches-ldm-kl-8",
-                 "txt2img-1p4B", "txt2img"}
+                 "txt2img-1p4B", "txt2img", "inpainting_big", "bsr_sr"}
 
 
 def shrink_ldm_config(cfg, tmp_path: Path):
@@ -200,6 +200,12 @@ def synthetic_batch(cfg, n: int = 2) -> dict:
         batch[key] = torch.randint(0, p.cond_stage_config.params.n_classes, (n,))
     elif key == "caption":
         batch[key] = ["a photograph of a church", "a red bedroom"][:n]
+    elif key == "masked_image":  # the paper's inpainting model: CompVis convention, mask in {-1, 1}
+        mask = torch.zeros(n, size, size, 1)
+        mask[:, : size // 2] = 1
+        batch["mask"], batch[key] = mask * 2 - 1, batch["image"] * (1 - mask) - mask
+    elif key == "LR_image":  # super-resolution: the low-resolution image has the latent's size
+        batch[key] = torch.rand(n, size // f, size // f, 3) * 2 - 1
     return batch
 
 
@@ -210,6 +216,8 @@ def test_ldm_configs_instantiate_and_step(path, tmp_path):
     cfg = load_config(path)
     if path.stem in PAPER_CONFIGS:
         cfg = shrink_ldm_config(cfg, tmp_path)
+    if OmegaConf.is_missing(cfg.model.params, "ckpt_path"):  # fine-tuning recipes: from scratch here
+        cfg.model.params.ckpt_path = None
     fs = cfg.model.params.first_stage_config
     if OmegaConf.is_missing(fs.params, "ckpt_path"):  # every config takes a trained first stage
         fs.params.ckpt_path = None

@@ -5,7 +5,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -50,22 +50,31 @@ class _FileImages(Dataset):
     def _item(self, i: int) -> dict:
         raise NotImplementedError
 
+    def _read(self, j: int) -> dict:
+        item = self._item(j)
+        item["image"] = self._load(j)
+        item["file_path_"] = str(self.files[j])
+        return item
+
     def __getitem__(self, i: int) -> dict:
-        n = len(self.files)
-        for k in range(min(MAX_SKIPS, n)):
-            j = (i + k) % n
-            if j in self.bad:
-                continue
-            try:
-                item = self._item(j)
-                item["image"] = self._load(j)
-                item["file_path_"] = str(self.files[j])
-                return item
-            except Exception as e:  # corrupt/truncated/unsupported file: log and move on
-                self.bad.add(j)
-                logger.warning("skipping unreadable image %s: %s: %s", self.files[j], type(e).__name__, e)
-        raise RuntimeError(f"{MAX_SKIPS} consecutive unreadable images around index {i} "
-                           f"(first: {self.files[i % n]}); check the data directory")
+        return first_readable(self.files, self.bad, i, self._read)
+
+
+def first_readable(files: Sequence[Path], bad: set, i: int, read: Callable[[int], Any]) -> Any:
+    """read(j) for the first j = i, i + 1, ... (wrapping) whose file reads; unreadable files are logged, remembered in
+    `bad` and skipped, up to MAX_SKIPS in a row."""
+    n = len(files)
+    for k in range(min(MAX_SKIPS, n)):
+        j = (i + k) % n
+        if j in bad:
+            continue
+        try:
+            return read(j)
+        except Exception as e:  # corrupt/truncated/unsupported file: log and move on
+            bad.add(j)
+            logger.warning("skipping unreadable image %s: %s: %s", files[j], type(e).__name__, e)
+    raise RuntimeError(f"{MAX_SKIPS} consecutive unreadable images around index {i} "
+                       f"(first: {files[i % n]}); check the data directory")
 
 
 def _scan(root: Path, extensions: Sequence[str]) -> list[Path]:

@@ -51,6 +51,11 @@ def drop_conditions(c: Any, p: float, null: Any) -> Any:
     return [nl if d else x for x, nl, d in zip(c, null, drop.tolist())]
 
 
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (B, 1, H, W) mask at the latent size by nearest-neighbour resampling (CompVis and SD2 inpainting)."""
+    return torch.nn.functional.interpolate(mask.float(), size=tuple(size), mode="nearest")
+
+
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -185,6 +190,10 @@ class LatentDiffusion(DDPM):
     def get_unconditional_conditioning(self, c_raw: Any) -> Any:
         return self.get_learned_conditioning(self.null_condition(c_raw))
 
+    def unconditional_like(self, c: Any, c_raw: Any) -> Any:
+        """The guidance's unconditional input matching the conditioning `c` (of the raw condition `c_raw`)."""
+        return self.get_unconditional_conditioning(c_raw)
+
     def raw_condition(self, batch: dict, bs: Optional[int] = None) -> Any:
         key = self.cond_stage_key
         if key not in batch:
@@ -209,6 +218,8 @@ class LatentDiffusion(DDPM):
             c = self.drop_condition(xc, drop_cond)
             if not self.cond_stage_trainable or force_c_encode:
                 c = self.get_learned_conditioning(c)
+                if self._paper_inpainting(batch):  # the LDM inpainting layout: masked-image latent + mask
+                    c = torch.cat([c, resize_mask(super().get_input(batch, "mask").to(c.device)[:bs], c.shape[-2:])], 1)
         out = [z, c]
         if return_first_stage_outputs:
             xrec = self.decode_first_stage(z)
@@ -217,6 +228,11 @@ class LatentDiffusion(DDPM):
         if return_original_cond:
             out.append(xc)
         return out
+
+    def _paper_inpainting(self, batch: dict) -> bool:
+        """The paper's inpainting model (CompVis inpainting_big): concat of the encoded `masked_image` and the `mask`."""
+        return (self.model.conditioning_key == "concat" and self.cond_stage_key == "masked_image"
+                and self.cond_stage_model is self.first_stage_model and "mask" in batch)
 
     def shared_step(self, batch: dict):
         z, c = self.get_input(batch, self.first_stage_key, drop_cond=self.ucg_rate if self.training else 0.0)
@@ -244,6 +260,8 @@ class LatentDiffusion(DDPM):
                                            force_c_encode=True, return_original_cond=True, bs=N)
         n = z.shape[0]
         log["inputs"], log["reconstruction"] = x, xrec
+        if isinstance(xc, torch.Tensor) and xc.dim() == 4 and xc.shape[1] in (1, 3):  # image conditions: LR, masked
+            log["conditioning"] = xc
         if plot_diffusion_rows:
             rows = []
             for t in range(0, self.num_timesteps, max(1, self.num_timesteps // 5)):
@@ -257,7 +275,7 @@ class LatentDiffusion(DDPM):
                     self.sample(c, n, steps=ddim_steps, sampler=sampler, guidance_scale=1.0, generator=g))
                 scale = self.guidance_scale if unconditional_guidance_scale is None else unconditional_guidance_scale
                 if scale != 1.0 and xc is not None:
-                    uc = self.get_unconditional_conditioning(xc)
+                    uc = self.unconditional_like(c, xc)
                     g = torch.Generator(device=self.device).manual_seed(0)
                     log[f"samples_cfg_scale_{scale:.2f}"] = self.decode_first_stage(
                         self.sample(c, n, steps=ddim_steps, sampler=sampler, guidance_scale=scale, uncond=uc,

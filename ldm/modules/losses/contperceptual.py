@@ -129,3 +129,11 @@ class LPIPSWithDiscriminator(GANLossMixin):
                f"{split}/d_weight": d_weight.detach(), f"{split}/disc_factor": torch.tensor(disc_factor),
                f"{split}/g_loss": g_loss.detach().mean()}
         return loss, log
+
+
+class DummyLoss(nn.Module):
+    """The CompVis placeholder loss of a frozen first stage (`lossconfig` of inference configs): no parameters, no use."""
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        raise RuntimeError("DummyLoss is a placeholder for a frozen first stage; configure a real lossconfig to train "
+                           "the autoencoder")

@@ -1,0 +1,124 @@
+"""Super-resolution with an LDM that reads the low-resolution image concatenated to its latent: the paper's LDM-SR
+(LatentDiffusion, concat) and Stable Diffusion 2's x4 upscaler (LatentUpscaleDiffusion, noise-augmented, with a
+user-chosen noise level). Inputs larger than the model's size are processed in overlapping tiles blended with
+weights that fall off towards each tile's edge, so memory stays bounded and no seams show."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from ldm.inference import Precision, first_stage_factor, precision_scope, uses_text
+from ldm.sampling import CFGDenoiser, get_sigmas, randn_like, sample
+
+
+def _is_upscaler(model) -> bool:
+    from ldm.models.diffusion.upscale import LatentUpscaleDiffusion
+
+    return isinstance(model, LatentUpscaleDiffusion)
+
+
+def upscale_factor(model) -> int:
+    """Output side / input side: the first stage's factor (the low-resolution image has the latent's size)."""
+    return first_stage_factor(model)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size `tile` covering [0, length) with at least `overlap` shared pixels."""
+    if length <= tile:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap {overlap} must lie in [0, tile size {tile})")
+    n = -(-(length - overlap) // (tile - overlap))  # ceil
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def blend_weights(h: int, w: int, ramp: int, device=None) -> torch.Tensor:
+    """(1, 1, h, w) weights: 1 in the interior, falling linearly to 1 / (ramp + 1) over `ramp` pixels at each edge."""
+    def axis(n: int) -> torch.Tensor:
+        i = torch.arange(n, device=device, dtype=torch.float32)
+        return torch.minimum(torch.minimum(i + 1, n - i), torch.tensor(float(ramp + 1), device=device)) / (ramp + 1)
+
+    return (axis(h)[:, None] * axis(w)[None, :])[None, None]
+
+
+@torch.no_grad()
+def upscale_tile(model, lr: torch.Tensor, *, steps: int, sampler: str, generator, prompts: Optional[Sequence[str]],
+                 scale: float, noise_level: Optional[int], **sampler_options) -> torch.Tensor:
+    """One batch of low-resolution tiles (B, 3, h, w in [-1, 1]) -> decoded images (B, 3, f h, f w)."""
+    n = lr.shape[0]
+    c = uc = None
+    if uses_text(model):
+        c = model.get_learned_conditioning(list(prompts))
+        uc = model.get_learned_conditioning([""] * n) if scale != 1.0 else None
+    if _is_upscaler(model):
+        level = None if noise_level is None else torch.full((n,), int(noise_level), device=lr.device, dtype=torch.long)
+        if isinstance(generator, list):  # each tile's augmentation noise from its own generator
+            parts = [model.low_scale_conditioning(lr[j:j + 1], level[j:j + 1] if level is not None else None,
+                                                  generator=g) for j, g in enumerate(generator)]
+            zx, level = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            zx, level = model.low_scale_conditioning(lr, level, generator=generator)
+        cond = model._conds(c, zx, level)
+        uncond = {**cond, "c_crossattn": [uc]} if uc is not None else None
+    else:
+        cond, uncond = model.get_learned_conditioning(lr), None
+    shape = (n, model.channels, *lr.shape[-2:])
+    x_T = randn_like(torch.empty(shape, device=lr.device), generator)
+    den = model.denoiser()
+    sigmas = get_sigmas(den.schedule, steps, "uniform").to(lr.device)
+    extra = {"cond": {"c": cond}} | ({"uncond": {"c": uncond}} if uncond is not None else {})
+    z = sample(CFGDenoiser(den, scale=scale), x_T, sigmas, sampler, generator=generator, extra_args=extra,
+               **sampler_options)
+    return model.decode_first_stage(z.float()).float()
+
+
+def _tiles(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[int, int]]:
+    for top in tile_starts(h, tile, overlap):
+        for left in tile_starts(w, tile, overlap):
+            yield top, left
+
+
+@torch.no_grad()
+def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *, steps: int = 50,
+            sampler: str = "ddim", seed: int = 0, scale: Optional[float] = None, noise_level: Optional[int] = None,
+            tile: Optional[int] = None, overlap: Optional[int] = None, tile_batch: int = 8, use_ema: bool = True,
+            precision: Union[Precision, str] = Precision.FP32, **sampler_options) -> torch.Tensor:
+    """Upscale `lr` (B, 3, h, w in [-1, 1]) by the model's factor, tile by tile where it exceeds `tile` (low-resolution
+    pixels; default: the model's latent size), tiles overlapping by `overlap` (default tile // 4).
+
+    Each tile is sampled from its own generator (seed + tile index), so a result does not depend on
+    `tile_batch`; an input that fits in one tile is sampled exactly as without tiling. `noise_level`:
+    the augmentation level of an x4 upscaler (LatentUpscaleDiffusion); required there.
+    """
+    if _is_upscaler(model) and noise_level is None:
+        raise ValueError("this model is noise-augmented (LatentUpscaleDiffusion): give a noise_level "
+                         f"(0 to {model.low_scale_model.max_noise_level - 1}; Stable Diffusion 2 suggests 20)")
+    device, f = model.device, upscale_factor(model)
+    tile = int(tile or model.image_size)
+    overlap = tile // 4 if overlap is None else int(overlap)
+    scale = model.guidance_scale if scale is None else scale
+    b, _, h, w = lr.shape
+    lr = lr.to(device).float()
+    out = torch.zeros(b, 3, h * f, w * f, device=device)
+    norm = torch.zeros(1, 1, h * f, w * f, device=device)
+    places = list(_tiles(h, w, tile, overlap))
+    ctx = model.ema_scope("superres") if use_ema else contextlib.nullcontext()
+    with ctx, precision_scope(precision, device):
+        jobs = [(i, k, top, left) for i in range(b) for k, (top, left) in enumerate(places)]
+        for start in range(0, len(jobs), tile_batch):
+            chunk = jobs[start:start + tile_batch]
+            crops = torch.cat([lr[i:i + 1, :, top:top + tile, left:left + tile] for i, _, top, left in chunk])
+            gens = [torch.Generator(device=device).manual_seed(seed + i * len(places) + k) for i, k, _, _ in chunk]
+            texts = [prompts[i] for i, _, _, _ in chunk] if prompts is not None else None
+            hr = upscale_tile(model, crops, steps=steps, sampler=sampler, generator=gens, prompts=texts, scale=scale,
+                              noise_level=noise_level, **sampler_options)
+            for (i, _, top, left), img in zip(chunk, hr):
+                th, tw = img.shape[-2:]
+                wgt = blend_weights(th, tw, overlap * f, device) if len(places) > 1 else torch.ones(1, 1, th, tw,
+                                                                                                     device=device)
+                out[i:i + 1, :, top * f:top * f + th, left * f:left * f + tw] += img[None] * wgt
+                if i == 0:
+                    norm[:, :, top * f:top * f + th, left * f:left * f + tw] += wgt
+    return (out / norm).clamp(-1, 1)
