@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from ldm.inference import Precision, first_stage_factor, precision_scope, uses_text
+from ldm.inference import Precision, first_stage_factor, precision_scope, size_multiple, uses_text
 from ldm.sampling import CFGDenoiser, get_sigmas, randn_like, sample
 
 
@@ -99,8 +99,13 @@ def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
     tile = int(tile or model.image_size)
     overlap = tile // 4 if overlap is None else int(overlap)
     scale = model.guidance_scale if scale is None else scale
-    b, _, h, w = lr.shape
+    b, _, h0, w0 = lr.shape
     lr = lr.to(device).float()
+    m = size_multiple(model) // f  # the UNet's downsampling, in input pixels
+    pad_h, pad_w = -h0 % m, -w0 % m
+    if pad_h or pad_w:  # edge-pad to a size the UNet takes; the padding is cropped off the output
+        lr = torch.nn.functional.pad(lr, (0, pad_w, 0, pad_h), mode="replicate")
+    h, w = lr.shape[-2:]
     out = torch.zeros(b, 3, h * f, w * f, device=device)
     norm = torch.zeros(1, 1, h * f, w * f, device=device)
     places = list(_tiles(h, w, tile, overlap))
@@ -121,4 +126,4 @@ def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
                 out[i:i + 1, :, top * f:top * f + th, left * f:left * f + tw] += img[None] * wgt
                 if i == 0:
                     norm[:, :, top * f:top * f + th, left * f:left * f + tw] += wgt
-    return (out / norm).clamp(-1, 1)
+    return (out / norm).clamp(-1, 1)[..., :h0 * f, :w0 * f]

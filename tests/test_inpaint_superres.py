@@ -391,6 +391,8 @@ def test_tiled_superres_equals_untiled_when_it_fits_and_blends_large_inputs(tiny
     t1 = upscale(model, big, steps=2, seed=1, tile=8, overlap=4, tile_batch=1)
     t4 = upscale(model, big, steps=2, seed=1, tile=8, overlap=4, tile_batch=4)
     assert t1.shape == (1, 3, 48, 80) and torch.isfinite(t1).all() and torch.allclose(t1, t4, atol=1e-5)
+    odd = upscale(model, torch.rand(1, 3, 5, 7) * 2 - 1, steps=2, seed=0)  # sides the UNet cannot take as they are
+    assert odd.shape == (1, 3, 20, 28) and torch.isfinite(odd).all()
     assert tile_starts(20, 8, 4) == [0, 4, 8, 12] and tile_starts(8, 8, 2) == [0]
     assert tile_starts(12, 8, 4)[-1] == 4
     w = blend_weights(8, 8, 2)
