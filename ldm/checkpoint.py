@@ -5,7 +5,7 @@ import logging
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -112,13 +112,18 @@ def load_state_dict_checked(module: torch.nn.Module, ckpt_or_sd: Mapping[str, An
 
 def init_from_ckpt(module: torch.nn.Module, path: Union[str, Path], ignore_keys: Iterable[str] = (), *,
                    strict: bool = True, allow_pickle: bool = False,
-                   tolerate_prefixes: Sequence[str] = (), prefix: Optional[str] = None) -> tuple[list[str], list[str]]:
+                   tolerate_prefixes: Sequence[str] = (), prefix: Optional[str] = None,
+                   transform: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None
+                   ) -> tuple[list[str], list[str]]:
     """The CompVis `init_from_ckpt(path, ignore_keys)`, safe and checked.
 
     Keys under `tolerate_prefixes` (parts not needed to run the model, e.g. a training loss) may be
-    missing or unexpected and are only logged; any other mismatch raises when `strict`.
+    missing or unexpected and are only logged; any other mismatch raises when `strict`. `transform`
+    adapts the checkpoint's state dict (full key names) before loading, e.g. to widen a layer.
     """
     ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
+    if transform is not None:
+        ckpt = transform(extract_state_dict(ckpt))
     out = load_state_dict_checked(module, ckpt, strict=False, ignore_keys=ignore_keys, source=str(path), prefix=prefix)
     bad = [k for k in out[0] + out[1] if not k.startswith(tuple(tolerate_prefixes))]
     if strict and bad:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Callable, Optional, Union
 
 import torch
-from torch import nn
 
 from ldm.sampling.entry import sample, vp_scale
+from ldm.sampling.guidance import MaskedDenoiser
 from ldm.sampling.samplers import Callback, Generator, randn_like
 
 
-class KnownRegionDenoiser(nn.Module):
+class KnownRegionDenoiser(MaskedDenoiser):
     """D(x, sigma) with the known region (`known` = 1) replaced by the known latents `x0_known`, for any sampler.
 
     On the way in, the known region of x is the known latents re-noised to the current level (the
@@ -22,14 +22,13 @@ class KnownRegionDenoiser(nn.Module):
 
     def __init__(self, denoiser: Callable[..., torch.Tensor], known: torch.Tensor, x0_known: torch.Tensor,
                  generator: Generator = None):
-        super().__init__()
-        self.inner, self.known, self.x0_known, self.generator = denoiser, known, x0_known, generator
+        super().__init__(denoiser, known, x0_known)
+        self.generator = generator
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
         s = sigma.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         x_known = self.x0_known + randn_like(self.x0_known, self.generator) * s
-        x = self.known * x_known + (1.0 - self.known) * x
-        return self.known * self.x0_known + (1.0 - self.known) * self.inner(x, sigma, **kwargs)
+        return super().forward(self.mask * x_known + (1.0 - self.mask) * x, sigma, **kwargs)
 
 
 def renoise(x_vp: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor, generator: Generator = None

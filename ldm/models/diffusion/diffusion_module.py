@@ -170,7 +170,12 @@ class DDPM(pl.LightningModule):
     # -- checkpoint -----------------------------------------------------------------------------
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
         init_from_ckpt(self.model if only_model else self, path, ignore_keys=ignore_keys,
-                       prefix="model." if only_model else None, tolerate_prefixes=("model_ema.",))
+                       prefix="model." if only_model else None, tolerate_prefixes=("model_ema.",),
+                       transform=lambda sd: self.adapt_loaded_state_dict(sd, str(path)))
+
+    def adapt_loaded_state_dict(self, sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """Hook for subclasses: a checkpoint's state dict (full key names) made to fit this model before loading."""
+        return sd
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.restarted_from_ckpt = True

@@ -12,7 +12,6 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ldm.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_checked
 from ldm.data.inpainting import MaskConvention
 from ldm.models.diffusion.latent import LatentDiffusion, resize_mask
 
@@ -66,20 +65,11 @@ class LatentInpaintDiffusion(LatentDiffusion):
             self.restarted_from_ckpt = True
 
     # -- checkpoint -----------------------------------------------------------------------------
-    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
-        """Load a checkpoint; a text-to-image one gets its first convolution widened (zeros for the new channels)."""
-        sd = extract_state_dict(load_checkpoint(path))
-        widened = widen_input_channels(sd, self.state_dict(), self.finetune_keys, self.keep_finetune_dims)
-        for line in widened:
-            logger.info("%s: widened %s (new input channels zero-initialised)", path, line)
-        missing, unexpected = load_state_dict_checked(self, sd, strict=False, ignore_keys=ignore_keys, source=str(path))
-        bad = [k for k in missing + unexpected if not k.startswith("model_ema.")]
-        if bad:
-            from ldm.checkpoint import CheckpointError
-
-            raise CheckpointError(f"{path}: state dict does not match {type(self).__name__}: {len(bad)} missing or "
-                                  f"unexpected keys, e.g. {sorted(bad)[:6]}; use ignore_keys for keys to drop")
-        logger.info("Restored %s from %s", type(self).__name__, path)
+    def adapt_loaded_state_dict(self, sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """A text-to-image checkpoint gets its `finetune_keys` widened (zeros for the new input channels), logged."""
+        for line in widen_input_channels(sd, self.state_dict(), self.finetune_keys, self.keep_finetune_dims):
+            logger.info("%s: widened %s (new input channels zero-initialised)", source, line)
+        return sd
 
     # -- conditioning ---------------------------------------------------------------------------
     def concat_conditioning(self, batch: dict, z_shape: torch.Size, bs: Optional[int] = None) -> torch.Tensor:
