@@ -60,7 +60,7 @@ def test_frozen_clip_from_local_dir_and_missing_weights(tmp_path):
     assert any(k.startswith("transformer.text_model.") for k in enc.state_dict())
     with pytest.raises(PretrainedWeightsMissing, match="version"):
         FrozenCLIPEmbedder(version="openai/clip-vit-large-patch14-not-here")
-    with pytest.raises(PretrainedWeightsMissing, match="local checkpoint file"):
+    with pytest.raises(PretrainedWeightsMissing, match="laion2b_s32b_b79k"):
         FrozenOpenCLIPEmbedder(version="laion2b_s32b_b79k")
 
 

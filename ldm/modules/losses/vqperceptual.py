@@ -18,14 +18,14 @@ class VQLPIPSWithDiscriminator(GANLossMixin):
                  disc_conditional: bool = False, disc_ndf: int = 64, disc_loss: str = "hinge",
                  n_classes: Optional[int] = None, perceptual_loss: str = "lpips", pixel_loss: str = "l1",
                  perceptual_net: str = "vgg", perceptual_backbone: str = "pretrained",
-                 perceptual_backbone_path: Optional[str] = None):
+                 perceptual_backbone_path: Optional[str] = None, perceptual_heads_path: Optional[str] = None):
         super().__init__()
         if perceptual_loss != "lpips":
             raise ValueError(f"perceptual_loss '{perceptual_loss}' unknown: only 'lpips' is provided")
         self.codebook_weight, self.n_classes = codebook_weight, n_classes
         self._setup(disc_start, pixelloss_weight, disc_num_layers, disc_in_channels, disc_factor, disc_weight,
                     perceptual_weight, use_actnorm, disc_conditional, disc_loss, disc_ndf, perceptual_net,
-                    perceptual_backbone, perceptual_backbone_path, pixel_loss)
+                    perceptual_backbone, perceptual_backbone_path, pixel_loss, perceptual_heads_path)
 
     def forward(self, codebook_loss: torch.Tensor, inputs: torch.Tensor, reconstructions: torch.Tensor,
                 optimizer_idx: int, global_step: int, last_layer: Optional[torch.Tensor] = None,
