@@ -95,7 +95,9 @@ def resolve_run(opt: argparse.Namespace, now: str) -> tuple[str, str, Optional[s
 def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model, logdir: str, ckptdir: str,
                          cfgdir: str, now: str, resume: bool) -> dict:
     """Trainer keyword arguments: logger, callbacks (setup, checkpoints, images, lr, signal) and trainer config."""
-    from ldm.callbacks import CheckpointOnSignal
+    from pytorch_lightning.callbacks import ProgressBar
+
+    from ldm.callbacks import CheckpointOnSignal, bounded_progress_bar
 
     trainer_opts = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
     trainer_opts.setdefault("accelerator", "auto")
@@ -165,6 +167,8 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
         else:
             callbacks.append(instantiate_from_config(c, key=f"lightning.callbacks.{k}"))
     callbacks.append(CheckpointOnSignal(os.path.join(ckptdir, "last.ckpt")))
+    if trainer_opts.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(bounded_progress_bar())  # an epoch total under max_steps / max_time too
     trainer_opts.update(logger=loggers, callbacks=callbacks, default_root_dir=logdir)
     return trainer_opts
 

@@ -149,3 +149,43 @@ class CheckpointOnSignal(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._previous is not None:
             signal.signal(self.sig, self._previous)
+
+
+def epoch_description(trainer: pl.Trainer, epoch: int) -> str:
+    """'Epoch e/last' with the last epoch from max_epochs or max_steps (whichever stops first); with only a
+    max_time bound, the time limit instead (Lightning's bars print 'Epoch e/-2' when max_epochs is -1)."""
+    import math
+    from datetime import timedelta
+
+    from pytorch_lightning.callbacks import Timer
+    last = []
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
+        last.append(trainer.max_epochs - 1)
+    batches = trainer.num_training_batches
+    if trainer.max_steps is not None and trainer.max_steps > 0 and batches not in (None, 0, float("inf")):
+        steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        last.append(math.ceil(trainer.max_steps / steps_per_epoch) - 1)
+    if last:
+        return f"Epoch {epoch}/{min(last)}"
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is not None and timer._duration is not None:
+        return f"Epoch {epoch} (stops after {timedelta(seconds=int(timer._duration))})"
+    return f"Epoch {epoch}"
+
+
+def bounded_progress_bar() -> pl.Callback:
+    """Lightning's progress bar (rich when installed, else tqdm) with `epoch_description` as the epoch label."""
+    from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
+    from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
+
+    class BoundedRichProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            text = epoch_description(self.trainer, current_epoch)
+            return f"{text:{len(self.validation_description)}}"
+
+    class BoundedTQDMProgressBar(TQDMProgressBar):
+        def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            self.train_progress_bar.set_description(epoch_description(trainer, trainer.current_epoch))
+
+    return BoundedRichProgressBar() if _RICH_AVAILABLE else BoundedTQDMProgressBar()

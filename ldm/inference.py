@@ -94,9 +94,10 @@ def load_from_arguments(opt, default_ckpt: Optional[str] = None, default_config:
     return load_for_sampling(opt.ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device)
 
 
-def find_run_config(ckpt: Union[str, Path]) -> Path:
-    """The newest `configs/*-project.yaml` of the run directory holding `ckpt` (logs/<run>/checkpoints/x.ckpt)."""
-    run = Path(ckpt).resolve().parent.parent
+def find_run_config(ckpt: Union[str, Path], run: Optional[Union[str, Path]] = None) -> Path:
+    """The newest `configs/*-project.yaml` of the run directory `run`, by default the one holding `ckpt`
+    (logs/<run>/checkpoints/x.ckpt)."""
+    run = Path(run) if run is not None else Path(ckpt).resolve().parent.parent
     found = sorted(glob.glob(str(run / "configs" / "*-project.yaml")))
     if not found:
         raise ConfigError(f"no --config given and no configs/*-project.yaml in the run directory {run}")
@@ -111,12 +112,48 @@ def latest_run(logdir: Union[str, Path], name: str) -> Path:
     return runs[-1]
 
 
+def resolve_resume(resume: Union[str, Path]) -> tuple[Path, Path, Path]:
+    """(checkpoint, config, log dir) for CompVis' `-r/--resume`: a checkpoint file or a log directory.
+
+    A directory holds `model.ckpt` + `config.yaml` (the CompVis model zoo) or `checkpoints/last.ckpt` +
+    `configs/*-project.yaml` (a run of main.py); a file takes the config next to it or of its run.
+    """
+    path = Path(resume)
+    if path.is_file():
+        ckpt = path
+        logdir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    elif path.is_dir():
+        logdir = path
+        candidates = [path / "model.ckpt", path / "checkpoints" / "last.ckpt"]
+        ckpt = next((c for c in candidates if c.is_file()), None)
+        if ckpt is None:
+            raise FileNotFoundError(f"-r {path}: no checkpoint in it (looked for {candidates[0]} and {candidates[1]})")
+    else:
+        raise FileNotFoundError(f"-r {path}: no such checkpoint file or log directory")
+    for cfg in (ckpt.parent / "config.yaml", logdir / "config.yaml"):
+        if cfg.is_file():
+            return ckpt, cfg, logdir
+    try:
+        return ckpt, find_run_config(ckpt, run=logdir), logdir
+    except ConfigError:
+        raise ConfigError(f"-r {path}: no config next to the checkpoint (looked for {logdir / 'config.yaml'} and "
+                          f"{logdir / 'configs'}/*-project.yaml); pass --config") from None
+
+
 def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]] = None, *, allow_pickle: bool = False,
-                      device: Optional[str] = None) -> tuple[torch.nn.Module, DictConfig]:
-    """Model from a run checkpoint; sub-model `ckpt_path`s are dropped (the checkpoint holds all weights)."""
+                      device: Optional[str] = None, overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, DictConfig]:
+    """Model from a run checkpoint; sub-model `ckpt_path`s are dropped (the checkpoint holds all weights).
+
+    `overrides`: dot-list `key=value` settings merged over the config (as CompVis' scripts take them).
+    """
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {ckpt}")
     cfg = load_config(config if config is not None else find_run_config(ckpt))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+        if bad:
+            raise ConfigError(f"unrecognized arguments: {' '.join(bad)} (config overrides are key=value)")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     for key in ("first_stage_config", "cond_stage_config", "unet_config"):
         sub = OmegaConf.select(cfg, f"model.params.{key}.params")
         if sub is not None and "ckpt_path" in sub.keys():
@@ -149,10 +186,12 @@ def save_png(array: np.ndarray, path: Union[str, Path], meta: dict) -> None:
 @torch.no_grad()
 def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, scale: float,
                    seed: Union[int, Sequence[int]], eta: float = 0.0, use_ema: bool = True,
-                   precision: Union[Precision, str] = Precision.FP32) -> torch.Tensor:
+                   precision: Union[Precision, str] = Precision.FP32, shape: Optional[Sequence[int]] = None,
+                   x_T: Optional[torch.Tensor] = None, spacing: str = "uniform") -> torch.Tensor:
     """Decoded images (B, C, H, W) in [-1, 1] for `prompts`, one per prompt, with guidance `scale`.
 
-    `seed`: an int seeds one generator for the batch; a list seeds one per image.
+    `seed`: an int seeds one generator for the batch; a list seeds one per image. `shape`: the latent
+    (C, h, w) (default the model's native size); `x_T`: a start code instead of one drawn from the seeds.
     """
     g = generators(seed, model.device)
     kw = {"eta": eta} if eta else {}  # a sampler without an eta refuses a non-zero one
@@ -161,7 +200,7 @@ def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, s
         c = model.get_learned_conditioning(list(prompts))
         uc = model.get_learned_conditioning([""] * len(prompts)) if scale != 1.0 else None
         z = model.sample(c, len(prompts), steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=g,
-                         **kw)
+                         shape=shape, x_T=x_T, spacing=spacing, **kw)
         return model.decode_first_stage(z.float()).float()
 
 
@@ -200,17 +239,19 @@ def image_conditioning(model, image: torch.Tensor, prompts: Sequence[str], scale
 @torch.no_grad()
 def img2img(model, image: torch.Tensor, prompts: Sequence[str], *, strength: float, steps: int, sampler: str,
             scale: float, seed: Union[int, Sequence[int]], use_ema: bool = True,
-            precision: Union[Precision, str] = Precision.FP32) -> torch.Tensor:
+            precision: Union[Precision, str] = Precision.FP32, eta: float = 0.0,
+            spacing: str = "uniform") -> torch.Tensor:
     """SDEdit (Meng et al. 2022): encode `image` (B, C, H, W in [-1, 1]), noise it to `strength`, denoise with guidance."""
     g = generators(seed, model.device)
+    kw = {"eta": eta} if eta else {}  # a sampler without an eta refuses a non-zero one
     ctx = model.ema_scope("img2img") if use_ema else contextlib.nullcontext()
     with ctx, precision_scope(precision, model.device):
         image = image.to(model.device)
         z0 = model.scale_factor * model.first_stage_model.encode(image).mode()
         c, uc = image_conditioning(model, image, prompts, scale)
         den = model.denoiser()
-        sigmas = get_sigmas(den.schedule, steps, "uniform").to(model.device)
+        sigmas = get_sigmas(den.schedule, steps, spacing).to(model.device)
         x, sig = img2img_start(z0, sigmas, strength, randn_like(z0, g))
         extra = {"cond": {"c": c}} | ({"uncond": {"c": uc}} if uc is not None else {})
-        z = sample(CFGDenoiser(den, scale=scale), x, sig, sampler, generator=g, extra_args=extra)
+        z = sample(CFGDenoiser(den, scale=scale), x, sig, sampler, generator=g, extra_args=extra, **kw)
         return model.decode_first_stage(z.float()).float()

@@ -137,6 +137,7 @@ def load_model_from_config(config: Union[DictConfig, str, Path], ckpt_path: Opti
         if "global_step" in ckpt:
             logger.info("%s: global step %s", ckpt_path, ckpt["global_step"])
         load_state_dict_checked(model, ckpt, strict=strict, source=str(ckpt_path))
+        model.ckpt_global_step = ckpt.get("global_step")  # the training step the weights come from (or None)
     model.to(device)
     if eval_mode:
         model.eval()

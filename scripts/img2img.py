@@ -1,6 +1,12 @@
-"""Image-to-image with a text-to-image LDM (SDEdit): noise the encoded input to --strength, then denoise.
+"""Image-to-image (SDEdit) with the flags of the CompVis / Stable Diffusion img2img script: encode --init-img,
+noise it to --strength, denoise towards the prompt.
 
     python scripts/img2img.py --init-img in.png --prompt "a large red circle in the center" --strength 0.6 --ckpt ...
+    python scripts/img2img.py --config configs/stable-diffusion/v1-inference.yaml --ckpt sd-v1-4.ckpt \\
+        --init-img sketch.png --prompt "a fantasy landscape" --strength 0.75 --n_samples 2 --n_iter 2
+
+The input keeps its size rounded down to a multiple of the first stage's factor, unless --H/--W resize it.
+Image k of a run uses seed + k; --fixed_code gives every iteration the same noise. Output layout as txt2img.
 """
 from __future__ import annotations
 
@@ -10,56 +16,93 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
-from ldm.inference import Precision, file_hash, img2img, load_for_sampling, save_png, to_uint8
-from ldm.sampling import SAMPLERS
+from ldm.cli import (UsageError, add_output_arguments, add_prompt_arguments, add_sampling_arguments, check_options,
+                     grid_image, guidance_scale, image_seeds, latent_shape, next_number, precision, prompt_batches,
+                     sampler_name)
+from ldm.inference import (add_model_arguments, file_hash, first_stage_factor, img2img, load_from_arguments,
+                           load_image, save_png, to_uint8)
+from ldm.pretrained import PretrainedWeightsMissing
 from ldm.util import ConfigError
+
+SD_V1_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+SD_V1_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+SD_IMG2IMG_SCALE = 5.0  # the SD v1 img2img script's default guidance scale
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init-img", type=str, required=True, help="path to the input image")
+    p.add_argument("--strength", type=float, default=0.75,
+                   help="noise added to the input, in (0, 1]: 1 ignores it, small values keep it")
+    add_prompt_arguments(p, default=None)
+    add_sampling_arguments(p, n_samples=2, n_iter=1, scale=None)
+    add_output_arguments(p, "outputs/img2img-samples")
+    add_model_arguments(p, default_ckpt=SD_V1_CKPT, default_config=SD_V1_CONFIG)
+    return p
+
+
+def init_image(path: str, model, H, W) -> torch.Tensor:
+    """The input as (1, 3, H, W) in [-1, 1]: resized to --H/--W, else cropped down to a multiple of the factor."""
+    x = load_image(path)
+    f = first_stage_factor(model)
+    if H or W:
+        _, h, w = latent_shape(model, H or x.shape[2] // f * f, W or x.shape[3] // f * f)
+        return F.interpolate(x, size=(h * f, w * f), mode="bicubic", align_corners=False).clamp(-1, 1)
+    h, w = x.shape[2] // f * f, x.shape[3] // f * f
+    if not (h and w):
+        raise UsageError(f"--init-img {path} is {x.shape[3]}x{x.shape[2]}, smaller than the factor {f}")
+    return x[:, :, :h, :w]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--init-img", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--strength", type=float, default=0.75, help="0 keeps the input, 1 ignores it")
-    p.add_argument("--outdir", default="outputs/img2img-samples")
-    p.add_argument("--n_samples", type=int, default=2)
-    p.add_argument("--ddim_steps", type=int, default=50)
-    p.add_argument("--scale", type=float, default=None)
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--config", default=None)
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--unsafe-load", action="store_true")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
-                   help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
-    opt = p.parse_args(argv)
-    if not 0.0 < opt.strength <= 1.0:
-        print(f"error: --strength must lie in (0, 1], got {opt.strength}", file=sys.stderr)
-        return 2
+    opt = get_parser().parse_args(argv)
     try:
-        model, _ = load_for_sampling(opt.ckpt, opt.config, allow_pickle=opt.unsafe_load, device=opt.device)
-        img = Image.open(opt.init_img).convert("RGB")
-    except (ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
+        check_options(opt)
+        if not 0.0 < opt.strength <= 1.0:
+            raise UsageError(f"--strength must lie in (0, 1], got {opt.strength}")
+        if opt.prompt is None and not opt.from_file:
+            raise UsageError("give --prompt or --from-file")
+        sampler, prec = sampler_name(opt), precision(opt)
+        batches = prompt_batches(opt)
+        model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)
+        latent_shape(model, None, None, opt.C, opt.f)
+        x = init_image(opt.init_img, model, opt.H, opt.W)
+    except (UsageError, ConfigError, CheckpointError, PretrainedWeightsMissing, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    side = model.first_stage_model.encoder.resolution
-    arr = np.asarray(img.resize((side, side), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)[None].repeat(opt.n_samples, 1, 1, 1)
-    scale = model.guidance_scale if opt.scale is None else opt.scale
-    images = img2img(model, x, [opt.prompt] * opt.n_samples, strength=opt.strength, steps=opt.ddim_steps,
-                     sampler=opt.sampler, scale=scale, seed=opt.seed, precision=opt.precision)
-    out = Path(opt.outdir) / "samples"
-    out.mkdir(parents=True, exist_ok=True)
-    count = len(list(out.glob("*.png")))
-    h = file_hash(opt.ckpt)
-    for i, a in enumerate(to_uint8(images)):
-        save_png(a, out / f"{count + i:05}.png", {"prompt": opt.prompt, "init_img": opt.init_img, "strength": opt.strength,
-                                                  "seed": opt.seed, "sampler": opt.sampler, "steps": opt.ddim_steps,
-                                                  "scale": scale, "ckpt_sha256": h})
-    print(f"wrote {len(images)} images to {out}")
+    scale = guidance_scale(opt, cfg, model, fallback=SD_IMG2IMG_SCALE)
+    out = Path(opt.outdir)
+    samples_dir = out / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    count, h = next_number(samples_dir, r"(\d+)\.png"), file_hash(opt.ckpt)
+    images, captions, k = [], [], 0
+    for prompts in tqdm([b for _ in range(opt.n_iter) for b in batches], desc="img2img"):
+        seeds = image_seeds(opt.seed, 0 if opt.fixed_code else k, len(prompts))
+        batch = to_uint8(img2img(model, x.repeat(len(prompts), 1, 1, 1), prompts, strength=opt.strength,
+                                 steps=opt.steps, sampler=sampler, scale=scale, seed=seeds, use_ema=not opt.no_ema,
+                                 precision=prec, eta=opt.ddim_eta, spacing=opt.spacing))
+        for i, a in enumerate(batch):
+            if not opt.skip_save:
+                save_png(a, samples_dir / f"{count:05}.png",
+                         {"prompt": prompts[i], "init_img": opt.init_img, "strength": opt.strength, "seed": seeds[i],
+                          "sampler": sampler, "spacing": opt.spacing, "steps": opt.steps, "scale": scale,
+                          "eta": opt.ddim_eta, "ckpt_sha256": h})
+                count += 1
+        k += len(prompts)
+        images.append(batch)
+        captions += prompts
+    if not opt.skip_grid:
+        grid = grid_image(np.concatenate(images), opt.n_rows or opt.n_samples, opt.grid_upscale,
+                          captions if opt.grid_captions else None)
+        number = next_number(out, r"grid-(\d+)\.png")
+        save_png(grid, out / f"grid-{number:04}.png",
+                 {"prompts": " | ".join(dict.fromkeys(captions)), "strength": opt.strength, "seed": opt.seed,
+                  "ckpt_sha256": h})
+    print(f"Your samples are ready and waiting for you here: {out}")
     return 0
 
 

@@ -60,8 +60,9 @@ def main() -> int:
          "lightning.trainer.enable_progress_bar=false"])
     ldm = latest_run(args.logdir, "quickstart_txt2img") / "checkpoints" / "last.ckpt"
     t2 = time.time()
-    run([py, "scripts/txt2img.py", "--ckpt", str(ldm), "--from-file", "data/quickstart_prompts.txt", "--n_samples", "1",
-         "--outdir", args.outdir])
+    # 16 prompts in batches of 8, a 4-wide grid enlarged 4x with each prompt written under its image
+    run([py, "scripts/txt2img.py", "--ckpt", str(ldm), "--from-file", "data/quickstart_prompts.txt", "--n_samples", "8",
+         "--n_rows", "4", "--grid_upscale", "4", "--grid_captions", "--outdir", args.outdir])
     t3 = time.time()
     print(f"quickstart done in {t3 - t0:.0f} s (autoencoder {t1 - t0:.0f} s, LDM {t2 - t1:.0f} s, sampling {t3 - t2:.0f} s)")
     print(f"autoencoder: {ae}\nLDM: {ldm}\nsamples: {args.outdir}")

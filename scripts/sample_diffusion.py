@@ -1,60 +1,132 @@
-"""Sample an unconditional or class-conditional LDM: PNGs plus one .npz (uint8 NHWC) batch for metrics.
+"""Sample an unconditional or class-conditional LDM with the flags and output layout of CompVis'
+scripts/sample_diffusion.py: PNGs plus one .npz (uint8 NHWC) for metrics.
 
-    python scripts/sample_diffusion.py --ckpt logs/<run>/checkpoints/last.ckpt -n 64 --custom_steps 50
-    python scripts/sample_diffusion.py --ckpt ... --class_label 3 --scale 2.0
+    python scripts/sample_diffusion.py -r logs/<run> -n 64 -c 50 -e 0.0
+    python scripts/sample_diffusion.py -r models/ldm/celeba256/model.ckpt -n 50000 --batch_size 50 -l outputs
+    python scripts/sample_diffusion.py --ckpt logs/<run>/checkpoints/last.ckpt -n 16 --sampler heun --class_label 3
+
+-r takes a log directory (model.ckpt + config.yaml, or a main.py run: checkpoints/last.ckpt + configs/) or a
+checkpoint file (config next to it). Extra `key=value` arguments override the config. Output:
+<logdir>/samples/<global step, 8 digits>/<date-time>/{img/sample_NNNNNN.png, numpy/<N>x<H>x<W>x<C>-samples.npz,
+sampling_config.yaml}, where <logdir> is the run's directory, or -l/--logdir/<run name>.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import inspect
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
-from ldm.inference import Precision, file_hash, load_for_sampling, precision_scope, save_png, to_uint8
-from ldm.sampling import SAMPLERS
+from ldm.cli import UsageError, check_options, image_seeds, latent_shape, precision
+from ldm.inference import (Precision, file_hash, load_for_sampling, precision_scope, resolve_resume, save_png,
+                           to_uint8)
+from ldm.pretrained import PretrainedWeightsMissing
+from ldm.sampling import SAMPLERS, get_sampler
+from ldm.sampling.spacing import Spacing
 from ldm.util import ConfigError
+
+COMPVIS_ETA = 1.0  # CompVis' default DDIM eta for this script (stochastic DDIM)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model (one of -r or --ckpt)")
+    src.add_argument("-r", "--resume", type=str, default=None, help="log directory or checkpoint in it")
+    src.add_argument("--ckpt", type=str, default=None, help="a checkpoint (config: --config or its run's)")
+    src.add_argument("--config", type=str, default=None)
+    src.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the checkpoint")
+    src.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    src.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
+                     help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
+    g = p.add_argument_group("sampling (CompVis flags)")
+    g.add_argument("-n", "--n_samples", type=int, default=50000, help="number of samples to draw")
+    g.add_argument("-e", "--eta", type=float, default=None,
+                   help=f"eta of DDIM (default {COMPVIS_ETA}, as CompVis; 0.0: deterministic) or of another sampler")
+    g.add_argument("-v", "--vanilla_sample", action="store_true",
+                   help="ancestral DDPM sampling over all the model's timesteps instead of DDIM")
+    g.add_argument("-c", "--custom_steps", type=int, default=50, help="sampling steps (DDIM or --sampler)")
+    g.add_argument("-l", "--logdir", type=str, default="none", help="write under <logdir>/<run name> instead")
+    g.add_argument("--batch_size", type=int, default=10)
+    ours = p.add_argument_group("sampling (this framework)")
+    ours.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: ddim (ddpm with -v)")
+    ours.add_argument("--spacing", default=Spacing.UNIFORM.value, choices=[s.value for s in Spacing])
+    ours.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
+    ours.add_argument("--class_label", type=int, default=None,
+                      help="class-conditional models: this class (default: classes in turn, balanced)")
+    ours.add_argument("--scale", type=float, default=None, help="guidance scale for class-conditional models")
+    ours.add_argument("--H", type=int, default=None, help="image height (default: the model's)")
+    ours.add_argument("--W", type=int, default=None, help="image width (default: the model's)")
+    return p
+
+
+def sampler_and_steps(opt, model) -> tuple[str, int, dict]:
+    """(sampler, steps, options): -v is ancestral DDPM over every timestep; otherwise DDIM with eta (or --sampler)."""
+    if opt.vanilla_sample:
+        if opt.sampler not in (None, "ddpm"):
+            raise UsageError(f"-v/--vanilla_sample is DDPM sampling; it conflicts with --sampler {opt.sampler}")
+        return "ddpm", model.num_timesteps, {}
+    sampler = opt.sampler or "ddim"
+    takes_eta = "eta" in inspect.signature(get_sampler(sampler)).parameters
+    if opt.eta is not None and not takes_eta:
+        raise UsageError(f"-e/--eta {opt.eta}: sampler '{sampler}' has no eta")
+    eta = COMPVIS_ETA if opt.eta is None and sampler == "ddim" else opt.eta
+    return sampler, opt.custom_steps, ({"eta": eta} if eta else {})
+
+
+def output_dirs(logdir: Path, opt, step) -> Path:
+    """<logdir or -l/<run name>>/samples/<step:08>/<now>, as CompVis."""
+    if opt.logdir != "none":
+        logdir = Path(opt.logdir) / logdir.resolve().name
+    now = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    return logdir / "samples" / f"{int(step or 0):08}" / now
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--config", default=None)
-    p.add_argument("-n", "--n_samples", type=int, default=16)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--custom_steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--class_label", type=int, default=None, help="class-conditional models: the class (default: cycle)")
-    p.add_argument("--scale", type=float, default=None, help="guidance scale for class-conditional models")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-l", "--logdir", default="outputs/sample_diffusion")
-    p.add_argument("--unsafe-load", action="store_true")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
-                   help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
-    opt = p.parse_args(argv)
+    opt, unknown = get_parser().parse_known_args(argv)
     try:
-        model, _ = load_for_sampling(opt.ckpt, opt.config, allow_pickle=opt.unsafe_load, device=opt.device)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        check_options(opt)
+        if (opt.resume is None) == (opt.ckpt is None):
+            raise UsageError("give one of -r/--resume (log directory or checkpoint) or --ckpt")
+        if opt.resume is not None:
+            ckpt, config, logdir = resolve_resume(opt.resume)
+            config = opt.config or config
+        else:
+            ckpt, config = Path(opt.ckpt), opt.config
+            logdir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        model, cfg = load_for_sampling(ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
+                                       overrides=unknown)
+        sampler, steps, options = sampler_and_steps(opt, model)
+        shape = latent_shape(model, opt.H, opt.W)
+        prec = precision(opt)
+        conditional = model.model.conditioning_key is not None
+        if conditional and not hasattr(model.cond_stage_model, "n_classes"):
+            raise UsageError("this model is neither unconditional nor class-conditional; use scripts/txt2img.py")
+    except (UsageError, ConfigError, CheckpointError, PretrainedWeightsMissing, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    conditional = model.model.conditioning_key is not None
-    if conditional and getattr(model.cond_stage_model, "null_label", None) is None and not hasattr(model.cond_stage_model, "n_classes"):
-        print("error: this model is not unconditional or class-conditional; use scripts/txt2img.py", file=sys.stderr)
-        return 2
     scale = (model.guidance_scale if opt.scale is None else opt.scale) if conditional else 1.0
-    out = Path(opt.logdir)
-    (out / "img").mkdir(parents=True, exist_ok=True)
-    h, done, arrays = file_hash(opt.ckpt), 0, []
-    kw = {"eta": opt.eta} if opt.eta else {}  # a sampler without an eta refuses a non-zero one
-    with tqdm(total=opt.n_samples, desc="sampling") as bar:
+    run_dir = output_dirs(logdir, opt, getattr(model, "ckpt_global_step", None))
+    img_dir, np_dir = run_dir / "img", run_dir / "numpy"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    np_dir.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(opt).items()} | {"ckpt_used": str(ckpt), "config_used": str(config),
+                                                       "overrides": list(unknown), "sampler_used": sampler,
+                                                       "steps_used": steps, "scale_used": scale}
+    (run_dir / "sampling_config.yaml").write_text(yaml.safe_dump(settings, sort_keys=True))
+    print(f"logging to {run_dir}")
+    h, done, arrays = file_hash(ckpt), 0, []
+    with tqdm(total=opt.n_samples, desc=f"sampling ({sampler}, {steps} steps)") as bar:
         while done < opt.n_samples:
             bs = min(opt.batch_size, opt.n_samples - done)
-            g = torch.Generator(device=model.device).manual_seed(opt.seed + done)
+            seeds = image_seeds(opt.seed, done, bs)
+            gens = [torch.Generator(device=model.device).manual_seed(s) for s in seeds]
             c = uc = labels = None
             if conditional:
                 n_cls = model.cond_stage_model.n_classes
@@ -62,21 +134,21 @@ def main(argv=None) -> int:
                           else torch.arange(done, done + bs) % n_cls).to(model.device)
                 c = model.get_learned_conditioning(labels)
                 uc = model.get_unconditional_conditioning(labels) if scale != 1.0 else None
-            with model.ema_scope("sampling"), precision_scope(opt.precision, model.device):
-                z = model.sample(c, bs, steps=opt.custom_steps, sampler=opt.sampler, guidance_scale=scale, uncond=uc,
-                                 generator=g, **kw)
+            with torch.no_grad(), model.ema_scope("sampling"), precision_scope(prec, model.device):
+                z = model.sample(c, bs, steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=gens,
+                                 shape=shape, spacing=opt.spacing, **options)
                 imgs = to_uint8(model.decode_first_stage(z.float()).float())
             for i, a in enumerate(imgs):
-                meta = {"seed": opt.seed + done, "index_in_batch": i, "sampler": opt.sampler, "steps": opt.custom_steps,
-                        "scale": scale, "ckpt_sha256": h}
+                meta = {"seed": seeds[i], "sampler": sampler, "steps": steps, "scale": scale, "ckpt_sha256": h}
                 if labels is not None:
                     meta["class_label"] = int(labels[i])
-                save_png(a, out / "img" / f"sample_{done + i:06}.png", meta)
+                save_png(a, img_dir / f"sample_{done + i:06}.png", meta)
             arrays.append(imgs)
             done += bs
             bar.update(bs)
-    np.savez(out / f"{opt.n_samples}x{'x'.join(map(str, arrays[0].shape[1:]))}-samples.npz", np.concatenate(arrays))
-    print(f"wrote {done} samples to {out}")
+    all_img = np.concatenate(arrays)
+    np.savez(np_dir / f"{'x'.join(map(str, all_img.shape))}-samples.npz", all_img)
+    print(f"wrote {done} samples to {run_dir}")
     return 0
 
 

@@ -82,8 +82,10 @@ def _diffusers_twin(cfg, v2: bool):
         attention_head_dim=heads, use_linear_projection=v2, norm_num_groups=32)
 
 
-@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_same_function_as_diffusers(v2):
+@pytest.mark.parametrize("v2,size", [(False, (32, 32)), (True, (32, 32)), (False, (24, 36)), (True, (27, 33))],
+                         ids=["v1", "v2", "v1-24x36", "v2-odd-27x33"])
+def test_same_function_as_diffusers(v2, size):
+    """Also at latent sides that are not multiples of the UNet's factor 8 (upsampling to the skip's size)."""
     pytest.importorskip("diffusers")
     cfg = _tiny(v2)
     ours = UNetModel(**cfg).eval()
@@ -93,8 +95,9 @@ def test_same_function_as_diffusers(v2):
     twin = _diffusers_twin(cfg, v2).eval()
     converted = compvis_to_diffusers_unet(ours.state_dict(), 2, 4, attention_levels=[0, 1, 2])
     twin.load_state_dict(converted, strict=True)
-    x, t, c = torch.randn(2, 4, 32, 32), torch.tensor([10, 900]), torch.randn(2, 7, 24)
+    x, t, c = torch.randn(2, 4, *size), torch.tensor([10, 900]), torch.randn(2, 7, 24)
     with torch.no_grad():
         a = ours(x, t, context=c)
         b = twin(x, t, encoder_hidden_states=c).sample
+    assert a.shape == x.shape
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

@@ -22,21 +22,27 @@ class TimestepBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
-    """Sequential that passes the embedding to TimestepBlocks and the context to SpatialTransformers."""
+    """Sequential that passes the embedding to TimestepBlocks, the context to SpatialTransformers, and the size
+    an upsampling layer must reach (`output_size`, for inputs whose side is not a multiple of the UNet's factor)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None,
+                output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         for layer in self:
-            if isinstance(layer, TimestepBlock):
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, output_size=output_size)
+            elif isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, output_size=output_size)
             else:
                 x = layer(x)
         return x
 
 
 class Upsample(nn.Module):
-    """Nearest x2 then an optional 3x3 conv (key `conv`)."""
+    """Nearest x2 (or to `output_size`, the skip's size, when a side was odd) then an optional 3x3 conv (key `conv`)."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None,
                  padding: int = 1):
@@ -46,8 +52,13 @@ class Upsample(nn.Module):
         if use_conv:
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = upsample_nearest(x, self.dims)
+    def forward(self, x: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        doubled = [2 * n for n in x.shape[-2:]]
+        if output_size is None or list(output_size)[-2:] == doubled:
+            x = upsample_nearest(x, self.dims)
+        else:
+            size = (x.shape[2], *list(output_size)[-2:]) if self.dims == 3 else tuple(output_size)[-2:]
+            x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
@@ -100,16 +111,17 @@ class ResBlock(TimestepBlock):
         else:
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return grad_checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
+            return grad_checkpoint(self._forward, x, emb, output_size, use_reentrant=False)
+        return self._forward(x, emb, output_size)
 
-    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         if self.updown:
             in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
-            h = in_conv(self.h_upd(in_rest(x)))
-            x = self.x_upd(x)
+            upd = {"output_size": output_size} if isinstance(self.h_upd, Upsample) else {}
+            h = in_conv(self.h_upd(in_rest(x), **upd))
+            x = self.x_upd(x, **upd)
         else:
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)
@@ -293,5 +305,7 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
-            h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
+            h = torch.cat([h, hs.pop()], dim=1)
+            # an upsampling block ends at the size of the skip it meets next (odd sides: not simply x2)
+            h = module(h, emb, context, output_size=hs[-1].shape[2:] if hs else None)
         return self.out(h)

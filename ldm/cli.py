@@ -1,0 +1,205 @@
+"""What the sampling scripts share: the CompVis / Stable Diffusion flags, image sizes, per-image seeds, output
+numbering and grids.
+
+Flags keep the names and meanings of CompVis/stable-diffusion (SD v1) and Stability-AI/stablediffusion (SD v2):
+`--ddim_steps` and `--steps` are one option, `--plms`, `--dpm_solver` and `--dpm` pick a sampler as there, and
+`--sampler` picks any sampler of `ldm.sampling`.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ldm.inference import Precision, first_stage_factor
+from ldm.sampling import SAMPLERS
+from ldm.sampling.spacing import Spacing
+
+# The sampler the originals' DPM-Solver flags select: multistep second order with data prediction (DPM-Solver++).
+DPM_SOLVER = "dpmpp_2m"
+# CompVis' guidance scale default, used when the model's config does not set its own `guidance_scale`.
+COMPVIS_SCALE = 7.5
+REFUSED = {"torchscript": "TorchScript tracing of the UNet", "ipex": "Intel Extension for PyTorch"}
+
+
+class UsageError(ValueError):
+    """A flag value this model or this framework cannot honour; the message names the flag."""
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, *, n_samples: int, n_iter: int, scale: Optional[float],
+                           steps: int = 50, seed: int = 42) -> None:
+    """Sampler, guidance, size, seed and batch flags of the CompVis / SD scripts, plus --sampler and --spacing."""
+    g = p.add_argument_group("sampling (CompVis / Stable Diffusion flags)")
+    g.add_argument("--ddim_steps", "--steps", dest="steps", type=int, default=steps,
+                   help="sampling steps (any sampler); --steps is the SD v2 name")
+    g.add_argument("--plms", action="store_true", help="PLMS (same as --sampler plms)")
+    g.add_argument("--dpm_solver", "--dpm", dest="dpm_solver", action="store_true",
+                   help=f"DPM-Solver++ (2M), as the SD scripts' DPMSolverSampler (same as --sampler {DPM_SOLVER})")
+    g.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="any sampler (default: ddim)")
+    g.add_argument("--spacing", default=Spacing.UNIFORM.value, choices=[s.value for s in Spacing],
+                   help="how the sampling steps are spread over the noise levels")
+    g.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    g.add_argument("--scale", type=float, default=scale,
+                   help="classifier-free guidance scale (default: the config's guidance_scale, else 7.5)")
+    g.add_argument("--fixed_code", action="store_true", help="reuse one start code for every iteration")
+    g.add_argument("--n_samples", type=int, default=n_samples, help="images per batch (a.k.a. batch size)")
+    g.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
+    g.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    g.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's)")
+    g.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's)")
+    g.add_argument("--C", type=int, default=None, help="latent channels (default: the config's)")
+    g.add_argument("--f", type=int, default=None, help="first-stage downsampling factor (default: the config's)")
+    g.add_argument("--seed", type=int, default=seed, help="image k of the run uses seed + k")
+    g.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (same as --precision bf16)")
+    for flag, what in REFUSED.items():
+        g.add_argument(f"--{flag}", action="store_true", help=f"not supported ({what}); refused with a message")
+
+
+def add_output_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
+    """--outdir, --skip_grid, --skip_save and the grid options for small images."""
+    g = p.add_argument_group("output")
+    g.add_argument("--outdir", type=str, default=outdir, help="samples/NNNNN.png and grid-NNNN.png go here")
+    g.add_argument("--skip_grid", action="store_true", help="do not write a grid")
+    g.add_argument("--skip_save", action="store_true", help="do not write the single images")
+    g.add_argument("--grid_upscale", type=int, default=1,
+                   help="enlarge the grid by this integer factor (nearest neighbour), for small images")
+    g.add_argument("--grid_captions", action="store_true", help="write each prompt under its tile in the grid")
+
+
+def add_prompt_arguments(p: argparse.ArgumentParser, default: Optional[str], required: bool = False) -> None:
+    """--prompt, --from-file (one prompt per line, batched n_samples at a time) and SD v2's --repeat."""
+    p.add_argument("--prompt", type=str, default=default, required=required, help="the prompt to render")
+    p.add_argument("--from-file", type=str, default=None,
+                   help="prompts, one per line; batches of n_samples lines (as the CompVis scripts)")
+    p.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often (SD v2)")
+
+
+def check_options(opt: argparse.Namespace) -> None:
+    """Refuse what cannot be honoured before any work: SD v2's --torchscript / --ipex, non-positive counts."""
+    for flag, what in REFUSED.items():
+        if getattr(opt, flag, False):
+            raise UsageError(f"--{flag} ({what}) is not supported here; sample without it (for speed on CPU, "
+                             f"--bf16 or --precision bf16; on GPU, --precision autocast)")
+    for flag in ("n_samples", "n_iter", "steps", "grid_upscale", "repeat", "batch_size"):
+        value = getattr(opt, flag, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {value}")
+
+
+def sampler_name(opt: argparse.Namespace) -> str:
+    """The sampler named by --plms / --dpm_solver (--dpm) / --sampler; two different ones are an error."""
+    picked = {name for flag, name in (("plms", "plms"), ("dpm_solver", DPM_SOLVER)) if getattr(opt, flag, False)}
+    if opt.sampler:
+        picked.add(opt.sampler)
+    if len(picked) > 1:
+        raise UsageError(f"conflicting sampler flags: {', '.join(sorted(picked))} (give one of --plms, --dpm_solver, "
+                         f"--sampler NAME)")
+    return picked.pop() if picked else "ddim"
+
+
+def precision(opt: argparse.Namespace) -> Precision:
+    """--precision, with SD v2's --bf16 as bf16 ("full" is float32, "autocast" float16 on CUDA / bfloat16 on CPU)."""
+    if getattr(opt, "bf16", False):
+        if opt.precision not in (Precision.FP32.value, Precision.BF16.value, Precision.FULL.value):
+            raise UsageError(f"--bf16 conflicts with --precision {opt.precision}")
+        return Precision.BF16
+    return Precision(opt.precision)
+
+
+def guidance_scale(opt: argparse.Namespace, cfg, model, fallback: float = COMPVIS_SCALE) -> float:
+    """--scale; else the config's `guidance_scale` when it sets one; else the original script's default."""
+    if opt.scale is not None:
+        return float(opt.scale)
+    params = cfg.model.get("params", {}) if cfg is not None else {}
+    if "guidance_scale" in params:
+        return float(model.guidance_scale)
+    return fallback
+
+
+def latent_shape(model, H: Optional[int], W: Optional[int], C: Optional[int] = None,
+                 f: Optional[int] = None) -> tuple[int, int, int]:
+    """(C, H/f, W/f) for an H x W image; any multiple of the first stage's factor f; default the native size."""
+    factor = first_stage_factor(model)
+    if f is not None and f != factor:
+        raise UsageError(f"--f {f}: this model's first stage downsamples by {factor}")
+    if C is not None and C != model.channels:
+        raise UsageError(f"--C {C}: this model's latents have {model.channels} channels")
+    native = model.image_size * factor
+    H, W = H or native, W or native
+    for name, side in (("H", H), ("W", W)):
+        if side <= 0 or side % factor:
+            raise UsageError(f"--{name} {side} is not a positive multiple of the first stage's downsampling factor "
+                             f"{factor} (e.g. {max(factor, side // factor * factor)} or {(side // factor + 1) * factor})")
+    return model.channels, H // factor, W // factor
+
+
+def prompt_batches(opt: argparse.Namespace) -> list[list[str]]:
+    """[prompt] * n_samples; with --from-file, its lines (each --repeat times) in batches of n_samples."""
+    if not opt.from_file:
+        return [[opt.prompt] * opt.n_samples]
+    path = Path(opt.from_file)
+    if not path.is_file():
+        raise UsageError(f"--from-file {path}: no such file")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise UsageError(f"--from-file {path}: no prompts in it")
+    lines = [ln for ln in lines for _ in range(max(1, opt.repeat))]
+    return [lines[i: i + opt.n_samples] for i in range(0, len(lines), opt.n_samples)]
+
+
+def image_seeds(seed: int, first: int, n: int) -> list[int]:
+    """Per-image seeds: image k of a run uses seed + k, whatever the batch split (n_samples x n_iter)."""
+    return [seed + k for k in range(first, first + n)]
+
+
+def start_code(shape: Sequence[int], seeds: Sequence[int], device) -> torch.Tensor:
+    """A start code (B, C, h, w), image i drawn from its own seed (as the samplers draw it)."""
+    from ldm.sampling import randn_like
+    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    return randn_like(torch.empty((len(seeds), *shape), device=device), gens)
+
+
+def next_number(folder: Path, pattern: str) -> int:
+    """One past the largest number among files named like `pattern` (a regex with one group): never overwrites."""
+    rx = re.compile(pattern)
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := rx.fullmatch(p.name))] if folder.is_dir() else []
+    return max(numbers) + 1 if numbers else 0
+
+
+def grid_image(images: np.ndarray, nrow: int, upscale: int = 1, captions: Optional[Sequence[str]] = None,
+               padding: int = 2) -> np.ndarray:
+    """A grid (H, W, 3) uint8 of `images` (B, h, w, 3) uint8, `nrow` per row, enlarged (nearest), optionally captioned."""
+    from PIL import Image, ImageDraw, ImageFont
+    b, h, w, _ = images.shape
+    h, w = h * upscale, w * upscale
+    font = ImageFont.load_default()
+    lines_per_tile = [_wrap(c, font, w) for c in captions] if captions else None
+    line_h = (font.getbbox("Ag")[3] + 2) if captions else 0
+    cap_h = max((len(ls) for ls in lines_per_tile), default=0) * line_h if lines_per_tile else 0
+    ncol = max(1, min(nrow, b))
+    nrows = (b + ncol - 1) // ncol
+    canvas = Image.new("RGB", (ncol * (w + padding) + padding, nrows * (h + cap_h + padding) + padding), "black")
+    draw = ImageDraw.Draw(canvas)
+    for i, arr in enumerate(images):
+        x0, y0 = padding + (i % ncol) * (w + padding), padding + (i // ncol) * (h + cap_h + padding)
+        canvas.paste(Image.fromarray(arr).resize((w, h), Image.NEAREST), (x0, y0))
+        for j, line in enumerate(lines_per_tile[i] if lines_per_tile else ()):
+            draw.text((x0 + 1, y0 + h + 1 + j * line_h), line, fill="white", font=font)
+    return np.asarray(canvas)
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of `text` to lines at most `width` pixels wide in `font`."""
+    lines, cur = [], ""
+    for word in text.split():
+        trial = f"{cur} {word}".strip()
+        if cur and font.getlength(trial) > width - 2:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = trial
+    return lines + ([cur] if cur else [])
