@@ -42,8 +42,11 @@ class ImageLogger(pl.Callback):
 
     def __init__(self, batch_frequency: int, max_images: int, clamp: bool = True, increase_log_steps: bool = True,
                  rescale: bool = True, disabled: bool = False, log_on_batch_idx: bool = False,
-                 log_first_step: bool = False, log_images_kwargs: Optional[dict] = None, log_val: bool = True):
+                 log_first_step: bool = False, log_images_kwargs: Optional[dict] = None, log_val: bool = True,
+                 enable_autocast: bool = True):
         super().__init__()
+        # SD2: log_images under float16 autocast on CUDA (reduced-precision sampling is only for speed there)
+        self.enable_autocast = enable_autocast
         self.batch_freq, self.max_images = max(1, int(batch_frequency)), max_images
         self.rescale, self.clamp, self.disabled = rescale, clamp, disabled
         self.log_on_batch_idx, self.log_first_step = log_on_batch_idx, log_first_step
@@ -83,7 +86,8 @@ class ImageLogger(pl.Callback):
         was_training = pl_module.training
         if was_training:
             pl_module.eval()
-        with torch.no_grad():
+        autocast = self.enable_autocast and pl_module.device.type == "cuda"
+        with torch.no_grad(), torch.autocast("cuda", enabled=autocast):
             images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
         for k in list(images):
             img = images[k]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import logging
 from pathlib import Path
@@ -33,11 +34,46 @@ def _key_path(config: Any, fallback: str) -> str:
     return fallback
 
 
+# Users' configs name classes of the taming-transformers package (CompVis/latent-diffusion used it for its
+# first-stage losses and face datasets). Without that package installed, these names map to this project's
+# classes; with it installed, the real `taming` module is used.
+TAMING_EQUIVALENTS = {
+    "taming.modules.losses.vqperceptual": "ldm.modules.losses.vqperceptual",
+    "taming.modules.losses.lpips": "ldm.modules.losses.lpips",
+    "taming.modules.discriminator.model": "ldm.modules.losses.discriminator",
+    "taming.modules.vqvae.quantize": "ldm.modules.vqvae.quantize",
+    "taming.data.faceshq": "ldm.data.faceshq",
+}
+_reported: set[str] = set()
+
+
+def report_once(message: str, *args: Any) -> None:
+    """Log `message` at INFO the first time it is seen in this process (parameters accepted but meaningless here,
+    substituted targets)."""
+    text = message % args if args else message
+    if text not in _reported:
+        _reported.add(text)
+        logger.info(text)
+
+
+def _taming_module(module_name: str) -> Optional[str]:
+    """This project's module for a `taming.*` module when the taming package is not installed, else None."""
+    if not (module_name == "taming" or module_name.startswith("taming.")):
+        return None
+    if importlib.util.find_spec("taming") is not None:
+        return None  # the real taming-transformers is installed: use it
+    return TAMING_EQUIVALENTS.get(module_name)
+
+
 def get_obj_from_str(string: str, reload: bool = False, key: str = "target") -> Any:
     """Import `package.module.Name` and return the attribute, with errors naming the target."""
     if not isinstance(string, str) or "." not in string:
         raise ConfigError(f"{key}: '{string}' is not an import path of the form package.module.Name")
     module_name, cls_name = string.rsplit(".", 1)
+    substitute = _taming_module(module_name)
+    if substitute is not None:
+        report_once("%s: the taming package is not installed; using %s.%s", string, substitute, cls_name)
+        module_name = substitute
     try:
         module = importlib.import_module(module_name)
         if reload:

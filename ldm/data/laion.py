@@ -1,4 +1,5 @@
-"""CompVis / Stable Diffusion 2 `ldm.data.laion` names: `AddMask`, the inpainting transform of a sample pipeline."""
+"""Stable Diffusion 2 `ldm.data.laion` names: `WebDataModuleFromConfig` (WebDataset shards, ldm.data.webdata) and
+`AddMask`, the inpainting transform of a sample pipeline."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +11,7 @@ import torch
 
 from ldm.data.inpainting import MaskConvention, masked_inputs
 from ldm.data.masks import MaskGenerator
+from ldm.data.webdata import WebDataModuleFromConfig  # noqa: F401  (SD2 import path)
 
 # SD2's mode names mapped onto our presets (sizes are scaled to the image side by the generator)
 MASK_MODES: dict[str, dict[str, float]] = {

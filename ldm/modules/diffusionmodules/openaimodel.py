@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from ldm.modules.attention import SpatialTransformer, zero_module
+from ldm.util import report_once
 from ldm.modules.diffusionmodules.util import (UNET_NORM_GROUPS, avg_pool_nd, conv_nd, linear, normalization,
                                                timestep_embedding, upsample_nearest)
 
@@ -210,7 +211,9 @@ class UNetModel(nn.Module):
         self.attention_resolutions, self.dropout = list(attention_resolutions), dropout
         self.channel_mult, self.conv_resample = channel_mult, conv_resample
         self.num_classes, self.use_checkpoint = num_classes, use_checkpoint
-        self.dtype = torch.float16 if use_fp16 else torch.float32
+        if use_fp16:  # CompVis cast the UNet to float16 here; precision is a run-time choice in this framework
+            report_once("UNetModel: use_fp16 is accepted and ignored; choose the precision at run time "
+                        "(trainer precision, or --precision for sampling)")
         self.num_heads, self.num_head_channels = num_heads, num_head_channels
         self.predict_codebook_ids = False
         ted = model_channels * 4

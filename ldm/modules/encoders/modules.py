@@ -311,3 +311,28 @@ class FrozenOpenCLIPEmbedder(_CachedTextEncoder):
         if seq_first:
             x = x.permute(1, 0, 2)
         return self.model.ln_final(x)
+
+
+class SpatialRescaler(nn.Module):
+    """Resize a spatial condition `n_stages` times by `multiplier`, then optionally map its channels with a 1x1
+    convolution (LDM semantic synthesis: one-hot segmentation maps down to the latent size)."""
+
+    METHODS = ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area")
+
+    def __init__(self, n_stages: int = 1, method: str = "bilinear", multiplier: float = 0.5, in_channels: int = 3,
+                 out_channels: Optional[int] = None, bias: bool = False):
+        super().__init__()
+        if n_stages < 0:
+            raise ValueError(f"SpatialRescaler: n_stages must be >= 0, got {n_stages}")
+        if method not in self.METHODS:
+            raise ValueError(f"SpatialRescaler: method must be one of {self.METHODS}, got '{method}'")
+        self.n_stages, self.method, self.multiplier = n_stages, method, multiplier
+        self.channel_mapper = nn.Conv2d(in_channels, out_channels, 1, bias=bias) if out_channels is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.n_stages):
+            x = torch.nn.functional.interpolate(x, scale_factor=self.multiplier, mode=self.method)
+        return self.channel_mapper(x) if self.channel_mapper is not None else x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
