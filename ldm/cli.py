@@ -192,6 +192,18 @@ def grid_image(images: np.ndarray, nrow: int, upscale: int = 1, captions: Option
     return np.asarray(canvas)
 
 
+def write_grid(out: Path, batches: Sequence[np.ndarray], captions: Sequence[str], opt: argparse.Namespace,
+               meta: dict) -> Path:
+    """The run's grid as <out>/grid-NNNN.png (next free number), with --n_rows, --grid_upscale, --grid_captions."""
+    from ldm.inference import save_png
+    grid = grid_image(np.concatenate(list(batches)), opt.n_rows or opt.n_samples, opt.grid_upscale,
+                      list(captions) if opt.grid_captions else None)
+    number = next_number(out, r"grid-(\d+)\.png")
+    path = out / f"grid-{number:04}.png"
+    save_png(grid, path, {"prompts": " | ".join(dict.fromkeys(captions)), "seed": opt.seed} | meta)
+    return path
+
+
 def _wrap(text: str, font, width: int) -> list[str]:
     """Greedy word wrap of `text` to lines at most `width` pixels wide in `font`."""
     lines, cur = [], ""

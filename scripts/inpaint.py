@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError

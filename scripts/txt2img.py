@@ -15,13 +15,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
 from ldm.cli import (UsageError, add_output_arguments, add_prompt_arguments, add_sampling_arguments, check_options,
-                     grid_image, guidance_scale, image_seeds, latent_shape, next_number, precision, prompt_batches,
-                     sampler_name, start_code)
+                     guidance_scale, image_seeds, latent_shape, next_number, precision, prompt_batches, sampler_name,
+                     start_code, write_grid)
 from ldm.inference import add_model_arguments, file_hash, load_from_arguments, sample_prompts, save_png, to_uint8
 from ldm.pretrained import PretrainedWeightsMissing
 from ldm.util import ConfigError
@@ -82,12 +81,8 @@ def main(argv=None) -> int:
         images.append(batch)
         captions += prompts
     if not opt.skip_grid:
-        grid = grid_image(np.concatenate(images), opt.n_rows or opt.n_samples, opt.grid_upscale,
-                          captions if opt.grid_captions else None)
-        number = next_number(out, r"grid-(\d+)\.png")
-        save_png(grid, out / f"grid-{number:04}.png",
-                 {"prompts": " | ".join(dict.fromkeys(captions)), "sampler": sampler, "steps": opt.steps,
-                  "scale": scale, "seed": opt.seed, "ckpt_sha256": ckpt_hash})
+        write_grid(out, images, captions, opt, {"sampler": sampler, "steps": opt.steps, "scale": scale,
+                                                "ckpt_sha256": ckpt_hash})
     print(f"Your samples are ready and waiting for you here: {out}")
     return 0
 

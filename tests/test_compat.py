@@ -6,7 +6,6 @@ import csv
 import inspect
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 

@@ -137,7 +137,7 @@ def test_clip_text_encoder_found_in_hub_cache_by_its_hub_id(caches, net_attempts
 
 
 def test_explicit_path_wins_over_the_cache(caches):
-    from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
     clip_in_cache(caches, "openai/clip-vit-large-patch14", caches, seed=1)
     local = tiny_clip(caches / "my-clip", seed=2)
     enc = FrozenCLIPEmbedder(version=str(local))

@@ -14,16 +14,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
-from ldm.data.folder import first_readable
-from ldm.data.local import dataset_root, read_file_list
+from ldm.data.local import FileListDataset, dataset_root, read_file_list
 from ldm.data.transforms import resize_crop
 
 ENV = "LDM_FACES_ROOT"
 
 
-class FacesBase(Dataset):
+class FacesBase(FileListDataset):
     """Listed face images: `image` (HWC in [-1, 1]) and `file_path_`; `keys` keeps only those entries."""
 
     FOLDER, LIST = "ffhq", "ffhqtrain.txt"
@@ -33,21 +31,14 @@ class FacesBase(Dataset):
         base = Path(os.environ.get(ENV) or "data")
         what = type(self).__name__
         self.root = dataset_root(data_root, ENV, base / self.FOLDER, what, env_subdir=self.FOLDER)
-        self.files = read_file_list(file_list or base / self.LIST, self.root, what, key="file_list")
+        super().__init__(read_file_list(file_list or base / self.LIST, self.root, what, key="file_list"))
         self.size, self.keys = size, list(keys) if keys else None
-        self.bad: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.files)
 
     def _read(self, i: int) -> dict:
         f = self.files[i]
         img = Image.fromarray(np.load(f).astype(np.uint8)) if f.suffix == ".npy" else Image.open(f)
         item = {"image": resize_crop(img, self.size, "center"), "file_path_": str(f)}
         return {k: item[k] for k in self.keys} if self.keys else item
-
-    def __getitem__(self, i: int) -> dict:
-        return first_readable(self.files, self.bad, i, self._read)
 
 
 class FFHQTrain(FacesBase):

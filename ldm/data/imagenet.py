@@ -15,10 +15,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
 from ldm.data.folder import first_readable
-from ldm.data.local import DatasetNotFound, dataset_root
+from ldm.data.local import DatasetNotFound, FileListDataset, dataset_root, load_rgb
 from ldm.data.superres import _SRBase
 from ldm.data.transforms import resize_crop
 
@@ -60,7 +59,7 @@ def _read_mapping(root: Path) -> tuple[list[str], dict[str, str]]:
     return order, names
 
 
-class ImageNetBase(Dataset):
+class ImageNetBase(FileListDataset):
     """ILSVRC2012 images with `class_label`, `human_label`, `synset`, `relpath` and `file_path_`."""
 
     SPLIT = "train"
@@ -87,11 +86,12 @@ class ImageNetBase(Dataset):
                                       f"LOC_synset_mapping.txt)")
             wanted = {order[i] for i in str_to_indices(cfg["sub_indices"])}
             synsets = [s for s in synsets if s in wanted]
-        self.files, self.synsets_of = [], []
+        files, self.synsets_of = [], []
         for s in synsets:
             for f in sorted(p for p in (split_dir / s).iterdir() if p.suffix.lower() in EXTENSIONS):
-                self.files.append(f)
+                files.append(f)
                 self.synsets_of.append(s)
+        super().__init__(files)
         if not self.files:
             raise DatasetNotFound(f"{what}: no images ({', '.join(EXTENSIONS)}) in synset folders under {split_dir}")
         if self.keep_orig_class_label:
@@ -107,15 +107,6 @@ class ImageNetBase(Dataset):
         self.class_labels = [index[s] for s in self.synsets_of]
         self.human_names = names
         self.root, self.split_dir = base, split_dir
-        self.bad: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def photo(self, i: int) -> np.ndarray:
-        """The image file as uint8 HWC RGB."""
-        with Image.open(self.files[i]) as im:
-            return np.asarray(im.convert("RGB"))
 
     def _read(self, i: int) -> dict:
         s = self.synsets_of[i]
@@ -126,9 +117,6 @@ class ImageNetBase(Dataset):
                 rng = np.random.default_rng(None if self.seed is None else [int(self.seed), i])
                 item["image"] = resize_crop(im, self.size, "random" if self.random_crop else "center", self.flip, rng)
         return item
-
-    def __getitem__(self, i: int) -> dict:
-        return first_readable(self.files, self.bad, i, self._read)
 
 
 class ImageNetTrain(ImageNetBase):
@@ -160,7 +148,7 @@ class _ImageNetSR(_SRBase):
         return len(self.base)
 
     def photo(self, i: int) -> np.ndarray:
-        return self.base.photo(i)
+        return load_rgb(self.base.files[i])
 
     def __getitem__(self, i: int) -> dict:
         return first_readable(self.base.files, self.base.bad, i,

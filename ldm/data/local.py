@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -43,3 +47,29 @@ def read_file_list(path: PathLike, root: Path, what: str, key: str) -> list[Path
         raise DatasetNotFound(f"{what}: {len(missing)} of the {len(files)} files listed in {path} are not under "
                               f"{root} (first: {missing[0]}); check `{key}` and the data root")
     return files
+
+
+def load_rgb(path: PathLike) -> np.ndarray:
+    """An image file as uint8 HWC RGB."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+class FileListDataset(Dataset):
+    """Items read from `self.files` by `_read(i)`; an unreadable file is logged and skipped (ldm.data.folder)."""
+
+    files: list[Path]
+
+    def __init__(self, files: list[Path]):
+        self.files = list(files)
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _read(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        from ldm.data.folder import first_readable
+        return first_readable(self.files, self.bad, i, self._read)

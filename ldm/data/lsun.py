@@ -13,10 +13,8 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
-from ldm.data.folder import first_readable
-from ldm.data.local import dataset_root, read_file_list
+from ldm.data.local import FileListDataset, dataset_root, read_file_list
 from ldm.data.transforms import to_model_range
 
 ENV = "LDM_LSUN_ROOT"
@@ -24,7 +22,7 @@ INTERPOLATIONS = {"linear": Image.BILINEAR, "bilinear": Image.BILINEAR, "bicubic
                   "lanczos": Image.LANCZOS, "nearest": Image.NEAREST, "box": Image.BOX}
 
 
-class LSUNBase(Dataset):
+class LSUNBase(FileListDataset):
     """Images listed in `txt_file` under `data_root`: `image`, `relative_file_path_`, `file_path_`."""
 
     def __init__(self, txt_file: str, data_root: Optional[str], size: Optional[int] = None,
@@ -35,12 +33,8 @@ class LSUNBase(Dataset):
             raise ValueError(f"{what}: interpolation must be one of {sorted(INTERPOLATIONS)}, got '{interpolation}'")
         default = Path(default_root or data_root or ".")
         self.root = dataset_root(data_root, ENV, default, what, env_subdir=default.name)
-        self.files = read_file_list(txt_file, self.root, what, key="txt_file")
+        super().__init__(read_file_list(txt_file, self.root, what, key="txt_file"))
         self.size, self.interpolation, self.flip_p, self.seed = size, INTERPOLATIONS[interpolation], flip_p, seed
-        self.bad: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.files)
 
     def _read(self, i: int) -> dict:
         with Image.open(self.files[i]) as im:
@@ -56,9 +50,6 @@ class LSUNBase(Dataset):
             arr = arr[:, ::-1]
         return {"image": to_model_range(arr), "relative_file_path_": str(self.files[i].relative_to(self.root)),
                 "file_path_": str(self.files[i])}
-
-    def __getitem__(self, i: int) -> dict:
-        return first_readable(self.files, self.bad, i, self._read)
 
 
 def _lsun_dir() -> Path:

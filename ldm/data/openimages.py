@@ -14,10 +14,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
-from ldm.data.folder import IMAGE_EXTENSIONS, _scan, first_readable
-from ldm.data.local import DatasetNotFound, dataset_root
+from ldm.data.folder import IMAGE_EXTENSIONS, _scan
+from ldm.data.local import DatasetNotFound, FileListDataset, dataset_root
 from ldm.data.superres import SuperresFolder
 from ldm.data.transforms import resize_crop, to_model_range
 
@@ -41,7 +40,7 @@ class SuperresOpenImagesAdvancedValidation(SuperresFolder):
         super().__init__(root if root is not None else DEFAULT_ROOT / "validation", size=size, **kwargs)
 
 
-class FullOpenImagesBase(Dataset):
+class FullOpenImagesBase(FileListDataset):
     """All images of a split (`<root>/<split>/`): short side resized to `size` with `interpolation`, then a
     `crop_size` square crop (random or centred); items `image` and `file_path_`."""
 
@@ -54,15 +53,11 @@ class FullOpenImagesBase(Dataset):
             raise ValueError(f"{what}: interpolation must be one of {sorted(RESAMPLE)}, got '{interpolation}'")
         split_dir = dataset_root(Path(root) / self.SPLIT if root else None, ENV, DEFAULT_ROOT / self.SPLIT, what,
                                  key="root")
-        self.files = _scan(split_dir, IMAGE_EXTENSIONS)
+        super().__init__(_scan(split_dir, IMAGE_EXTENSIONS))
         if not self.files:
             raise DatasetNotFound(f"{what}: no images under {split_dir}")
         self.size, self.crop_size, self.random_crop, self.seed = size, crop_size, random_crop, seed
         self.resample = RESAMPLE[interpolation]
-        self.bad: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.files)
 
     def _read(self, i: int) -> dict:
         with Image.open(self.files[i]) as im:
@@ -75,9 +70,6 @@ class FullOpenImagesBase(Dataset):
         crop = "random" if self.random_crop else "center"
         image = resize_crop(img, self.crop_size, crop, False, rng) if self.crop_size else to_model_range(np.asarray(img))
         return {"image": image, "file_path_": str(self.files[i])}
-
-    def __getitem__(self, i: int) -> dict:
-        return first_readable(self.files, self.bad, i, self._read)
 
 
 class FullOpenImagesTrain(FullOpenImagesBase):
@@ -122,7 +114,7 @@ def read_boxes(csv_path: Path, class_index: dict[str, int], wanted: set[str]) ->
     return boxes
 
 
-class OpenImagesBBoxBase(Dataset):
+class OpenImagesBBoxBase(FileListDataset):
     """Open Images images with box layouts: `image`, `coordinates_bbox` (tokens), `bbox_img`, `image_with_bboxes`.
 
     Reads `<datapath>/class-descriptions-boxable.csv` (LabelName, DisplayName; the row is the class index),
@@ -159,15 +151,12 @@ class OpenImagesBBoxBase(Dataset):
             ids = ids[:no_max_samples]
         if not ids:
             raise DatasetNotFound(f"{what}: no image under {image_dir} has boxes in {BOX_FILE.format(split=split)}")
-        self.ids, self.files, self.boxes = ids, [images[i] for i in ids], boxes
+        super().__init__([images[i] for i in ids])
+        self.ids, self.boxes = ids, boxes
         self.encoder = BBoxLayoutEncoder(len(self.class_names), no_max_objects, no_tokens, encode_crop,
                                          use_group_parameter, use_additional_parameters)
         self.keys, self.size, self.crop_method, self.random_flip, self.seed = keys, target_image_size, crop_method, \
             random_flip, seed
-        self.bad: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def _read(self, i: int) -> dict:
         from ldm.data.layout import crop_boxes
@@ -195,9 +184,6 @@ class OpenImagesBBoxBase(Dataset):
         if "image_with_bboxes" in self.keys:
             item["image_with_bboxes"] = self.encoder.render(tokens, self.size, background=image)
         return {k: v for k, v in item.items() if k in self.keys or k == "file_path_"}
-
-    def __getitem__(self, i: int) -> dict:
-        return first_readable(self.files, self.bad, i, self._read)
 
 
 BBOX_KEYS = ["image", "coordinates_bbox", "bbox_img", "image_with_bboxes"]

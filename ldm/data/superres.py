@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.folder import IMAGE_EXTENSIONS, _check_root, first_readable
+from ldm.data.local import load_rgb
 from ldm.data.transforms import to_model_range
 from ldm.modules.image_degradation.bsrgan import BSR_FULL, BSR_LIGHT, DEGRADATIONS, degrade, interpolation_downscale
 
@@ -95,8 +96,7 @@ class SuperresFolder(_SRBase):
         return len(self.files)
 
     def photo(self, i: int) -> np.ndarray:
-        with Image.open(self.files[i]) as im:
-            return np.asarray(im.convert("RGB"))
+        return load_rgb(self.files[i])
 
     def __getitem__(self, i: int) -> dict:
         rng = self.rng(i)

@@ -73,6 +73,9 @@ class LatentDiffusion(DDPM):
         self.scale_by_std = scale_by_std
         if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
             raise ValueError("num_timesteps_cond must not exceed timesteps")
+        if self.num_timesteps_cond > 1:  # CompVis' shortened conditioning schedule; no published config uses it
+            raise ValueError(f"num_timesteps_cond={self.num_timesteps_cond}: noising the conditioning on a shortened "
+                             f"schedule is not implemented here; use 1 (every published config does)")
         if conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
         if cond_stage_config == "__is_unconditional__":
