@@ -309,3 +309,29 @@ def test_main_installs_the_bounded_progress_bar(tmp_path):
     kw = main_mod.build_trainer_kwargs(cfg, OmegaConf.create({}), object(), str(tmp_path), str(tmp_path / "c"),
                                        str(tmp_path / "g"), "now", False)
     assert not any(isinstance(c, ProgressBar) for c in kw["callbacks"])
+
+
+def test_sd_v1_config_samples_at_a_non_native_size(tmp_path, monkeypatch):
+    """The reported case: an SD-v1-layout model (v1-inference.yaml at tiny width, its CLIP text encoder found in the
+    Hugging Face cache) sampled by txt2img at 64x96 instead of its native 512x512."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config, load_config
+    from test_pretrained import clip_in_cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    clip_in_cache(tmp_path, "openai/clip-vit-large-patch14", tmp_path, seed=0)
+    cfg = load_config(ROOT / "configs/stable-diffusion/v1-inference.yaml")
+    u, fs = cfg.model.params.unet_config.params, cfg.model.params.first_stage_config.params
+    u.model_channels, u.num_heads, u.context_dim, u.use_checkpoint = 32, 2, 32, False
+    fs.ddconfig.ch = 32
+    OmegaConf.save(cfg, tmp_path / "v1-tiny.yaml")
+    model = instantiate_from_config(cfg.model)
+    torch.save({"state_dict": model.state_dict(), "global_step": 0}, tmp_path / "sd.ckpt")
+    out = tmp_path / "out"
+    args = ["--config", str(tmp_path / "v1-tiny.yaml"), "--ckpt", str(tmp_path / "sd.ckpt"), "--prompt", "a lighthouse",
+            "--n_samples", "1", "--ddim_steps", "2", "--outdir", str(out), "--plms"]
+    assert txt2img.main(args + ["--H", "64", "--W", "96"]) == 0
+    img = Image.open(out / "samples" / "00000.png")
+    assert img.size == (96, 64) and img.text["scale"] == "7.5"  # SD v1's default guidance without a config value
+    assert txt2img.main(args + ["--H", "60"]) == 2
