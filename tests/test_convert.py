@@ -99,3 +99,57 @@ def test_convert_script(ldm_model, tmp_path, capsys):
     assert convert.main(["--ckpt", str(src), "--out", str(tmp_path / "s.bin")]) == 2
     assert "unknown format" in capsys.readouterr().err
     assert convert.main(["--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o.ckpt")]) == 2
+
+
+# --- diffusers layouts ------------------------------------------------------------------------------------------
+
+def _tiny_vae():
+    cfg = load_config(ROOT / "configs/stable-diffusion/v1-inference.yaml").model.params.first_stage_config
+    cfg.params.ddconfig.ch = 32
+    ae = instantiate_from_config(cfg).eval()
+    _perturb(ae, 5)
+    return ae, cfg.params.ddconfig
+
+
+def test_kl_autoencoder_to_diffusers_computes_the_same_and_comes_back_bit_exact():
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    from ldm.convert.diffusers_vae import compvis_to_diffusers_vae, diffusers_to_compvis_vae
+    ae, dd = _tiny_vae()
+    levels = len(dd.ch_mult)
+    twin = DiffusersAutoencoderKL(
+        in_channels=dd.in_channels, out_channels=dd.out_ch, latent_channels=dd.z_channels,
+        block_out_channels=tuple(dd.ch * m for m in dd.ch_mult), layers_per_block=dd.num_res_blocks,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        norm_num_groups=32).eval()
+    converted = compvis_to_diffusers_vae(ae.state_dict())
+    twin.load_state_dict(converted, strict=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ours, theirs = ae.encode(x), twin.encode(x).latent_dist
+        assert torch.allclose(ours.mean, theirs.mean, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(ours.logvar, theirs.logvar, rtol=1e-4, atol=1e-5)
+        z = torch.randn(2, 4, 4, 4)
+        a, b = ae.decode(z), twin.decode(z).sample
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+    back = diffusers_to_compvis_vae(twin.state_dict(), ae.state_dict().keys())
+    sd = ae.state_dict()
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_unet_to_diffusers_and_back_is_bit_exact(v2):
+    from ldm.convert.diffusers_unet import compvis_to_diffusers_unet, diffusers_to_compvis_unet
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from test_unet import _tiny
+    cfg = _tiny(v2)
+    unet = UNetModel(**cfg)
+    _perturb(unet, 6)
+    sd = unet.state_dict()
+    levels = len(cfg["channel_mult"])
+    there = compvis_to_diffusers_unet(sd, 2, levels, attention_levels=[0, 1, 2])
+    back = diffusers_to_compvis_unet(there, list(sd), 2, levels, attention_levels=[0, 1, 2])
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(KeyError, match="no CompVis counterpart"):
+        diffusers_to_compvis_unet({**there, "extra.weight": torch.zeros(1)}, list(sd), 2, levels, [0, 1, 2])

@@ -1,4 +1,4 @@
-"""State-dict conversion between the CompVis UNet layout and diffusers' UNet2DConditionModel (for cross-checks)."""
+"""State-dict conversion between the CompVis UNet layout and diffusers' UNet2DConditionModel, both ways."""
 from __future__ import annotations
 
 import re
@@ -70,3 +70,16 @@ def compvis_to_diffusers_unet(sd: Mapping[str, torch.Tensor], num_res_blocks: in
             raise KeyError(f"no diffusers name for CompVis key '{key}'")
         out[new] = v
     return out
+
+
+def diffusers_to_compvis_unet(sd: Mapping[str, torch.Tensor], compvis_keys: Sequence[str], num_res_blocks: int,
+                              num_levels: int, attention_levels: Sequence[int]) -> dict[str, torch.Tensor]:
+    """diffusers UNet2DConditionModel state dict -> CompVis keys (`compvis_keys`: the target UNet's own keys);
+    the inverse of compvis_to_diffusers_unet on that layout."""
+    names = compvis_to_diffusers_unet({k: torch.empty(0) for k in compvis_keys}, num_res_blocks, num_levels,
+                                      attention_levels)
+    inverse = dict(zip(names.keys(), compvis_keys))
+    unknown = sorted(set(sd) - set(inverse))
+    if unknown:
+        raise KeyError(f"diffusers UNet keys with no CompVis counterpart in this model: {unknown[:5]}")
+    return {inverse[k]: v for k, v in sd.items()}

@@ -1,0 +1,69 @@
+"""State-dict conversion between the CompVis KL autoencoder (`AutoencoderKL`: encoder.down.i.block.j, mid.attn_1 as
+1x1 convolutions) and diffusers' `AutoencoderKL` (down_blocks / up_blocks with reversed decoder order, linear
+attention projections), both ways; the inverse is the forward renaming inverted on the model's own keys."""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+
+_RESNET = {"nin_shortcut": "conv_shortcut"}
+_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_TOP = {"norm_out": "conv_norm_out"}
+
+
+def _num_levels(keys) -> int:
+    return 1 + max(int(m[1]) for k in keys if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
+
+
+def compvis_vae_key(key: str, levels: int) -> str:
+    """The diffusers name of one CompVis autoencoder key (`levels`: resolutions of the encoder)."""
+    part, _, rest = key.partition(".")
+    if part not in ("encoder", "decoder"):
+        return key  # quant_conv, post_quant_conv
+    m = re.match(r"(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)\.(.*)", rest)
+    if m:
+        kind, level, what, j, tail = m[1], int(m[2]), m[3], m[4], m[5]
+        idx = level if kind == "down" else levels - 1 - level  # diffusers' decoder runs from the lowest resolution
+        name = f"{kind}_blocks.{idx}"
+        if j is not None:
+            head, _, leaf = tail.partition(".")
+            return f"{part}.{name}.resnets.{j}.{_RESNET.get(head, head)}.{leaf}"
+        return f"{part}.{name}.{what}rs.0.{tail}"  # downsample -> downsamplers.0, upsample -> upsamplers.0
+    m = re.match(r"mid\.(block_1|block_2|attn_1)\.([^.]+)\.(.*)", rest)
+    if m:
+        if m[1] == "attn_1":
+            return f"{part}.mid_block.attentions.0.{_ATTN[m[2]]}.{m[3]}"
+        return f"{part}.mid_block.resnets.{int(m[1][-1]) - 1}.{_RESNET.get(m[2], m[2])}.{m[3]}"
+    head, _, leaf = rest.partition(".")
+    return f"{part}.{_TOP.get(head, head)}.{leaf}"
+
+
+def _is_attention_weight(compvis_key: str) -> bool:
+    return bool(re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", compvis_key))
+
+
+def compvis_to_diffusers_vae(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CompVis AutoencoderKL state dict (no `loss.*`) -> diffusers AutoencoderKL state dict."""
+    sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    levels = _num_levels(sd)
+    out = {}
+    for k, v in sd.items():
+        out[compvis_vae_key(k, levels)] = v[:, :, 0, 0] if _is_attention_weight(k) else v
+    return out
+
+
+def diffusers_to_compvis_vae(sd: Mapping[str, torch.Tensor], compvis_keys) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL state dict -> CompVis keys (`compvis_keys`: the target model's state-dict keys)."""
+    keys = [k for k in compvis_keys if not k.startswith("loss.")]
+    levels = _num_levels(keys)
+    names = {compvis_vae_key(k, levels): k for k in keys}
+    unknown = sorted(set(sd) - set(names))
+    if unknown:
+        raise KeyError(f"diffusers VAE keys with no CompVis counterpart in this model: {unknown[:5]}")
+    out = {}
+    for dk, v in sd.items():
+        k = names[dk]
+        out[k] = v[:, :, None, None] if _is_attention_weight(k) else v
+    return out
