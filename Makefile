@@ -1,10 +1,12 @@
-# Two entry points: `make quickstart` (the main job on the embedded default) and `make test`.
+# Entry points: `make quickstart` (the main job on the embedded default), `make test`, `make notebooks`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test install clean-venv
+NB_STAMP := $(VENV)/.notebook-installed
+
+.PHONY: quickstart test notebooks install clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,14 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+$(NB_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -e ".[notebook]"
+	touch $(NB_STAMP)
+
+# Executes every notebook headless; the executed copies (with outputs) go to outputs/notebooks/.
+notebooks: $(NB_STAMP)
+	$(PY) scripts/run_notebooks.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,24 +16,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import txt2img  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from safetensors.torch import save_file
-    from ldm.util import instantiate_from_config, load_config
-    tmp = tmp_path_factory.mktemp("run")
-    ae = instantiate_from_config(load_config(ROOT / "configs/autoencoder/shapes_kl_f4.yaml").model)
-    save_file(ae.state_dict(), str(tmp / "ae.safetensors"))
-    rc = main_mod.main(["--base", str(ROOT / "configs/ldm/shapes_txt2img.yaml"), "-t", "-n", "tiny", "-l", str(tmp),
-                        f"model.params.first_stage_config.params.ckpt_path={tmp / 'ae.safetensors'}",
-                        "model.params.unet_config.params.model_channels=32",
-                        "model.params.unet_config.params.num_head_channels=16", "data.params.batch_size=4",
-                        "data.params.train.params.dataset.params.num_samples=16",
-                        f"data.params.train.params.cache_dir={tmp / 'cache'}", "data.params.validation.params.num_samples=4",
-                        "lightning.trainer.max_steps=2", "lightning.trainer.enable_progress_bar=false"])
-    assert rc == 0
-    return Path(glob.glob(str(tmp / "*_tiny"))[0])
-
-
 def test_txt2img_from_file_order_metadata_and_grid(tiny_run, tmp_path):
     prompts = ["a small red circle in the center", "a large blue square in the top left",
                "a small green triangle in the bottom right"]
