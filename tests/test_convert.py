@@ -17,10 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def _perturb(module: torch.nn.Module, seed: int) -> None:
+def _perturb(module: torch.nn.Module, seed: int, buffers: bool = True) -> None:
+    """Weights (and, with `buffers`, floating buffers such as EMA copies) moved away from their initialisation."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+        extra = [b for b in module.buffers() if b.is_floating_point()] if buffers else []
+        for t in list(module.parameters()) + extra:
             t.add_(torch.randn(t.shape, generator=g) * 0.05)
 
 
@@ -214,3 +216,95 @@ def test_convert_script_to_and_from_diffusers(tiny_sd_v1, tmp_path):
     a, b = load_checkpoint(src)["state_dict"], load_checkpoint(tmp_path / "back.safetensors")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert convert.main(["--from-diffusers", str(tmp_path / "pipe"), "--out", str(tmp_path / "x.ckpt")]) == 2
+
+
+def test_vq_autoencoder_to_diffusers_vqmodel_computes_the_same_and_comes_back_bit_exact():
+    """VQ-f8's layout (attention at resolution 32 of the encoder / decoder levels) at tiny width."""
+    pytest.importorskip("diffusers")
+    from diffusers import VQModel as DiffusersVQModel
+
+    from ldm.convert.diffusers_vae import compvis_to_diffusers_vae, diffusers_autoencoder_config, diffusers_to_compvis_vae
+    cfg = load_config(ROOT / "configs/autoencoder/autoencoder_vq_f8.yaml").model
+    dd = cfg.params.ddconfig
+    dd.ch, dd.resolution, dd.attn_resolutions = 32, 64, [16]  # attention on the third level, as vq-f8 at 256
+    cfg.params.n_embed = 64
+    cfg.params.lossconfig = {"target": "torch.nn.Identity"}
+    vq = instantiate_from_config(cfg).eval()
+    _perturb(vq, 9)
+    assert any(".attn." in k for k in vq.state_dict())
+    twin = DiffusersVQModel(**diffusers_autoencoder_config(dd, n_embed=cfg.params.n_embed,
+                                                           embed_dim=cfg.params.embed_dim)).eval()
+    twin.load_state_dict(compvis_to_diffusers_vae(vq.state_dict()), strict=True)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        h, h2 = vq.encode_to_prequant(x), twin.encode(x).latents
+        assert torch.allclose(h, h2, rtol=1e-4, atol=1e-4), (h - h2).abs().max()
+        quant = vq.quantize(h)[0]
+        a, b = vq.decode(quant), twin.decode(h).sample  # diffusers quantizes inside decode
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+    back = diffusers_to_compvis_vae(twin.state_dict(), vq.state_dict().keys())
+    sd = vq.state_dict()
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def _tiny_sd2(tmp_path, monkeypatch, name: str):
+    """An SD2 config (OpenCLIP ViT-H-14 by name) at tiny width; the tiny tower in the HF cache under the real repo."""
+    import open_clip.factory
+
+    from test_pretrained import TINY_OPENCLIP, openclip_weights, put_in_hub_cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "ViT-H-14", TINY_OPENCLIP)
+    src = openclip_weights("ViT-H-14", tmp_path / "h14.bin", seed=10)
+    put_in_hub_cache(tmp_path / "hf" / "hub", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", {"open_clip_pytorch_model.bin": src})
+    cfg = load_config(ROOT / "configs/stable-diffusion" / name)
+    u, fs = cfg.model.params.unet_config.params, cfg.model.params.first_stage_config.params
+    u.model_channels, u.num_head_channels, u.context_dim, u.use_checkpoint = 32, 16, 16, False
+    fs.ddconfig.ch = 32
+    model = instantiate_from_config(cfg.model).eval()
+    _perturb(model.model, 11)
+    _perturb(model.first_stage_model, 12)
+    _perturb(model.cond_stage_model, 13, buffers=False)  # its causal mask is a buffer too
+    return model, cfg
+
+
+@pytest.mark.parametrize("name", ["v2-inference.yaml", "v2-inference-v.yaml"])
+def test_sd_v2_pipeline_folder_samples_the_same_in_diffusers(name, tmp_path, monkeypatch):
+    """OpenCLIP's penultimate layer as a 1-layer-shorter CLIPTextModel; eps and v prediction."""
+    pytest.importorskip("diffusers")
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.convert.diffusers_pipeline import from_diffusers_pipeline, to_diffusers_pipeline
+    from ldm.inference import sample_prompts
+    model, cfg = _tiny_sd2(tmp_path, monkeypatch, name)
+    folder = to_diffusers_pipeline(model, cfg, tmp_path / "pipe")
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder.config.num_hidden_layers == 1  # the tiny tower has 2 blocks; SD2 reads the first
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        theirs = pipe("a red bicycle", height=64, width=64, num_inference_steps=5, guidance_scale=4.0,
+                      latents=latents.clone(), output_type="pt").images
+    ours = ((sample_prompts(model, ["a red bicycle"], steps=5, sampler="ddim", scale=4.0, seed=0, x_T=latents.clone(),
+                            shape=(4, 8, 8)) + 1) / 2).clamp(0, 1)
+    assert float(ours.std()) > 0.05
+    assert torch.allclose(ours, theirs, atol=2e-4), (ours - theirs).abs().max()
+    fresh = instantiate_from_config(cfg.model)
+    fresh.load_state_dict(from_diffusers_pipeline(folder, fresh, cfg), strict=True)
+    a, b = model.state_dict(), fresh.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+def test_sd_v2_inpainting_folder_loads_in_the_inpaint_pipeline_and_comes_back(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from ldm.convert.diffusers_pipeline import from_diffusers_pipeline, to_diffusers_pipeline
+    model, cfg = _tiny_sd2(tmp_path, monkeypatch, "v2-inpainting-inference.yaml")
+    folder = to_diffusers_pipeline(model, cfg, tmp_path / "pipe")
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), local_files_only=True)
+    assert pipe.unet.config.in_channels == 9
+    fresh = instantiate_from_config(cfg.model)
+    fresh.load_state_dict(from_diffusers_pipeline(folder, fresh, cfg), strict=True)
+    a, b = model.state_dict(), fresh.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,9 +1,11 @@
-"""Stable Diffusion v1 layout <-> a diffusers `StableDiffusionPipeline` folder, both ways.
+"""Stable Diffusion v1 / v2 layouts <-> a diffusers `StableDiffusionPipeline` (or, for the 9-channel inpainting
+UNet, `StableDiffusionInpaintPipeline`) folder, both ways.
 
-`to_diffusers_pipeline(model, folder)` writes unet/, vae/, text_encoder/ (CLIPTextModel), tokenizer/ (the CLIP
-BPE vocabulary that ships with open_clip, as CLIPTokenizer files), scheduler/ (DDIMScheduler with the model's
-beta schedule, CompVis' DDIM timesteps) and model_index.json, each with its config; no safety checker.
-`from_diffusers_pipeline(folder, model)` reads such a folder back into our model's state-dict layout.
+`to_diffusers_pipeline(model, config, folder)` writes unet/, vae/, text_encoder/ (CLIPTextModel: SD v1's CLIP, or
+SD v2's OpenCLIP tower converted, ldm.convert.openclip_text), tokenizer/ (the CLIP BPE vocabulary that ships with
+open_clip, as CLIPTokenizer files), scheduler/ (DDIMScheduler with the model's beta schedule and prediction type,
+CompVis' DDIM timesteps) and model_index.json, each with its config; no safety checker.
+`from_diffusers_pipeline(folder, model, config)` reads such a folder back into our state-dict layout.
 diffusers is imported only here.
 """
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Any, Mapping, Union
 import torch
 
 from ldm.convert.diffusers_unet import compvis_to_diffusers_unet, diffusers_to_compvis_unet
-from ldm.convert.diffusers_vae import compvis_to_diffusers_vae, diffusers_to_compvis_vae
+from ldm.convert.diffusers_vae import compvis_to_diffusers_vae, diffusers_autoencoder_config, diffusers_to_compvis_vae
 
 logger = logging.getLogger(__name__)
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+OPENCLIP_UNUSED = "openclip_unused.safetensors"  # the parts of the tower SD2 does not read, kept for the way back
 PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
@@ -68,12 +72,7 @@ def unet_config(u: Mapping[str, Any], sample_size: int) -> dict[str, Any]:
 
 def vae_config(dd: Mapping[str, Any], scale_factor: float) -> dict[str, Any]:
     """diffusers AutoencoderKL config of a KL autoencoder's ddconfig."""
-    levels = len(dd["ch_mult"])
-    return {"_class_name": "AutoencoderKL", "in_channels": dd["in_channels"], "out_channels": dd["out_ch"],
-            "latent_channels": dd["z_channels"], "block_out_channels": [dd["ch"] * m for m in dd["ch_mult"]],
-            "layers_per_block": dd["num_res_blocks"], "down_block_types": ["DownEncoderBlock2D"] * levels,
-            "up_block_types": ["UpDecoderBlock2D"] * levels, "norm_num_groups": 32, "sample_size": dd["resolution"],
-            "scaling_factor": float(scale_factor)}
+    return {"_class_name": "AutoencoderKL"} | diffusers_autoencoder_config(dd, scale_factor=scale_factor)
 
 
 def scheduler_config(p: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,7 +86,7 @@ def scheduler_config(p: Mapping[str, Any]) -> dict[str, Any]:
             "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
 
 
-def write_clip_tokenizer(folder: Path, max_length: int = 77) -> None:
+def write_clip_tokenizer(folder: Path, max_length: int = 77, pad_token: str = "<|endoftext|>") -> None:
     """CLIPTokenizer files (vocab.json, merges.txt) from the BPE vocabulary shipped with open_clip."""
     from open_clip.tokenizer import SimpleTokenizer
     tok = SimpleTokenizer()
@@ -99,7 +98,7 @@ def write_clip_tokenizer(folder: Path, max_length: int = 77) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,
         "do_lower_case": True}))
 
 
@@ -114,11 +113,15 @@ def to_diffusers_pipeline(model, config: Mapping[str, Any], folder: Union[str, P
     """Write an SD-v1-layout LatentDiffusion (CLIP text encoder) as a StableDiffusionPipeline folder; `config` is
     the model's config (its `model:` section or the whole file)."""
     import diffusers
-    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+    from ldm.models.diffusion.upscale import LatentUpscaleDiffusion
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
     folder = Path(folder)
-    if not isinstance(model.cond_stage_model, FrozenCLIPEmbedder) or model.cond_stage_model.layer != "last":
-        raise ValueError("to_diffusers_pipeline: needs the SD v1 layout (FrozenCLIPEmbedder, layer 'last'); got "
-                         f"{type(model.cond_stage_model).__name__}")
+    encoder = model.cond_stage_model
+    v1 = isinstance(encoder, FrozenCLIPEmbedder) and encoder.layer == "last"
+    if not (v1 or isinstance(encoder, FrozenOpenCLIPEmbedder)) or isinstance(model, LatentUpscaleDiffusion):
+        raise ValueError("to_diffusers_pipeline: needs the SD v1 (FrozenCLIPEmbedder, layer 'last') or SD v2 "
+                         f"(FrozenOpenCLIPEmbedder) text-to-image or inpainting layout; got {type(model).__name__} "
+                         f"with {type(encoder).__name__} (the x4 upscaler is not converted yet)")
     with (model.ema_scope("export") if use_ema else torch.no_grad()):
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     p = _params(config)
@@ -129,12 +132,16 @@ def to_diffusers_pipeline(model, config: Mapping[str, Any], folder: Union[str, P
     _write(folder / "unet", unet_config(u, model.image_size), unet_sd, "diffusion_pytorch_model.safetensors")
     _write(folder / "vae", vae_config(p["first_stage_config"]["params"]["ddconfig"], float(model.scale_factor)),
            compvis_to_diffusers_vae(_sub(sd, VAE_PREFIX)), "diffusion_pytorch_model.safetensors")
-    _write_text_encoder(folder / "text_encoder", model.cond_stage_model, _sub(sd, TEXT_PREFIX))
-    write_clip_tokenizer(folder / "tokenizer", model.cond_stage_model.tokenizer.max_length)
+    if v1:
+        _write_text_encoder(folder / "text_encoder", encoder, _sub(sd, TEXT_PREFIX))
+    else:
+        _write_openclip_text_encoder(folder / "text_encoder", encoder, _sub(sd, OPENCLIP_PREFIX))
+    write_clip_tokenizer(folder / "tokenizer", encoder.tokenizer.max_length, "<|endoftext|>" if v1 else "!")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(p), indent=2))
     (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "_class_name": "StableDiffusionInpaintPipeline" if u["in_channels"] == 9 else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
@@ -155,6 +162,21 @@ def _write_text_encoder(folder: Path, encoder, text_sd: dict) -> None:
         return
     inner.config.save_pretrained(folder)  # transformers 4: the CLIPTextTransformer inside `text_model`
     save_file({f"text_model.{k}": v.contiguous() for k, v in text_sd.items()}, str(folder / "model.safetensors"))
+
+
+def _write_openclip_text_encoder(folder: Path, encoder, openclip_sd: dict) -> None:
+    """SD v2's OpenCLIP tower as a CLIPTextModel with the layers it reads (+ the rest for the way back)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from ldm.convert.openclip_text import clip_text_config, openclip_to_clip_text
+    layers_used = len(encoder.model.transformer.resblocks) - encoder.layer_idx
+    text = CLIPTextModel(clip_text_config(encoder.model, layers_used, encoder.tokenizer.max_length))
+    prefix = "text_model." if any(k.startswith("text_model.") for k in text.state_dict()) else ""
+    mapped, unused = openclip_to_clip_text(openclip_sd, layers_used, prefix)
+    text.load_state_dict(mapped, strict=True)
+    text.save_pretrained(folder, safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in unused.items()}, str(folder / OPENCLIP_UNUSED))
 
 
 def from_diffusers_pipeline(folder: Union[str, Path], model, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -179,9 +201,16 @@ def from_diffusers_pipeline(folder: Union[str, Path], model, config: Mapping[str
     out = {UNET_PREFIX + k: v for k, v in diffusers_to_compvis_unet(
         weights("unet"), unet_keys, lay["num_res_blocks"], lay["levels"], lay["attention_levels"]).items()}
     out |= {VAE_PREFIX + k: v for k, v in diffusers_to_compvis_vae(weights("vae"), vae_keys).items()}
-    text = weights("text_encoder")
-    out |= {TEXT_PREFIX + (k[len("text_model."):] if k.startswith("text_model.") else k): v  # 4.x or 5.x keys
-            for k, v in text.items() if not k.endswith("position_ids")}
+    from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+    text = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    if isinstance(model.cond_stage_model, FrozenOpenCLIPEmbedder):
+        from ldm.convert.openclip_text import clip_text_to_openclip
+        extra = folder / "text_encoder" / OPENCLIP_UNUSED
+        unused = load_file(str(extra)) if extra.is_file() else {}
+        out |= {OPENCLIP_PREFIX + k: v for k, v in clip_text_to_openclip(text, unused).items()}
+    else:
+        out |= {TEXT_PREFIX + (k[len("text_model."):] if k.startswith("text_model.") else k): v  # 4.x or 5.x keys
+                for k, v in text.items() if not k.endswith("position_ids")}
     for k, v in own.items():  # the noise-schedule buffers are the config's
         if k not in out and not k.startswith(("model.", "model_ema.", "first_stage_model.", "cond_stage_model.")):
             out[k] = v
