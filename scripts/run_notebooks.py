@@ -19,18 +19,19 @@ def run(path: Path, outdir: Path, timeout: int) -> float:
     """Execute one notebook in the repository root; write the executed copy; return its wall-clock seconds."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
     t0 = time.perf_counter()
     try:
         client.execute()
-    except CellExecutionError as e:
+    except (CellExecutionError, CellTimeoutError) as e:
         outdir.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, outdir / path.name)
-        raise RuntimeError(f"{path.name}: a cell failed (executed copy with the traceback: {outdir / path.name})\n"
-                           f"{str(e)[-2000:]}") from None
+        what = "timed out" if isinstance(e, CellTimeoutError) else "failed"
+        raise RuntimeError(f"{path.name}: a cell {what} (executed copy: {outdir / path.name}; --timeout sets the "
+                           f"seconds per cell)\n{str(e)[-2000:]}") from None
     seconds = time.perf_counter() - t0
     outdir.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, outdir / path.name)
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help="notebook names (default: all of notebooks/*.ipynb)")
     p.add_argument("--outdir", default=str(ROOT / "outputs" / "notebooks"))
-    p.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell (the brief trainings take minutes)")
     opt = p.parse_args(argv)
     paths = ([ROOT / "notebooks" / (n if n.endswith(".ipynb") else f"{n}.ipynb") for n in opt.names]
              or sorted((ROOT / "notebooks").glob("*.ipynb")))

@@ -259,7 +259,11 @@ def _tiny_sd2(tmp_path, monkeypatch, name: str):
     put_in_hub_cache(tmp_path / "hf" / "hub", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", {"open_clip_pytorch_model.bin": src})
     cfg = load_config(ROOT / "configs/stable-diffusion" / name)
     u, fs = cfg.model.params.unet_config.params, cfg.model.params.first_stage_config.params
-    u.model_channels, u.num_head_channels, u.context_dim, u.use_checkpoint = 32, 16, 16, False
+    u.model_channels, u.context_dim, u.use_checkpoint = 32, 16, False
+    if u.get("num_head_channels", -1) != -1:
+        u.num_head_channels = 16
+    else:
+        u.num_heads = 2
     fs.ddconfig.ch = 32
     model = instantiate_from_config(cfg.model).eval()
     _perturb(model.model, 11)
@@ -304,6 +308,31 @@ def test_sd_v2_inpainting_folder_loads_in_the_inpaint_pipeline_and_comes_back(tm
     folder = to_diffusers_pipeline(model, cfg, tmp_path / "pipe")
     pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), local_files_only=True)
     assert pipe.unet.config.in_channels == 9
+    fresh = instantiate_from_config(cfg.model)
+    fresh.load_state_dict(from_diffusers_pipeline(folder, fresh, cfg), strict=True)
+    a, b = model.state_dict(), fresh.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_x4_upscaler_folder_loads_in_the_upscale_pipeline_and_its_unet_computes_the_same(tmp_path, monkeypatch):
+    """The noise level as diffusers' class embedding, cross-attention-only transformers on the first levels."""
+    pytest.importorskip("diffusers")
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from ldm.convert.diffusers_pipeline import from_diffusers_pipeline, to_diffusers_pipeline
+    model, cfg = _tiny_sd2(tmp_path, monkeypatch, "x4-upscaling.yaml")
+    folder = to_diffusers_pipeline(model, cfg, tmp_path / "pipe")
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(str(folder), local_files_only=True)
+    assert pipe.config.max_noise_level == 350 and pipe.unet.config.num_class_embeds == 1000
+    unet = model.model.diffusion_model
+    x, t = torch.randn(2, 7, 16, 16), torch.tensor([20, 700])
+    c, level = torch.randn(2, 5, 16), torch.tensor([10, 300])
+    with torch.no_grad():
+        ours = unet(x, t, context=c, y=level)
+        theirs = pipe.unet(x, t, encoder_hidden_states=c, class_labels=level).sample
+    assert float(ours.abs().mean()) > 1e-3 and torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+    betas = torch.tensor(pipe.low_res_scheduler.betas)
+    assert torch.allclose(betas.double(), model.low_scale_model.betas.double().cpu(), atol=1e-9)
     fresh = instantiate_from_config(cfg.model)
     fresh.load_state_dict(from_diffusers_pipeline(folder, fresh, cfg), strict=True)
     a, b = model.state_dict(), fresh.state_dict()

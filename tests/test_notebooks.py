@@ -48,3 +48,7 @@ def test_a_failing_cell_names_the_notebook(tmp_path):
     with pytest.raises(RuntimeError, match="bad.ipynb: a cell failed"):
         run_notebooks.run(bad, tmp_path / "out", timeout=60)
     assert (tmp_path / "out" / "bad.ipynb").is_file()
+    slow = tmp_path / "slow.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import time; time.sleep(30)")]), slow)
+    with pytest.raises(RuntimeError, match="slow.ipynb: a cell timed out"):
+        run_notebooks.run(slow, tmp_path / "out", timeout=2)

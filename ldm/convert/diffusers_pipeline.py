@@ -67,7 +67,19 @@ def unet_config(u: Mapping[str, Any], sample_size: int) -> dict[str, Any]:
                            for i in reversed(range(lay["levels"]))],
         "cross_attention_dim": u["context_dim"], "attention_head_dim": heads,
         "use_linear_projection": bool(u.get("use_linear_in_transformer", False)), "norm_num_groups": 32,
-    }
+    } | _unet_extras(u)
+
+
+def _unet_extras(u: Mapping[str, Any]) -> dict[str, Any]:
+    """Class embedding (the x4 upscaler's noise level) and per-level cross-attention-only transformers."""
+    extras: dict[str, Any] = {}
+    if isinstance(u.get("num_classes"), int):
+        extras["num_class_embeds"] = u["num_classes"]
+    if u.get("disable_self_attentions") is not None:
+        extras["only_cross_attention"] = [bool(v) for v in u["disable_self_attentions"]]
+    if u.get("disable_middle_self_attn"):
+        raise ValueError("disable_middle_self_attn has no diffusers UNet2DConditionModel equivalent")
+    return extras
 
 
 def vae_config(dd: Mapping[str, Any], scale_factor: float) -> dict[str, Any]:
@@ -118,10 +130,10 @@ def to_diffusers_pipeline(model, config: Mapping[str, Any], folder: Union[str, P
     folder = Path(folder)
     encoder = model.cond_stage_model
     v1 = isinstance(encoder, FrozenCLIPEmbedder) and encoder.layer == "last"
-    if not (v1 or isinstance(encoder, FrozenOpenCLIPEmbedder)) or isinstance(model, LatentUpscaleDiffusion):
+    if not (v1 or isinstance(encoder, FrozenOpenCLIPEmbedder)):
         raise ValueError("to_diffusers_pipeline: needs the SD v1 (FrozenCLIPEmbedder, layer 'last') or SD v2 "
-                         f"(FrozenOpenCLIPEmbedder) text-to-image or inpainting layout; got {type(model).__name__} "
-                         f"with {type(encoder).__name__} (the x4 upscaler is not converted yet)")
+                         f"(FrozenOpenCLIPEmbedder) layout; got {type(model).__name__} with {type(encoder).__name__}")
+    upscaler = isinstance(model, LatentUpscaleDiffusion)
     with (model.ema_scope("export") if use_ema else torch.no_grad()):
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     p = _params(config)
@@ -139,9 +151,19 @@ def to_diffusers_pipeline(model, config: Mapping[str, Any], folder: Union[str, P
     write_clip_tokenizer(folder / "tokenizer", encoder.tokenizer.max_length, "<|endoftext|>" if v1 else "!")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(p), indent=2))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionInpaintPipeline" if u["in_channels"] == 9 else "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
+    index: dict[str, Any] = {}
+    if upscaler:  # the noise augmentation of the low-resolution input, as diffusers' low_res_scheduler
+        low = p["low_scale_config"]["params"]
+        noise = dict(low.get("noise_schedule_config") or {})
+        (folder / "low_res_scheduler").mkdir(parents=True, exist_ok=True)
+        (folder / "low_res_scheduler" / "scheduler_config.json").write_text(json.dumps(
+            scheduler_config(noise | {"timesteps": noise.get("timesteps", 1000)}) | {
+                "_class_name": "DDPMScheduler", "prediction_type": "epsilon"}, indent=2))
+        index = {"low_res_scheduler": ["diffusers", "DDPMScheduler"], "max_noise_level": int(low["max_noise_level"])}
+    pipeline = ("StableDiffusionUpscalePipeline" if upscaler else
+                "StableDiffusionInpaintPipeline" if u["in_channels"] == 9 else "StableDiffusionPipeline")
+    (folder / "model_index.json").write_text(json.dumps(index | {
+        "_class_name": pipeline, "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
