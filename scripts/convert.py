@@ -5,6 +5,7 @@ without the training-only parts), and Stable Diffusion v1 layouts to and from di
     python scripts/convert.py --ckpt ae.ckpt --out ae.safetensors --strip-training
     python scripts/convert.py --ckpt sd-v1-4.ckpt --config configs/stable-diffusion/v1-inference.yaml --to-diffusers out/
     python scripts/convert.py --from-diffusers sd-folder/ --config configs/stable-diffusion/v1-inference.yaml --out sd.safetensors
+    python scripts/convert.py --ckpt vq-f4.ckpt --config configs/autoencoder/autoencoder_vq_f4.yaml --to-diffusers vq-f4/
 
 The result loads wherever a checkpoint does (ldm.util.load_model_from_config, --ckpt of the scripts, ckpt_path).
 """
@@ -23,8 +24,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="checkpoint to read (.ckpt, .pt or .safetensors)")
     p.add_argument("--out", help="file to write: .safetensors or .ckpt")
     p.add_argument("--config", help="the model's config (for --to-diffusers / --from-diffusers)")
-    p.add_argument("--to-diffusers", metavar="FOLDER", help="write a StableDiffusionPipeline folder (SD v1 layout)")
-    p.add_argument("--from-diffusers", metavar="FOLDER", help="read a StableDiffusionPipeline folder (SD v1 layout)")
+    p.add_argument("--to-diffusers", metavar="FOLDER",
+                   help="write a diffusers pipeline folder (SD v1 / v2 / v2-v / inpainting / x4), or an AutoencoderKL / "
+                        "VQModel folder for a first-stage config")
+    p.add_argument("--from-diffusers", metavar="FOLDER", help="read a diffusers pipeline folder into --config's layout")
     p.add_argument("--no-ema", action="store_true", help="--to-diffusers: the training weights, not the EMA ones")
     p.add_argument("--dtype", default="fp32", choices=[d.value for d in ExportDType])
     p.add_argument("--ema-only", action="store_true", help="the EMA weights in place of the training weights")
@@ -44,6 +47,9 @@ def diffusers_conversion(opt: argparse.Namespace):
         if not opt.ckpt:
             raise ValueError("--to-diffusers needs --ckpt")
         model = load_model_from_config(cfg, opt.ckpt, allow_pickle=opt.unsafe_load)
+        if "ddconfig" in cfg.model.get("params", {}):  # a first stage: AutoencoderKL or VQModel folder
+            from ldm.convert.diffusers_vae import save_diffusers_autoencoder
+            return save_diffusers_autoencoder(model, cfg.model.params, opt.to_diffusers)
         return to_diffusers_pipeline(model, cfg, opt.to_diffusers, use_ema=not opt.no_ema)
     if not opt.out:
         raise ValueError("--from-diffusers needs --out")

@@ -27,3 +27,20 @@ class Plain:
 
     def __init__(self, a: int, b: int = 2):
         self.a, self.b = a, b
+
+
+def tiny_sd_v1_config(tmp_path, monkeypatch):
+    """configs/stable-diffusion/v1-inference.yaml at tiny width, a tiny CLIP text encoder in a private HF cache under
+    the real repo name (openai/clip-vit-large-patch14)."""
+    from pathlib import Path
+
+    from ldm.util import load_config
+    from test_pretrained import clip_in_cache
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    clip_in_cache(tmp_path, "openai/clip-vit-large-patch14", tmp_path, seed=0)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/stable-diffusion/v1-inference.yaml")
+    u, fs = cfg.model.params.unet_config.params, cfg.model.params.first_stage_config.params
+    u.model_channels, u.num_heads, u.context_dim, u.use_checkpoint = 32, 2, 32, False
+    fs.ddconfig.ch = 32
+    return cfg

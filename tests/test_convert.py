@@ -160,14 +160,8 @@ def test_unet_to_diffusers_and_back_is_bit_exact(v2):
 @pytest.fixture
 def tiny_sd_v1(tmp_path, monkeypatch):
     """v1-inference.yaml at tiny width, its CLIP text encoder (tiny) in the HF cache; weights perturbed."""
-    from test_pretrained import clip_in_cache
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    clip_in_cache(tmp_path, "openai/clip-vit-large-patch14", tmp_path, seed=0)
-    cfg = load_config(ROOT / "configs/stable-diffusion/v1-inference.yaml")
-    u, fs = cfg.model.params.unet_config.params, cfg.model.params.first_stage_config.params
-    u.model_channels, u.num_heads, u.context_dim, u.use_checkpoint = 32, 2, 32, False
-    fs.ddconfig.ch = 32
+    from _helpers import tiny_sd_v1_config
+    cfg = tiny_sd_v1_config(tmp_path, monkeypatch)
     model = instantiate_from_config(cfg.model).eval()
     _perturb(model.model, 7)
     _perturb(model.first_stage_model, 8)
@@ -285,6 +279,10 @@ def test_sd_v2_pipeline_folder_samples_the_same_in_diffusers(name, tmp_path, mon
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.text_encoder.config.num_hidden_layers == 1  # the tiny tower has 2 blocks; SD2 reads the first
+    ids = pipe.tokenizer(["a red bicycle", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():  # the converted text encoder computes SD2's penultimate-layer states
+        a, b = model.get_learned_conditioning(["a red bicycle", ""]), pipe.text_encoder(ids)[0]
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         theirs = pipe("a red bicycle", height=64, width=64, num_inference_steps=5, guidance_scale=4.0,
@@ -337,3 +335,23 @@ def test_x4_upscaler_folder_loads_in_the_upscale_pipeline_and_its_unet_computes_
     fresh.load_state_dict(from_diffusers_pipeline(folder, fresh, cfg), strict=True)
     a, b = model.state_dict(), fresh.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_script_writes_a_vq_first_stage_as_a_diffusers_vqmodel_folder(tmp_path):
+    pytest.importorskip("diffusers")
+    import convert
+    from diffusers import VQModel as DiffusersVQModel
+    cfg = load_config(ROOT / "configs/autoencoder/autoencoder_vq_f4.yaml")
+    cfg.model.params.ddconfig.ch, cfg.model.params.ddconfig.resolution, cfg.model.params.n_embed = 32, 32, 64
+    cfg.model.params.lossconfig = {"target": "torch.nn.Identity"}
+    OmegaConf.save(cfg, tmp_path / "vq.yaml")
+    vq = instantiate_from_config(cfg.model).eval()
+    _perturb(vq, 14)
+    src = export_checkpoint(vq, tmp_path / "vq.safetensors")
+    assert convert.main(["--ckpt", str(src), "--config", str(tmp_path / "vq.yaml"), "--to-diffusers",
+                         str(tmp_path / "vq-diffusers")]) == 0
+    twin = DiffusersVQModel.from_pretrained(str(tmp_path / "vq-diffusers"), local_files_only=True).eval()
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        h = vq.encode_to_prequant(x)
+        assert torch.allclose(vq.decode(vq.quantize(h)[0]), twin.decode(twin.encode(x).latents).sample, atol=1e-4)

@@ -298,15 +298,9 @@ def test_sd_v1_config_samples_at_a_non_native_size(tmp_path, monkeypatch):
     Hugging Face cache) sampled by txt2img at 64x96 instead of its native 512x512."""
     from omegaconf import OmegaConf
 
-    from ldm.util import instantiate_from_config, load_config
-    from test_pretrained import clip_in_cache
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    clip_in_cache(tmp_path, "openai/clip-vit-large-patch14", tmp_path, seed=0)
-    cfg = load_config(ROOT / "configs/stable-diffusion/v1-inference.yaml")
-    u, fs = cfg.model.params.unet_config.params, cfg.model.params.first_stage_config.params
-    u.model_channels, u.num_heads, u.context_dim, u.use_checkpoint = 32, 2, 32, False
-    fs.ddconfig.ch = 32
+    from _helpers import tiny_sd_v1_config
+    from ldm.util import instantiate_from_config
+    cfg = tiny_sd_v1_config(tmp_path, monkeypatch)
     OmegaConf.save(cfg, tmp_path / "v1-tiny.yaml")
     model = instantiate_from_config(cfg.model)
     torch.save({"state_dict": model.state_dict(), "global_step": 0}, tmp_path / "sd.ckpt")

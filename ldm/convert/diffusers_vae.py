@@ -5,6 +5,7 @@ model's own keys. The codebook (`quantize.embedding.weight`) and quant convoluti
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
@@ -87,3 +88,22 @@ def diffusers_autoencoder_config(dd: Mapping, n_embed: Optional[int] = None, emb
     if n_embed is not None:
         cfg |= {"num_vq_embeddings": int(n_embed), "vq_embed_dim": int(embed_dim or dd["z_channels"])}
     return cfg
+
+
+def save_diffusers_autoencoder(model, model_config, folder) -> Path:
+    """A first stage (AutoencoderKL, VQModel / VQModelInterface) as a diffusers AutoencoderKL / VQModel folder:
+    config.json and diffusion_pytorch_model.safetensors. `model_config`: the model's `params` mapping."""
+    import json
+
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+    p = OmegaConf.to_container(model_config, resolve=True) if OmegaConf.is_config(model_config) else dict(model_config)
+    vq = "n_embed" in p
+    config = {"_class_name": "VQModel" if vq else "AutoencoderKL"} | diffusers_autoencoder_config(
+        p["ddconfig"], n_embed=p.get("n_embed"), embed_dim=p.get("embed_dim"))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = compvis_to_diffusers_vae(model.state_dict())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
