@@ -34,12 +34,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, n_samples: int, n_iter
                            steps: int = 50, seed: int = 42) -> None:
     """Sampler, guidance, size, seed and batch flags of the CompVis / SD scripts, plus --sampler and --spacing."""
     g = p.add_argument_group("sampling (CompVis / Stable Diffusion flags)")
-    g.add_argument("--ddim_steps", "--steps", dest="steps", type=int, default=steps,
-                   help="sampling steps (any sampler); --steps is the SD v2 name")
-    g.add_argument("--plms", action="store_true", help="PLMS (same as --sampler plms)")
-    g.add_argument("--dpm_solver", "--dpm", dest="dpm_solver", action="store_true",
-                   help=f"DPM-Solver++ (2M), as the SD scripts' DPMSolverSampler (same as --sampler {DPM_SOLVER})")
-    g.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="any sampler (default: ddim)")
+    add_sampler_choice(g, steps)
     g.add_argument("--spacing", default=Spacing.UNIFORM.value, choices=[s.value for s in Spacing],
                    help="how the sampling steps are spread over the noise levels")
     g.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
@@ -57,6 +52,16 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, n_samples: int, n_iter
     g.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (same as --precision bf16)")
     for flag, what in REFUSED.items():
         g.add_argument(f"--{flag}", action="store_true", help=f"not supported ({what}); refused with a message")
+
+
+def add_sampler_choice(p, steps: int) -> None:
+    """--ddim_steps / --steps, --plms, --dpm_solver / --dpm and --sampler (resolved by `sampler_name`)."""
+    p.add_argument("--ddim_steps", "--steps", dest="steps", type=int, default=steps,
+                   help="sampling steps (any sampler); --steps is the SD v2 name")
+    p.add_argument("--plms", action="store_true", help="PLMS (same as --sampler plms)")
+    p.add_argument("--dpm_solver", "--dpm", dest="dpm_solver", action="store_true",
+                   help=f"DPM-Solver++ (2M), as the SD scripts' DPMSolverSampler (same as --sampler {DPM_SOLVER})")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="any sampler (default: ddim)")
 
 
 def add_output_arguments(p: argparse.ArgumentParser, outdir: str) -> None:

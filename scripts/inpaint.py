@@ -19,9 +19,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
+from ldm.cli import UsageError, add_sampler_choice, sampler_name
 from ldm.inference import add_model_arguments, file_hash, load_from_arguments, load_image, save_png, to_uint8, uses_text
 from ldm.inpainting import InpaintMode, inpaint_any_size, inpaint_mode
-from ldm.sampling import SAMPLERS
 from ldm.util import ConfigError
 
 COMPVIS_CONFIG = "models/ldm/inpainting_big/config.yaml"
@@ -32,9 +32,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--indir", type=str, required=True, help="NAME.png + NAME_mask.png pairs")
     p.add_argument("--outdir", type=str, required=True)
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    add_sampler_choice(p, steps=50)  # --steps / --ddim_steps, --plms, --dpm_solver / --dpm, --sampler
     p.add_argument("--prompt", type=str, default=None, help="text for text-conditioned models")
-    p.add_argument("--sampler", type=str, default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--mode", type=str, default=None, choices=[m.value for m in InpaintMode],
@@ -61,13 +60,14 @@ def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
     indir = Path(opt.indir)
     try:
+        sampler = sampler_name(opt)
         if not indir.is_dir():
             raise FileNotFoundError(f"--indir {indir} is not a directory")
         jobs = pairs(indir)
         if not jobs:
             raise FileNotFoundError(f"no NAME_mask.png files in {indir}")
         model, _ = load_from_arguments(opt, COMPVIS_CKPT, COMPVIS_CONFIG)
-    except (ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
+    except (UsageError, ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     mode = InpaintMode(opt.mode) if opt.mode else inpaint_mode(model)
@@ -90,12 +90,12 @@ def main(argv=None) -> int:
                   f"{tuple(image.shape[-2:])}", file=sys.stderr)
             continue
         result = inpaint_any_size(model, image, mask.float(), [opt.prompt] if text else None, steps=opt.steps,
-                                  sampler=opt.sampler, scale=opt.scale, seed=opt.seed + k, mode=mode,
+                                  sampler=sampler, scale=opt.scale, seed=opt.seed + k, mode=mode,
                                   jump_length=opt.jump_length, jump_n_sample=opt.jump_n_sample,
                                   use_ema=not opt.no_ema, precision=opt.precision)
         save_png(to_uint8(result)[0], out / img_path.name,
                  {"image": str(img_path), "mask": str(mask_path), "prompt": opt.prompt or "", "mode": mode.value,
-                  "seed": opt.seed + k, "sampler": opt.sampler, "steps": opt.steps, "ckpt_sha256": h})
+                  "seed": opt.seed + k, "sampler": sampler, "steps": opt.steps, "ckpt_sha256": h})
     print(f"wrote {len(jobs)} images to {out}")
     return 0
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
+from ldm.cli import UsageError, add_sampler_choice, sampler_name
 from ldm.data.folder import IMAGE_EXTENSIONS
 from ldm.inference import add_model_arguments, file_hash, load_from_arguments, load_image, save_png, to_uint8
-from ldm.sampling import SAMPLERS
 from ldm.superres import upscale, upscale_factor
 from ldm.util import ConfigError
 
@@ -32,12 +32,11 @@ def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--indir", type=str, required=True)
     p.add_argument("--outdir", type=str, required=True)
-    p.add_argument("--steps", type=int, default=100, help="sampling steps")
+    add_sampler_choice(p, steps=100)  # --steps / --ddim_steps, --plms, --dpm_solver / --dpm, --sampler
     p.add_argument("--noise_level", type=int, default=None,
                    help="augmentation noise level of a noise-augmented upscaler (SD2 x4: 0-350, 20 is typical)")
     p.add_argument("--prompt", type=str, default="", help="text for text-conditioned upscalers")
     p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the model's)")
-    p.add_argument("--sampler", type=str, default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tile", type=int, default=None, help="tile side in input pixels (default: the model's size)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in input pixels (default: tile / 4)")
@@ -50,13 +49,14 @@ def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
     indir = Path(opt.indir)
     try:
+        sampler = sampler_name(opt)
         if not indir.is_dir():
             raise FileNotFoundError(f"--indir {indir} is not a directory")
         files = sorted(p for p in indir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {indir}")
         model, _ = load_from_arguments(opt, COMPVIS_CKPT, COMPVIS_CONFIG)
-    except (ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
+    except (UsageError, ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(opt.outdir)
@@ -71,14 +71,14 @@ def main(argv=None) -> int:
             print(f"skipping {path.name}: {e}", file=sys.stderr)
             continue
         try:
-            hr = upscale(model, lr, [opt.prompt], steps=opt.steps, sampler=opt.sampler, seed=opt.seed + k,
+            hr = upscale(model, lr, [opt.prompt], steps=opt.steps, sampler=sampler, seed=opt.seed + k,
                          scale=opt.scale, noise_level=opt.noise_level, tile=opt.tile, overlap=opt.overlap,
                          tile_batch=opt.tile_batch, use_ema=not opt.no_ema, precision=opt.precision)
         except ValueError as e:
             print(f"error: {path.name}: {e}", file=sys.stderr)
             return 2
         save_png(to_uint8(hr)[0], out / (path.stem + ".png"),
-                 {"input": str(path), "factor": f, "steps": opt.steps, "sampler": opt.sampler, "seed": opt.seed + k,
+                 {"input": str(path), "factor": f, "steps": opt.steps, "sampler": sampler, "seed": opt.seed + k,
                   "noise_level": opt.noise_level, "prompt": opt.prompt, "ckpt_sha256": h})
         written += 1
     print(f"wrote {written} images ({f}x) to {out}")

@@ -311,3 +311,16 @@ def test_sd_v1_config_samples_at_a_non_native_size(tmp_path, monkeypatch):
     img = Image.open(out / "samples" / "00000.png")
     assert img.size == (96, 64) and img.text["scale"] == "7.5"  # SD v1's default guidance without a config value
     assert txt2img.main(args + ["--H", "60"]) == 2
+
+
+@pytest.mark.parametrize("script", ["inpaint", "superres"])
+def test_inpaint_and_superres_take_the_same_sampler_flags(script, tmp_path, capsys):
+    mod = __import__(script)
+    from ldm.cli import DPM_SOLVER, sampler_name
+    p = mod.get_parser()
+    base = ["--indir", "in", "--outdir", "out"]
+    assert p.parse_args(base + ["--ddim_steps", "7"]).steps == p.parse_args(base + ["--steps", "7"]).steps == 7
+    assert sampler_name(p.parse_args(base + ["--plms"])) == "plms"
+    assert sampler_name(p.parse_args(base + ["--dpm"])) == sampler_name(p.parse_args(base + ["--dpm_solver"])) == DPM_SOLVER
+    assert mod.main(base + ["--plms", "--sampler", "heun"]) == 2
+    assert "conflicting sampler flags" in capsys.readouterr().err
