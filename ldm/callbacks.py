@@ -86,8 +86,9 @@ class ImageLogger(pl.Callback):
         was_training = pl_module.training
         if was_training:
             pl_module.eval()
-        autocast = self.enable_autocast and pl_module.device.type == "cuda"
-        with torch.no_grad(), torch.autocast("cuda", enabled=autocast):
+        device_type = pl_module.device.type
+        autocast = self.enable_autocast and device_type == "cuda"  # float16 speeds up only CUDA sampling
+        with torch.no_grad(), torch.autocast(device_type, dtype=torch.float16, enabled=autocast):
             images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
         for k in list(images):
             img = images[k]

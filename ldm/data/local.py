@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ldm.data.folder import first_readable
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -71,5 +73,4 @@ class FileListDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, i: int) -> dict:
-        from ldm.data.folder import first_readable
         return first_readable(self.files, self.bad, i, self._read)
