@@ -1,0 +1,82 @@
+"""Samples for evaluation: class-balanced or caption-drawn conditions, and per-image seeds.
+
+Image k of an evaluation is drawn from its own generator seeded with `seed + k` (start code and any sampler
+noise), so a rerun, a resumed run or another batch size gives the same image k.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from ldm.cli import image_seeds
+from ldm.eval.images import to_uint8_rgb
+from ldm.inference import generators
+
+
+@dataclass
+class Conditions:
+    """What each of the N samples is conditioned on: class labels, prompts, or nothing."""
+    kind: str  # "class", "text" or "none"
+    values: Optional[list]
+
+    def __len__(self) -> int:
+        return 0 if self.values is None else len(self.values)
+
+    def batch(self, start: int, stop: int) -> Optional[list]:
+        return None if self.values is None else self.values[start:stop]
+
+
+def model_condition_kind(model) -> str:
+    """"class" for a class-label conditioner, "text" for one that reads strings, "none" for unconditional."""
+    if getattr(model, "cond_stage_model", None) is None or getattr(model, "cond_stage_key", None) is None:
+        return "none"
+    if getattr(model.cond_stage_model, "n_classes", None) is not None:
+        return "class"
+    if model.cond_stage_key in ("caption", "txt", "text"):
+        return "text"
+    raise ValueError(f"evaluation samples class-conditional, text-conditional or unconditional models; this one is "
+                     f"conditioned on '{model.cond_stage_key}' ({type(model.cond_stage_model).__name__})")
+
+
+def conditions_for(model, n: int, *, reference=None, prompts: Optional[Sequence[str]] = None) -> Conditions:
+    """Class-balanced labels (k mod n_classes), prompts (given, else the reference items' captions, cycled) or none."""
+    kind = model_condition_kind(model)
+    if kind == "class":
+        n_classes = int(model.cond_stage_model.n_classes)
+        return Conditions("class", [k % n_classes for k in range(n)])
+    if kind == "text":
+        if prompts is None:
+            if reference is None:
+                raise ValueError("a text-conditional model needs prompts (--from_file) or a reference dataset with captions")
+            m = len(reference)
+            pool = [reference[k]["caption"] for k in range(min(n, m))]
+            prompts = pool
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts to sample from")
+        return Conditions("text", [prompts[k % len(prompts)] for k in range(n)])
+    return Conditions("none", None)
+
+
+@torch.no_grad()
+def generate(model, n: int, conditions: Conditions, *, sampler: str, steps: int, scale: float, seed: int,
+             batch_size: int, start: int = 0, use_ema: bool = True,
+             sampler_options: Optional[dict[str, Any]] = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Samples start..n-1 as uint8 (B, 3, H, W) batches, yielded with their first index; image k uses seed + k."""
+    ctx = model.ema_scope("evaluation") if use_ema and getattr(model, "use_ema", False) else contextlib.nullcontext()
+    with ctx:
+        for first in range(start, n, batch_size):
+            last = min(first + batch_size, n)
+            bs = last - first
+            g = generators(image_seeds(seed, first, bs), model.device)
+            raw = conditions.batch(first, last)
+            if conditions.kind == "class":
+                raw = torch.tensor(raw, device=model.device)
+            c = model.get_learned_conditioning(raw) if raw is not None else None
+            uc = model.get_unconditional_conditioning(raw) if raw is not None and scale != 1.0 else None
+            z = model.sample(c, bs, steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=g,
+                             **(sampler_options or {}))
+            yield first, to_uint8_rgb(model.decode_first_stage(z.float()).float())
