@@ -22,20 +22,16 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-
 from ldm.checkpoint import CheckpointError
 from ldm.eval.cost import unet_forward_flops
 from ldm.eval.evaluator import METRICS, Evaluator
 from ldm.eval.generate import conditions_for
 from ldm.eval.grid import grid, run_grid
+from ldm.eval.reference import dataset_config
 from ldm.inference import default_device, file_hash, load_for_sampling, resolve_resume
 from ldm.pretrained import PretrainedWeightsMissing
 from ldm.sampling import SAMPLERS
 from ldm.util import ConfigError, instantiate_from_config
-
-CACHED_LATENTS = "ldm.data.latents.CachedLatents"
-
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,35 +65,13 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def reference_config(cfg, spec: str, overrides: list[str]):
-    """The reference dataset's target/params: a config key or a YAML file; cached latents are unwrapped to images."""
-    if spec.endswith((".yaml", ".yml")):
-        if not Path(spec).is_file():
-            raise ConfigError(f"--reference {spec}: file not found")
-        ref = OmegaConf.load(spec)
-    else:
-        ref = OmegaConf.select(cfg, spec)
-        if ref is None:
-            raise ConfigError(f"--reference {spec}: the run config has no such key")
-    if ref.get("target") == CACHED_LATENTS:  # latents are what the LDM reads; the images are the inner dataset
-        ref = ref.params.dataset
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"--reference_set takes KEY=VALUE, got {bad}")
-        ref = OmegaConf.merge(ref, OmegaConf.from_dotlist(overrides))
-    if "target" not in ref:
-        raise ConfigError(f"--reference {spec}: no 'target' in {OmegaConf.to_yaml(ref)}")
-    return OmegaConf.to_container(ref, resolve=True)
-
-
 def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
     try:
         ckpt, cfg_path, _ = resolve_resume(opt.resume)
         device = opt.device or default_device()
         model, cfg = load_for_sampling(ckpt, opt.config or cfg_path, allow_pickle=opt.unsafe_load, device=device)
-        ref_cfg = reference_config(cfg, opt.reference, opt.reference_set)
+        ref_cfg = dataset_config(cfg, opt.reference, opt.reference_set)
         evaluator = Evaluator(opt.metrics, reference=ref_cfg, n_reference=opt.n_reference, cache_dir=opt.cache_dir,
                               inception_weights=opt.inception_weights, resize=opt.resize, clip_model=opt.clip_model,
                               domain_classifier=opt.domain_classifier, device=device,

