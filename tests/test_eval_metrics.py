@@ -347,3 +347,24 @@ def test_fid_and_kid_match_torch_fidelity_end_to_end(tmp_path):
     assert ours == pytest.approx(ref["frechet_inception_distance"], rel=1e-3)
     kid, _ = kernel_inception_distance(fa, fb, subset_size=12)
     assert kid == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-3)
+
+
+def test_lpips_matches_the_formula_by_hand(tmp_path):
+    """LPIPS (Zhang et al. 2018): sum over layers of the spatial mean of w . (unit-normalized feature difference)^2."""
+    import torchvision
+    from ldm.metrics import reconstruction_metrics
+    from ldm.modules.losses.lpips import build_lpips
+    torch.manual_seed(0)
+    torch.save(torchvision.models.vgg16().state_dict(), tmp_path / "vgg.pth")
+    lp = build_lpips("vgg", "pretrained", tmp_path / "vgg.pth")
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        fx, fy = lp.net(lp.scaling_layer(x)), lp.net(lp.scaling_layer(y))
+        total = torch.zeros(2)
+        for a, b, lin in zip(fx, fy, lp.lins):
+            unit = lambda f: f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # noqa: E731
+            w = lin.model[-1].weight.view(1, -1, 1, 1)
+            total += (w * (unit(a) - unit(b)) ** 2).sum(1).mean(dim=(1, 2))
+    got = reconstruction_metrics(x, y, lpips_net=lp)["lpips"]
+    assert float(got) == pytest.approx(float(total.mean()), rel=1e-5)
+    assert float(reconstruction_metrics(x, x, lpips_net=lp)["lpips"]) == pytest.approx(0.0, abs=1e-7)
