@@ -77,8 +77,7 @@ class Evaluator:
 
     def _distribution(self, prefix: str, feats: torch.Tensor, logits: Optional[torch.Tensor], name: str) -> dict:
         out: dict[str, float] = {}
-        chosen = [m for m in self.metrics if m.startswith(prefix) or (prefix == "" and m in INCEPTION_METRICS)]
-        chosen = [m[len(prefix):] for m in chosen if m[len(prefix):] in ("fid", "kid", "isc", "prc")]
+        chosen = {m[len(prefix):] for m in self.metrics if m.startswith(prefix)} & set(INCEPTION_METRICS)
         ref = self.reference(name) if any(m != "isc" for m in chosen) else None
         if "fid" in chosen:
             out[prefix + "fid"] = frechet_distance(GaussianStats.of(feats), ref.stats)

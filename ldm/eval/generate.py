@@ -22,9 +22,6 @@ class Conditions:
     kind: str  # "class", "text" or "none"
     values: Optional[list]
 
-    def __len__(self) -> int:
-        return 0 if self.values is None else len(self.values)
-
     def batch(self, start: int, stop: int) -> Optional[list]:
         return None if self.values is None else self.values[start:stop]
 

@@ -10,18 +10,11 @@ Two pitfalls of FID-style metrics are settled here, once:
 """
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
-
-logger = logging.getLogger(__name__)
-
-LOSSLESS = (".png", ".bmp", ".tif", ".tiff", ".npy")
-LOSSY = (".jpg", ".jpeg", ".webp")
 
 
 def to_uint8_rgb(images: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
@@ -64,30 +57,3 @@ def resize_bicubic(images: torch.Tensor, size: int) -> torch.Tensor:
             out[i, ch] = np.clip(np.round(res), 0, 255).astype(np.uint8)
     return torch.from_numpy(out)
 
-
-def list_images(folder: Union[str, Path]) -> list[Path]:
-    """Image files in `folder` (sorted); warns once when they are lossy (JPEG shifts FID: save samples as PNG)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in LOSSLESS + LOSSY)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(LOSSLESS + LOSSY)}) in {folder}")
-    lossy = [p for p in files if p.suffix.lower() in LOSSY]
-    if lossy:
-        logger.warning("%d of %d images in %s are lossy (%s): JPEG artefacts change FID; save samples as PNG",
-                       len(lossy), len(files), folder, lossy[0].name)
-    return files
-
-
-def read_images(files: Iterable[Path], batch_size: int) -> Iterator[torch.Tensor]:
-    """uint8 (B, 3, H, W) batches of image files."""
-    batch: list[np.ndarray] = []
-    for f in files:
-        img = Image.open(f).convert("RGB")
-        batch.append(np.asarray(img).transpose(2, 0, 1))
-        if len(batch) == batch_size:
-            yield torch.from_numpy(np.stack(batch))
-            batch = []
-    if batch:
-        yield torch.from_numpy(np.stack(batch))

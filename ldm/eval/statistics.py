@@ -40,13 +40,6 @@ class GaussianStats:
             raise ValueError(f"need at least 2 feature vectors for a covariance, got {f.shape[0]}")
         return cls(f.mean(axis=0), np.cov(f, rowvar=False), f.shape[0])
 
-    def to_dict(self) -> dict[str, np.ndarray]:
-        return {"mu": self.mu, "sigma": self.sigma, "n": np.array(self.n)}
-
-    @classmethod
-    def from_dict(cls, d) -> "GaussianStats":
-        return cls(np.asarray(d["mu"], dtype=np.float64), np.asarray(d["sigma"], dtype=np.float64), int(d["n"]))
-
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix (negative round-off eigenvalues clipped)."""
@@ -98,10 +91,4 @@ def precision_recall(fake: ArrayLike, real: ArrayLike, k: int = 3) -> tuple[floa
     if min(len(f1), len(f2)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
     return calculate_precision_recall_full(f1, f2, neighborhood=k, batch_size=10_000)
-
-
-def fid_from_features(fake: ArrayLike, real: Union[ArrayLike, GaussianStats]) -> float:
-    """Frechet distance between two feature sets (or a feature set and cached reference statistics)."""
-    ref = real if isinstance(real, GaussianStats) else GaussianStats.of(real)
-    return frechet_distance(GaussianStats.of(fake), ref)
 
