@@ -8,9 +8,9 @@ NB_STAMP := $(VENV)/.notebook-installed
 
 .PHONY: quickstart test notebooks install clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 $(NB_STAMP): $(STAMP) pyproject.toml
-	$(PY) -m pip install -e ".[notebook]"
+	$(PY) -m pip install -c constraints.txt -e ".[notebook]"
 	touch $(NB_STAMP)
 
 # Executes every notebook headless; the executed copies (with outputs) go to outputs/notebooks/.

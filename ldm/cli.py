@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ldm.inference import Precision, first_stage_factor
+from ldm.inference import first_stage_factor
+from ldm.precision import Precision
 from ldm.sampling import SAMPLERS
 from ldm.sampling.spacing import Spacing
 

@@ -4,46 +4,22 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, PngImagePlugin
 
+from ldm.precision import Precision, WeightsDType, precision_scope
 from ldm.sampling import CFGDenoiser, get_sigmas, img2img_start, randn_like, sample
 from ldm.util import ConfigError, load_config, load_model_from_config
-
-
-class Precision(str, Enum):
-    """Sampling precision: full float32, or autocast to bfloat16 / float16 ("autocast", as CompVis' scripts, picks
-    float16 on CUDA and bfloat16 elsewhere; "full" is float32)."""
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-    AUTOCAST = "autocast"
-    FULL = "full"
 
 
 def default_device() -> str:
     """CUDA when available, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def precision_scope(precision: Union[Precision, str], device: Union[str, torch.device]) -> Iterator[None]:
-    """torch.autocast for the reduced precisions, nothing for float32."""
-    precision = Precision(precision)
-    device_type = torch.device(device).type
-    if precision in (Precision.FP32, Precision.FULL):
-        yield
-        return
-    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16,
-             Precision.AUTOCAST: torch.float16 if device_type == "cuda" else torch.bfloat16}[precision]
-    with torch.autocast(device_type=device_type, dtype=dtype):
-        yield
 
 
 def generators(seed: Union[int, Sequence[int]], device: Union[str, torch.device]):
@@ -75,15 +51,23 @@ def load_image(path: Union[str, Path]) -> torch.Tensor:
 
 
 def add_model_arguments(parser, default_ckpt: Optional[str] = None, default_config: Optional[str] = None) -> None:
-    """The model flags of the task scripts: --config, --ckpt, --no-ema, --unsafe-load, --device, --precision."""
+    """The model flags of the task scripts: --config, --ckpt, --no-ema, --unsafe-load, --device, --precision, --dtype."""
     hint = f", or {default_config} for the default checkpoint" if default_config else ""
     parser.add_argument("--config", type=str, default=None, help=f"default: the run's configs/*-project.yaml{hint}")
     parser.add_argument("--ckpt", type=str, default=default_ckpt, required=default_ckpt is None)
     parser.add_argument("--no-ema", action="store_true", help="sample with the training weights, not the EMA ones")
     parser.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the checkpoint")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add_precision_arguments(parser)
+
+
+def add_precision_arguments(parser) -> None:
+    """--precision (autocast) and --dtype (the weights' dtype): see ldm.precision."""
     parser.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
                         help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
+    parser.add_argument("--dtype", default=WeightsDType.FP32.value, choices=[x.value for x in WeightsDType],
+                        help="dtype the weights are loaded in (fp16/bf16 halve the memory; auto: the checkpoint's "
+                             "own, e.g. an fp16 export stays fp16)")
 
 
 def load_from_arguments(opt, default_ckpt: Optional[str] = None, default_config: Optional[str] = None):
@@ -91,7 +75,8 @@ def load_from_arguments(opt, default_ckpt: Optional[str] = None, default_config:
     config = opt.config
     if config is None and default_ckpt is not None and opt.ckpt == default_ckpt:
         config = default_config
-    return load_for_sampling(opt.ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device)
+    return load_for_sampling(opt.ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
+                             dtype=getattr(opt, "dtype", None))
 
 
 def find_run_config(ckpt: Union[str, Path], run: Optional[Union[str, Path]] = None) -> Path:
@@ -141,10 +126,12 @@ def resolve_resume(resume: Union[str, Path]) -> tuple[Path, Path, Path]:
 
 
 def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]] = None, *, allow_pickle: bool = False,
-                      device: Optional[str] = None, overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, DictConfig]:
+                      device: Optional[str] = None, overrides: Sequence[str] = (),
+                      dtype: Optional[Union[WeightsDType, str, torch.dtype]] = None) -> tuple[torch.nn.Module, DictConfig]:
     """Model from a run checkpoint; sub-model `ckpt_path`s are dropped (the checkpoint holds all weights).
 
     `overrides`: dot-list `key=value` settings merged over the config (as CompVis' scripts take them).
+    `dtype`: the networks' weights dtype (fp32, bf16, fp16, or auto: the checkpoint's); None keeps float32.
     """
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {ckpt}")
@@ -158,7 +145,7 @@ def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]]
         sub = OmegaConf.select(cfg, f"model.params.{key}.params")
         if sub is not None and "ckpt_path" in sub.keys():
             sub.ckpt_path = None
-    model = load_model_from_config(cfg, ckpt, allow_pickle=allow_pickle, device=device or default_device())
+    model = load_model_from_config(cfg, ckpt, allow_pickle=allow_pickle, device=device or default_device(), dtype=dtype)
     return model, cfg
 
 

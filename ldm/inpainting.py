@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.inpainting import MaskConvention, masked_inputs
-from ldm.inference import Precision, generators, precision_scope, uses_text
+from ldm.inference import generators, uses_text
+from ldm.precision import Precision, precision_scope
 from ldm.models.diffusion.latent import resize_mask
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.sampling import CFGDenoiser, get_sigmas, inpaint_sample, randn_like, sample

@@ -9,7 +9,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from ldm.inference import Precision, first_stage_factor, precision_scope, size_multiple, uses_text
+from ldm.inference import first_stage_factor, size_multiple, uses_text
+from ldm.precision import Precision, precision_scope
 from ldm.sampling import CFGDenoiser, get_sigmas, randn_like, sample
 
 

@@ -160,16 +160,25 @@ def check_no_missing(config: DictConfig, what: str = "config") -> None:
 
 def load_model_from_config(config: Union[DictConfig, str, Path], ckpt_path: Optional[Union[str, Path]] = None,
                            *, strict: bool = True, allow_pickle: bool = False,
-                           device: Union[str, torch.device] = "cpu", eval_mode: bool = True) -> torch.nn.Module:
-    """Instantiate `config.model` and load weights from `ckpt_path` (safe by default)."""
-    from ldm.checkpoint import load_checkpoint, load_state_dict_checked
+                           device: Union[str, torch.device] = "cpu", eval_mode: bool = True,
+                           dtype: Optional[Union[str, torch.dtype]] = None) -> torch.nn.Module:
+    """Instantiate `config.model` and load weights from `ckpt_path` (safe by default).
+
+    `dtype` (fp32, bf16, fp16, auto or a torch dtype): the networks are cast before the weights are read,
+    so a half-precision checkpoint loads without a round trip through float32.
+    """
+    from ldm.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_checked
+    from ldm.precision import cast_weights, resolve_weights_dtype
 
     if not isinstance(config, DictConfig):
         config = load_config(config)
     model_cfg = config.model if "model" in config else config
     model = instantiate_from_config(model_cfg, key="model")
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, allow_pickle=allow_pickle)
+    ckpt = load_checkpoint(ckpt_path, allow_pickle=allow_pickle) if ckpt_path is not None else None
+    target = resolve_weights_dtype(dtype, extract_state_dict(ckpt) if ckpt is not None else None)
+    if target is not None:
+        cast_weights(model, target)
+    if ckpt is not None:
         if "global_step" in ckpt:
             logger.info("%s: global step %s", ckpt_path, ckpt["global_step"])
         load_state_dict_checked(model, ckpt, strict=strict, source=str(ckpt_path))

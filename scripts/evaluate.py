@@ -29,6 +29,7 @@ from ldm.eval.generate import conditions_for
 from ldm.eval.grid import grid, run_grid
 from ldm.eval.reference import dataset_config
 from ldm.inference import default_device, file_hash, load_for_sampling, resolve_resume
+from ldm.precision import WeightsDType
 from ldm.pretrained import PretrainedWeightsMissing
 from ldm.sampling import SAMPLERS
 from ldm.util import ConfigError, instantiate_from_config
@@ -62,6 +63,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="sample with the training weights, not the EMA ones")
     p.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the checkpoint")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=WeightsDType.FP32.value, choices=[x.value for x in WeightsDType],
+                   help="dtype the weights are loaded in (auto: the checkpoint's own)")
     return p
 
 
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
     try:
         ckpt, cfg_path, _ = resolve_resume(opt.resume)
         device = opt.device or default_device()
-        model, cfg = load_for_sampling(ckpt, opt.config or cfg_path, allow_pickle=opt.unsafe_load, device=device)
+        model, cfg = load_for_sampling(ckpt, opt.config or cfg_path, allow_pickle=opt.unsafe_load, device=device,
+                                       dtype=opt.dtype)
         ref_cfg = dataset_config(cfg, opt.reference, opt.reference_set)
         evaluator = Evaluator(opt.metrics, reference=ref_cfg, n_reference=opt.n_reference, cache_dir=opt.cache_dir,
                               inception_weights=opt.inception_weights, resize=opt.resize, clip_model=opt.clip_model,

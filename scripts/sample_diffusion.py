@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from ldm.checkpoint import CheckpointError
 from ldm.cli import UsageError, check_options, image_seeds, latent_shape, precision
-from ldm.inference import (Precision, file_hash, load_for_sampling, precision_scope, resolve_resume, save_png,
+from ldm.inference import (add_precision_arguments, file_hash, load_for_sampling, resolve_resume, save_png,
                            to_uint8)
+from ldm.precision import precision_scope
 from ldm.pretrained import PretrainedWeightsMissing
 from ldm.sampling import SAMPLERS, get_sampler
 from ldm.sampling.spacing import Spacing
@@ -43,8 +44,7 @@ def get_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", type=str, default=None)
     src.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the checkpoint")
     src.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    src.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
-                     help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
+    add_precision_arguments(src)
     g = p.add_argument_group("sampling (CompVis flags)")
     g.add_argument("-n", "--n_samples", type=int, default=50000, help="number of samples to draw")
     g.add_argument("-e", "--eta", type=float, default=None,
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             ckpt, config = Path(opt.ckpt), opt.config
             logdir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
         model, cfg = load_for_sampling(ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
-                                       overrides=unknown)
+                                       overrides=unknown, dtype=opt.dtype)
         sampler, steps, options = sampler_and_steps(opt, model)
         shape = latent_shape(model, opt.H, opt.W)
         prec = precision(opt)

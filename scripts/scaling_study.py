@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--classifier_steps", type=int, default=1500)
     p.add_argument("--outdir", default="outputs/scaling_study")
     p.add_argument("--logdir", default="logs")
+    p.add_argument("--device", default=None, help="where sampling and scoring run (default: cuda when available)")
     opt = p.parse_args(argv)
     if any(w % 32 for w in opt.widths + [opt.budget_width]):
         print("error: widths must be multiples of 32 (GroupNorm with 32 groups)", file=sys.stderr)
@@ -182,15 +183,16 @@ def main(argv=None) -> int:
     from ldm.eval.evaluator import Evaluator
     from ldm.eval.generate import conditions_for
     from ldm.eval.grid import grid, run_grid
-    from ldm.inference import file_hash, load_for_sampling
+    from ldm.inference import default_device, file_hash, load_for_sampling
+    device = opt.device or default_device()
     ref = OmegaConf.to_container(base.data.params.validation, resolve=True)
     evaluator = Evaluator(["domain_fid", "adherence"], reference=ref, domain_classifier=clf,
-                          cache_dir=out / "reference_cache", device="cpu")
+                          cache_dir=out / "reference_cache", device=device)
     smallest = flops[min(opt.widths)]
     rows = []
     for w in opt.widths:
         info = state["trained"][str(w)]
-        model, _ = load_for_sampling(info["ckpt"], device="cpu")
+        model, _ = load_for_sampling(info["ckpt"], device=device)
         torch.manual_seed(0)
         settings = {"checkpoint_sha256": file_hash(info["ckpt"]), "width": w, "n": opt.n, "seed": opt.seed,
                     "train_steps": info["steps"], "evaluation": evaluator.settings()}

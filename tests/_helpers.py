@@ -44,3 +44,12 @@ def tiny_sd_v1_config(tmp_path, monkeypatch):
     u.model_channels, u.num_heads, u.context_dim, u.use_checkpoint = 32, 2, 32, False
     fs.ddconfig.ch = 32
     return cfg
+
+
+def perturb(module, seed: int = 0, scale: float = 0.05) -> None:
+    """Weights moved away from initialisation (a fresh UNet's output layers are zero: any two paths would agree)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_((torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype))

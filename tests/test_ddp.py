@@ -6,17 +6,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.minilm
 def test_ema_and_scale_factor_identical_on_both_ranks(tmp_path):
     from safetensors.torch import save_file
     from ldm.util import instantiate_from_config, load_config
     ae = instantiate_from_config(load_config(ROOT / "configs/autoencoder/shapes_kl_f4.yaml").model)
     save_file(ae.state_dict(), str(tmp_path / "ae.safetensors"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # keep packages added there
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path),
                            str(tmp_path / "ae.safetensors")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -94,6 +94,7 @@ def ae_ckpt(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.minilm
 def test_ldm_state_dict_prefixes_and_frozen_parts(ae_ckpt):
     model = instantiate_from_config(tiny_ldm_config(ae_ckpt).model)
     keys = list(model.state_dict())
@@ -125,6 +126,7 @@ def test_guidance_dropout_rate():
         null_condition_like(torch.arange(10), "class_label")
 
 
+@pytest.mark.minilm
 def test_ldm_training_step_and_sampling(ae_ckpt):
     from ldm.data.shapes import ShapesDataset
     model = instantiate_from_config(tiny_ldm_config(ae_ckpt, ucg_rate=0.5).model)
@@ -141,6 +143,7 @@ def test_ldm_training_step_and_sampling(ae_ckpt):
     assert imgs["diffusion_row"].shape[1:] == (3, 32, 32)
 
 
+@pytest.mark.minilm
 def test_ldm_p_losses_targets_each_parameterization(ae_ckpt):
     for p in ("eps", "x0", "v"):
         model = instantiate_from_config(tiny_ldm_config(ae_ckpt, parameterization=p).model)
@@ -270,6 +273,7 @@ def test_paper_configs_keep_the_paper_architectures():
         assert load_config(ROOT / f"configs/ldm/{name}.yaml").model.params.cond_stage_config == "__is_unconditional__"
 
 
+@pytest.mark.minilm
 def test_cached_latents_match_encoding_and_are_reused(ae_ckpt, tmp_path, monkeypatch):
     """CachedLatents stores the first stage's posterior moments; LatentDiffusion samples from them as after encoding."""
     import ldm.data.latents as latents
@@ -331,6 +335,7 @@ def _reference_compvis_denoiser(model, x, sigma, c):
     return x.double() - s * eps.double()
 
 
+@pytest.mark.minilm
 def test_ldm_denoiser_equals_a_fractional_timestep_compvis_denoiser(ae_ckpt):
     """Old code told the UNet floor(t): off grid by up to a whole timestep, and t - 1 on some grid levels."""
     model = _perturbed(instantiate_from_config(tiny_ldm_config(ae_ckpt).model).eval())
@@ -347,6 +352,7 @@ def test_ldm_denoiser_equals_a_fractional_timestep_compvis_denoiser(ae_ckpt):
         assert rel < 1e-5, rel
 
 
+@pytest.mark.minilm
 def test_ldm_ddim_sends_the_exact_integer_timesteps(ae_ckpt):
     model = instantiate_from_config(tiny_ldm_config(ae_ckpt).model).eval()
     seen = []
@@ -356,6 +362,7 @@ def test_ldm_ddim_sends_the_exact_integer_timesteps(ae_ckpt):
     assert sent == [float(v) for v in compvis_ddim_timesteps(model.num_timesteps, 50)[::-1]]
 
 
+@pytest.mark.minilm
 def test_eps_with_zero_terminal_snr_builds_and_names_the_vlb_problem(ae_ckpt):
     """Old code failed at construction with a VLB message although the VLB term was off."""
     model = instantiate_from_config(tiny_ldm_config(ae_ckpt, zero_terminal_snr=True).model)
@@ -366,6 +373,7 @@ def test_eps_with_zero_terminal_snr_builds_and_names_the_vlb_problem(ae_ckpt):
         instantiate_from_config(tiny_ldm_config(ae_ckpt, zero_terminal_snr=True, original_elbo_weight=0.1).model)
 
 
+@pytest.mark.minilm
 def test_v_prediction_with_zero_terminal_snr_samples_from_the_terminal_step(ae_ckpt):
     model = _perturbed(instantiate_from_config(
         tiny_ldm_config(ae_ckpt, zero_terminal_snr=True, parameterization="v").model).eval())
@@ -376,6 +384,7 @@ def test_v_prediction_with_zero_terminal_snr_samples_from_the_terminal_step(ae_c
     assert seen[0] == 999.0 and torch.isfinite(z).all()
 
 
+@pytest.mark.minilm
 def test_scale_by_std_measures_the_unscaled_latents(ae_ckpt):
     """Old code multiplied by the configured factor first: 0.18215 with scale_by_std ended at latent std ~5.5."""
     from ldm.data.shapes import ShapesDataset
@@ -388,6 +397,7 @@ def test_scale_by_std_measures_the_unscaled_latents(ae_ckpt):
     assert abs(float(z.std()) - 1.0) < 0.1, float(z.std())
 
 
+@pytest.mark.minilm
 def test_missing_ema_weights_start_from_the_loaded_weights(ae_ckpt, tmp_path, caplog):
     """Old code left model_ema random when a checkpoint had no model_ema.* keys."""
     import logging
@@ -426,6 +436,7 @@ def test_pixel_ddpm_clips_its_x0_estimates():
     assert torch.allclose(ddpm.sample(None, 2, steps=5, spacing="trailing"), torch.full((2, 1, 8, 8), 10.0))
 
 
+@pytest.mark.minilm
 def test_raw_condition_permutes_image_like_keys_but_not_text_or_labels(ae_ckpt):
     """Old code permuted only a fixed list of image keys (CompVis permutes all but caption, bbox and class)."""
     model = instantiate_from_config(tiny_ldm_config(ae_ckpt).model)

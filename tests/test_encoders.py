@@ -9,6 +9,7 @@ from ldm.modules.encoders.modules import (BERTEmbedder, BERTTokenizer, ClassEmbe
                                           PretrainedWeightsMissing)
 
 
+@pytest.mark.minilm
 def test_bert_tokenizer_knows_the_shapes_words():
     tok = BERTTokenizer(vq_interface=False, max_length=16)
     ids = tok(["a large red square in the top left", "a small blue circle in the center"])
@@ -16,6 +17,7 @@ def test_bert_tokenizer_knows_the_shapes_words():
     assert (ids == tok.tokenizer.unk_token_id).sum() == 0
 
 
+@pytest.mark.minilm
 def test_minilm_states_differ_per_prompt_and_cache():
     enc = FrozenMiniLMEmbedder(max_length=16)
     a = enc(["a large red square in the top left", "a small blue circle in the bottom right", ""])
@@ -27,6 +29,7 @@ def test_minilm_states_differ_per_prompt_and_cache():
     assert not any(p.requires_grad for p in enc.parameters())
 
 
+@pytest.mark.minilm
 def test_bert_embedder_trains_from_scratch():
     emb = BERTEmbedder(n_embed=32, n_layer=2, max_seq_len=16)
     out = emb(["a red circle", "a blue square"])

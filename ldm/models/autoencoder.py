@@ -61,6 +61,10 @@ class _FirstStageBase(pl.LightningModule):
     def get_last_layer(self) -> torch.Tensor:
         return self.decoder.conv_out.weight
 
+    def to_weights_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in the dtype of the networks' weights (fp32, bf16 or fp16): encode/decode accept any float input."""
+        return x.to(self.quant_conv.weight.dtype)
+
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
         init_from_ckpt(self, path, ignore_keys=ignore_keys, tolerate_prefixes=("loss.",))
 
@@ -83,8 +87,19 @@ class _FirstStageBase(pl.LightningModule):
                   for o in opts]
         return opts, scheds
 
-    def _loss_call(self, x, rec, aux, optimizer_idx: int, split: str):
+    def _loss_call(self, x, rec, aux, optimizer_idx: int, split: str, step: int,
+                   grad_scale: Optional[torch.Tensor] = None):
         raise NotImplementedError
+
+    def _loss_scale(self) -> Optional[torch.Tensor]:
+        """The float16 mixed-precision loss scale (a device tensor, read without a host sync), or None."""
+        try:
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        except RuntimeError:  # not attached to a Trainer
+            return None
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler.scale(torch.ones((), device=self.device))
 
     def training_step(self, batch, batch_idx):
         opts = self.optimizers()
@@ -92,7 +107,7 @@ class _FirstStageBase(pl.LightningModule):
         x = self.get_input(batch)
         rec, aux = self._forward_train(x)
         step = self.batches_seen
-        aeloss, log_ae = self._loss_call(x, rec, aux, 0, "train", step)
+        aeloss, log_ae = self._loss_call(x, rec, aux, 0, "train", step, grad_scale=self._loss_scale())
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(aeloss)
         opt_ae.step()
@@ -204,10 +219,10 @@ class AutoencoderKL(_FirstStageBase):
         return params
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(self.to_weights_dtype(x))))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(self.to_weights_dtype(z)))
 
     def forward(self, input: torch.Tensor, sample_posterior: bool = True):
         posterior = self.encode(input)
@@ -223,8 +238,9 @@ class AutoencoderKL(_FirstStageBase):
     def _reconstruct_deterministic(self, x, rec):
         return self(x, sample_posterior=False)[0]
 
-    def _loss_call(self, x, rec, posterior, optimizer_idx, split, step):
-        return self.loss(x, rec, posterior, optimizer_idx, step, last_layer=self.get_last_layer(), split=split)
+    def _loss_call(self, x, rec, posterior, optimizer_idx, split, step, grad_scale=None):
+        kw = {"grad_scale": grad_scale} if grad_scale is not None else {}
+        return self.loss(x, rec, posterior, optimizer_idx, step, last_layer=self.get_last_layer(), split=split, **kw)
 
     def _extra_images(self, aux) -> dict[str, torch.Tensor]:
         """Decodings of random latents drawn from N(0, I)."""
@@ -264,13 +280,13 @@ class VQModel(_FirstStageBase):
                 + list(self.quant_conv.parameters()) + list(self.post_quant_conv.parameters()))
 
     def encode(self, x: torch.Tensor):
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        return self.quantize(self.encode_to_prequant(x))
 
     def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x))
+        return self.quant_conv(self.encoder(self.to_weights_dtype(x)))
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(quant))
+        return self.decoder(self.post_quant_conv(self.to_weights_dtype(quant)))
 
     def decode_code(self, code_b: torch.Tensor) -> torch.Tensor:
         b, h, w = code_b.shape
@@ -305,10 +321,11 @@ class VQModel(_FirstStageBase):
         dec, diff, ind = self(x, return_pred_indices=True)
         return dec, (diff, ind)
 
-    def _loss_call(self, x, rec, aux, optimizer_idx, split, step):
+    def _loss_call(self, x, rec, aux, optimizer_idx, split, step, grad_scale=None):
         diff, ind = aux
+        kw = {"grad_scale": grad_scale} if grad_scale is not None else {}
         return self.loss(diff, x, rec, optimizer_idx, step, last_layer=self.get_last_layer(), split=split,
-                         predicted_indices=ind)
+                         predicted_indices=ind, **kw)
 
     def _extra_val_logs(self, aux) -> dict:
         _, ind = aux
@@ -326,9 +343,10 @@ class VQModelInterface(VQModel):
         self.embed_dim = embed_dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x))
+        return self.encode_to_prequant(x)
 
     def decode(self, h: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
+        h = self.to_weights_dtype(h)
         quant = h if force_not_quantize else self.quantize(h)[0]
         return self.decoder(self.post_quant_conv(quant))
 

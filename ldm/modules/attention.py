@@ -9,6 +9,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
+from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.modules.small_head_attention import small_head_attention, use_kernel
 
 # SpatialTransformer's input GroupNorm (CompVis): 32 groups, eps 1e-6.
@@ -125,7 +126,7 @@ class SpatialTransformer(nn.Module):
             context_dim = [None] * depth
         self.in_channels = in_channels
         inner = n_heads * d_head
-        self.norm = nn.GroupNorm(norm_groups, in_channels, eps=TRANSFORMER_NORM_EPS, affine=True)
+        self.norm = GroupNorm32(norm_groups, in_channels, eps=TRANSFORMER_NORM_EPS, affine=True)
         self.use_linear = use_linear
         self.proj_in = nn.Linear(in_channels, inner) if use_linear else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList([

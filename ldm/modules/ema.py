@@ -40,18 +40,24 @@ class LitEma(nn.Module):
 
     @torch.no_grad()
     def forward(self, model: nn.Module) -> None:
-        """One EMA update from `model`'s current parameters."""
-        decay = float(self.decay)
-        if int(self.num_updates) >= 0:
-            self.num_updates += 1
-            n = int(self.num_updates)
-            decay = min(decay, (1 + n) / (10 + n))
-        one_minus = 1.0 - decay
+        """One EMA update from `model`'s current parameters: decay and count stay on the device and the update is
+        one batch of foreach ops, so a training step never waits for the host."""
+        counting = self.num_updates >= 0  # -1: use_num_upates off
+        self.num_updates.add_(counting.to(self.num_updates.dtype))
+        n = self.num_updates.double()
+        decay = torch.where(counting, torch.minimum(self.decay.double(), (1 + n) / (10 + n)), self.decay.double())
+        one_minus = (1.0 - decay).float()
         shadow = dict(self.named_buffers())
+        shadows, params = [], []
         for name, p in model.named_parameters():
             if name in self.m_name2s_name:
                 s = shadow[self.m_name2s_name[name]]
-                s.sub_(one_minus * (s - p.detach().to(s.dtype)))
+                shadows.append(s)
+                params.append(p.detach().to(s.dtype))
+        if shadows:
+            step = torch._foreach_sub(shadows, params)
+            torch._foreach_mul_(step, one_minus)
+            torch._foreach_sub_(shadows, step)  # s <- s - (1 - decay) (s - p)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

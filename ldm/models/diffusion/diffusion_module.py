@@ -110,6 +110,7 @@ class DDPM(pl.LightningModule):
             self.monitor = monitor
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
                                zero_terminal_snr)
+        self.register_load_state_dict_pre_hook(_float32_schedule_kept)
         self.loss_fn = DiffusionLoss(
             self.scaling,
             timestep_sampler=(instantiate_from_config(timestep_sampler, key="model.params.timestep_sampler",
@@ -139,12 +140,33 @@ class DDPM(pl.LightningModule):
             betas = rescale_zero_terminal_snr(betas)
         self.num_timesteps = int(betas.shape[0])
         self.linear_start, self.linear_end = linear_start, linear_end
-        for name, value in ddpm_buffers(betas, self.v_posterior).items():
+        buffers = ddpm_buffers(betas, self.v_posterior)
+        self.schedule_buffer_names = tuple(buffers)
+        for name, value in buffers.items():
             self.register_buffer(name, value)
         if self.original_elbo_weight:  # the VLB weights only when the VLB term is used (infinite under ZTSNR + eps)
             self.register_buffer("lvlb_weights", vlb_weights(
                 self.parameterization, self.betas.double(), self.alphas_cumprod.double(),
                 self.posterior_variance.double().clamp_min(1e-20)).float(), persistent=False)
+
+    # -- precision ------------------------------------------------------------------------------
+    def networks(self) -> list[nn.Module]:
+        """The modules holding network weights (the UNet wrapper and its EMA copy); not the schedule buffers."""
+        return [self.model] + ([self.model_ema] if self.use_ema else [])
+
+    def set_weights_dtype(self, dtype: torch.dtype) -> "DDPM":
+        """Cast the networks' weights to `dtype` (float32, bfloat16 or float16) for sampling.
+
+        The noise schedule, `scale_factor` and the EMA's decay stay float32: samplers read sigmas from
+        them, and each network casts its inputs to its own dtype.
+        """
+        if not dtype.is_floating_point:
+            raise ValueError(f"weights dtype must be a floating-point dtype, got {dtype}")
+        for module in self.networks():
+            module.to(dtype)
+        if self.use_ema:
+            self.model_ema.decay = self.model_ema.decay.float()
+        return self
 
     # -- EMA ------------------------------------------------------------------------------------
     @contextmanager
@@ -275,6 +297,27 @@ class DDPM(pl.LightningModule):
             extra["uncond"] = {"c": uncond}
         return run_sampler(model, x_T, sigmas, sampler, generator=generator, extra_args=extra, callback=callback,
                            **sampler_options)
+
+
+# Half-precision copies of the schedule must agree with the float32 one to this tolerance (bf16 keeps 8 bits).
+SCHEDULE_RTOL, SCHEDULE_ATOL = 1e-2, 1e-4
+
+
+def _float32_schedule_kept(module: DDPM, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: schedule buffers stored in fp16/bf16 (half-precision exports) are replaced by this model's
+    float32 ones, computed from its config; rounding them would move every timestep's noise level."""
+    for name in module.schedule_buffer_names:
+        key = prefix + name
+        stored = state_dict.get(key)
+        if not isinstance(stored, torch.Tensor) or not stored.is_floating_point() or stored.element_size() >= 4:
+            continue
+        ours = getattr(module, name)
+        if stored.shape != ours.shape:
+            continue  # another number of timesteps: the checked load reports it
+        if not torch.allclose(stored.float().cpu(), ours.float().cpu(), rtol=SCHEDULE_RTOL, atol=SCHEDULE_ATOL):
+            logger.warning("checkpoint buffer %s (%s) does not match the schedule of the config; the config's "
+                           "float32 schedule is used", key, stored.dtype)
+        state_dict[key] = ours.detach().clone()
 
 
 def _ema_from_loaded_weights(module: DDPM, incompatible) -> None:

@@ -44,10 +44,10 @@ def null_condition_like(c: Any, key: str, null_label: Optional[int] = None) -> A
 
 def drop_conditions(c: Any, p: float, null: Any) -> Any:
     """Each item of `c` replaced by its item of `null` with probability p (classifier-free guidance training)."""
+    if isinstance(c, torch.Tensor):  # drawn where `c` lives: a host-to-device copy would wait for the GPU
+        drop = torch.rand(len(c), device=c.device) < p
+        return torch.where(drop.view(-1, *([1] * (c.dim() - 1))), null, c)
     drop = torch.rand(len(c)) < p
-    if isinstance(c, torch.Tensor):
-        mask = drop.to(c.device).view(-1, *([1] * (c.dim() - 1)))
-        return torch.where(mask, null, c)
     return [nl if d else x for x, nl, d in zip(c, null, drop.tolist())]
 
 
@@ -119,6 +119,13 @@ class LatentDiffusion(DDPM):
                 p.requires_grad = False
         self.cond_stage_model = model
 
+    def networks(self) -> list[torch.nn.Module]:
+        """UNet (and EMA copy), first stage and conditioner: what `set_weights_dtype` casts."""
+        parts = super().networks() + [self.first_stage_model]
+        if self.cond_stage_model is not None and self.cond_stage_model is not self.first_stage_model:
+            parts.append(self.cond_stage_model)
+        return parts
+
     def trainable_parameters(self) -> list:
         params = super().trainable_parameters()
         if self.cond_stage_trainable and self.cond_stage_model is not None:
@@ -162,8 +169,10 @@ class LatentDiffusion(DDPM):
         if not (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
                 and not self.restarted_from_ckpt):
             return
-        # measured on the first stage's own latents: a configured factor is replaced, not multiplied
-        z = _unscaled_latents(self.encode_batch(batch, self.first_stage_key)).detach().double().flatten()
+        # measured on the first stage's own latents (a configured factor is replaced, not multiplied), in float32
+        # whatever autocast surrounds the hook
+        with torch.autocast(self.device.type, enabled=False):
+            z = _unscaled_latents(self.encode_batch(batch, self.first_stage_key)).detach().double().flatten()
         stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device, dtype=z.dtype)])
         s, s2, n = _all_reduce_sum(stats).tolist()
         var = (s2 - s * s / n) / (n - 1)

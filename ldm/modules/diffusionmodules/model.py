@@ -7,14 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import GroupNorm32
+
 # CompVis constants: GroupNorm(32 groups, eps 1e-6) everywhere in the first stage.
 DEFAULT_NORM_GROUPS = 32
 NORM_EPS = 1e-6
 
 
 def Normalize(in_channels: int, num_groups: int = DEFAULT_NORM_GROUPS) -> nn.GroupNorm:
-    """GroupNorm as used by the CompVis autoencoder (eps 1e-6, affine)."""
-    return nn.GroupNorm(num_groups=min(num_groups, in_channels), num_channels=in_channels, eps=NORM_EPS, affine=True)
+    """GroupNorm as used by the CompVis autoencoder (eps 1e-6, affine), computed in float32."""
+    return GroupNorm32(num_groups=min(num_groups, in_channels), num_channels=in_channels, eps=NORM_EPS, affine=True)
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         b, c, hh, ww = h.shape
-        q, k, v = (m(h).reshape(b, 1, c, hh * ww).transpose(2, 3) for m in (self.q, self.k, self.v))
+        # (B, 1, N, C) rows with unit stride in C: the layout the fused CUDA attention kernels accept
+        q, k, v = (m(h).reshape(b, 1, c, hh * ww).transpose(2, 3).contiguous() for m in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v
         out = out.transpose(2, 3).reshape(b, c, hh, ww)
         return x + self.proj_out(out)

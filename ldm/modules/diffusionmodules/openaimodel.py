@@ -160,13 +160,12 @@ class AttentionBlock(nn.Module):
         xf = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(xf))
         h, d, n = self.num_heads, c // self.num_heads, xf.shape[-1]
-        if self.new_order:  # split q, k, v first, then heads
-            q, k, v = (t.reshape(b * h, d, n) for t in qkv.chunk(3, dim=1))
-        else:  # legacy: heads first, then q, k, v
-            q, k, v = qkv.reshape(b * h, 3 * d, n).split(d, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None],
-                                             v.transpose(1, 2)[:, None])[:, 0]
-        out = out.transpose(1, 2).reshape(b, c, n)
+        # channels of qkv: new order q | k | v, each split into heads; legacy order per head q | k | v
+        grouped = qkv.reshape(b, 3, h, d, n) if self.new_order else qkv.reshape(b, h, 3, d, n).transpose(1, 2)
+        # one copy to contiguous (B, H, N, D) rows per q, k, v: the fused CUDA kernels refuse strided ones
+        q, k, v = grouped.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(2, 3).reshape(b, c, n)
         return (xf + self.proj_out(out)).reshape(b, c, *spatial)
 
 
@@ -292,15 +291,27 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch, norm_groups), nn.SiLU(),
                                  zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, which inputs are cast to and the output comes in."""
+        return self.time_embed[0].weight.dtype
+
     def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
                 y: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("y must be given if and only if the model is class-conditional (num_classes set)")
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        # inputs follow the weights' dtype (fp32, bf16 or fp16); the output stays in it
+        dtype = self.dtype
+        x = x.to(dtype)
+        if isinstance(context, torch.Tensor):
+            context = context.to(dtype)
+        elif isinstance(context, (list, tuple)):
+            context = [c.to(dtype) if isinstance(c, torch.Tensor) else c for c in context]
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         if self.num_classes is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
         hs = []
         h = x
         for module in self.input_blocks:

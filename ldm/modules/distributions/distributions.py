@@ -11,11 +11,14 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
 class DiagonalGaussianDistribution:
-    """N(mean, diag(exp(logvar))) from moments concatenated on dim 1; KL against N(0, I) or another."""
+    """N(mean, diag(exp(logvar))) from moments concatenated on dim 1; KL against N(0, I) or another.
+
+    Computed in float32 whatever the encoder's dtype: exp(logvar) overflows float16 above logvar = 11.
+    """
 
     def __init__(self, parameters: torch.Tensor, deterministic: bool = False):
         self.parameters = parameters
-        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
+        self.mean, self.logvar = torch.chunk(parameters.float(), 2, dim=1)
         self.logvar = torch.clamp(self.logvar, LOGVAR_MIN, LOGVAR_MAX)
         self.deterministic = deterministic
         self.std = torch.exp(0.5 * self.logvar)

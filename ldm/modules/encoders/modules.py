@@ -49,11 +49,13 @@ class ClassEmbedder(nn.Module):
 
     def forward(self, batch: Union[dict, torch.Tensor], key: Optional[str] = None) -> torch.Tensor:
         c = batch[key or self.key] if isinstance(batch, dict) else batch
-        c = torch.as_tensor(c, device=self.embedding.weight.device).long()
-        if c.numel() and (c.min() < 0 or c.max() >= self.embedding.num_embeddings):
+        c = torch.as_tensor(c)
+        # labels still on the host are checked with a clear message; on an accelerator that check would stall
+        # every training step on a device read, and the embedding's own index check stops bad labels there
+        if c.device.type == "cpu" and c.numel() and (c.min() < 0 or c.max() >= self.embedding.num_embeddings):
             raise ValueError(f"class label out of range [0, {self.embedding.num_embeddings - 1}]: "
                              f"{int(c.min())}..{int(c.max())}")
-        return self.embedding(c[:, None])
+        return self.embedding(c.to(self.embedding.weight.device).long()[:, None])
 
     def encode(self, c):
         return self(c)
@@ -300,6 +302,8 @@ class FrozenOpenCLIPEmbedder(_CachedTextEncoder):
         x = self.model.token_embedding(tokens) + self.model.positional_embedding
         blocks = self.model.transformer.resblocks
         attn_mask = self.model.attn_mask
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(x.dtype)  # an additive mask must match half-precision weights' activations
         # open_clip >= 2.26 runs its blocks batch-first (Transformer.batch_first); older releases sequence-first
         seq_first = not getattr(self.model.transformer, "batch_first", False)
         if seq_first:

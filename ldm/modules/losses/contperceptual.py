@@ -11,11 +11,17 @@ from ldm.modules.losses.lpips import build_lpips
 
 
 def calculate_adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                              disc_weight: float, eps: float = 1e-4, max_weight: float = 1e4) -> torch.Tensor:
-    """Adaptive GAN weight (Esser et al. 2021, VQGAN eq. 7): ||grad nll|| / (||grad g|| + eps) at the last layer."""
-    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + eps)
+                              disc_weight: float, eps: float = 1e-4, max_weight: float = 1e4,
+                              grad_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Adaptive GAN weight (Esser et al. 2021, VQGAN eq. 7): ||grad nll|| / (||grad g|| + eps) at the last layer.
+
+    `grad_scale`: the loss scale of float16 mixed precision. Both gradients are taken of the scaled losses
+    (float16 back-propagation underflows otherwise) and eps is scaled with them, so the ratio is unchanged.
+    """
+    scale = grad_scale if grad_scale is not None else 1.0
+    nll_grads = torch.autograd.grad(nll_loss * scale, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss * scale, last_layer, retain_graph=True)[0]
+    d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + eps * scale)
     return torch.clamp(d_weight, 0.0, max_weight).detach() * disc_weight
 
 
@@ -65,15 +71,17 @@ class GANLossMixin(nn.Module):
         return self.discriminator(torch.cat((x.contiguous(), cond), dim=1))
 
     def generator_terms(self, nll_loss: torch.Tensor, reconstructions: torch.Tensor, cond, global_step: int,
-                        last_layer: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(g_loss, adaptive d_weight, disc_factor) for the autoencoder update."""
+                        last_layer: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(g_loss, adaptive d_weight, disc_factor) for the autoencoder update (`grad_scale`: fp16 loss scale)."""
         disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         if disc_factor == 0.0:
             zero = torch.zeros((), device=reconstructions.device)
             return zero, zero, 0.0
         g_loss = -torch.mean(self._logits(reconstructions, cond))
         if self.training and last_layer is not None:
-            d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight)
+            d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.discriminator_weight,
+                                                 grad_scale=grad_scale)
         else:
             d_weight = torch.zeros((), device=reconstructions.device)
         return g_loss, d_weight, disc_factor
@@ -114,7 +122,8 @@ class LPIPSWithDiscriminator(GANLossMixin):
 
     def forward(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posteriors, optimizer_idx: int,
                 global_step: int, last_layer: Optional[torch.Tensor] = None, cond: Optional[torch.Tensor] = None,
-                split: str = "train", weights: Optional[torch.Tensor] = None):
+                split: str = "train", weights: Optional[torch.Tensor] = None,
+                grad_scale: Optional[torch.Tensor] = None):
         if optimizer_idx == 1:
             return self.discriminator_terms(inputs, reconstructions, cond, global_step, split)
         rec_loss, p_loss = self.rec_terms(inputs, reconstructions)
@@ -124,7 +133,8 @@ class LPIPSWithDiscriminator(GANLossMixin):
         nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
         kl_loss = posteriors.kl()
         kl_loss = torch.sum(kl_loss) / kl_loss.shape[0]
-        g_loss, d_weight, disc_factor = self.generator_terms(nll_loss, reconstructions, cond, global_step, last_layer)
+        g_loss, d_weight, disc_factor = self.generator_terms(nll_loss, reconstructions, cond, global_step, last_layer,
+                                                             grad_scale)
         loss = weighted_nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         log = {f"{split}/total_loss": loss.clone().detach().mean(), f"{split}/logvar": self.logvar.detach(),
                f"{split}/kl_loss": kl_loss.detach().mean(), f"{split}/nll_loss": nll_loss.detach().mean(),

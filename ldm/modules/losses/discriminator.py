@@ -20,6 +20,8 @@ class ActNorm(nn.Module):
         self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))
         self.scale = nn.Parameter(torch.ones(1, num_features, 1, 1))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        self._seen_initialized = False  # host copy of `initialized` once it is 1: later steps read no device value
+        self.register_load_state_dict_post_hook(lambda module, incompatible: setattr(module, "_seen_initialized", False))
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -31,9 +33,11 @@ class ActNorm(nn.Module):
         squeeze = x.dim() == 2
         if squeeze:
             x = x[:, :, None, None]
-        if self.training and self.initialized.item() == 0:
-            self.initialize(x)
-            self.initialized.fill_(1)
+        if self.training and not self._seen_initialized:
+            if self.initialized.item() == 0:
+                self.initialize(x)
+                self.initialized.fill_(1)
+            self._seen_initialized = True
         h = self.scale * (x + self.loc)
         if squeeze:
             h = h.squeeze(-1).squeeze(-1)

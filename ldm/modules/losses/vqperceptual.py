@@ -29,14 +29,16 @@ class VQLPIPSWithDiscriminator(GANLossMixin):
 
     def forward(self, codebook_loss: torch.Tensor, inputs: torch.Tensor, reconstructions: torch.Tensor,
                 optimizer_idx: int, global_step: int, last_layer: Optional[torch.Tensor] = None,
-                cond: Optional[torch.Tensor] = None, split: str = "train", predicted_indices=None):
+                cond: Optional[torch.Tensor] = None, split: str = "train", predicted_indices=None,
+                grad_scale: Optional[torch.Tensor] = None):
         if optimizer_idx == 1:
             return self.discriminator_terms(inputs, reconstructions, cond, global_step, split)
         if codebook_loss is None:
             codebook_loss = torch.zeros((), device=inputs.device)
         rec_loss, p_loss = self.rec_terms(inputs, reconstructions)
         nll_loss = torch.mean(rec_loss)
-        g_loss, d_weight, disc_factor = self.generator_terms(nll_loss, reconstructions, cond, global_step, last_layer)
+        g_loss, d_weight, disc_factor = self.generator_terms(nll_loss, reconstructions, cond, global_step, last_layer,
+                                                             grad_scale)
         loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
         log = {f"{split}/total_loss": loss.clone().detach().mean(), f"{split}/quant_loss": codebook_loss.detach().mean(),
                f"{split}/nll_loss": nll_loss.detach().mean(), f"{split}/rec_loss": rec_loss.detach().mean(),

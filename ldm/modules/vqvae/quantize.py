@@ -6,11 +6,15 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+
+def _code_counts(idx: torch.Tensor, n_codes: int) -> torch.Tensor:
+    """How often each code index occurs, as float32 (a scatter-add: no host sync, unlike bincount on CUDA)."""
+    return torch.zeros(n_codes, device=idx.device).index_add_(0, idx.flatten(), torch.ones(idx.numel(), device=idx.device))
 
 
 class VectorQuantizer(nn.Module):
@@ -78,14 +82,18 @@ class VectorQuantizer(nn.Module):
 
     # -- quantization --------------------------------------------------------------------------
     def _nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
-        w = self.embedding.weight
-        d = (z_flat.pow(2).sum(1, keepdim=True) + w.pow(2).sum(1)[None] - 2.0 * z_flat @ w.t())
+        """Index of the nearest code, from squared distances in float32 (half precision and autocast off here:
+        rounding would pick other codes)."""
+        with torch.autocast(z_flat.device.type, enabled=False):
+            z, w = z_flat.float(), self.embedding.weight.float()
+            d = (z.pow(2).sum(1, keepdim=True) + w.pow(2).sum(1)[None] - 2.0 * z @ w.t())
         return d.argmin(dim=1)
 
     @torch.no_grad()
     def _ema_update(self, z_flat: torch.Tensor, idx: torch.Tensor) -> None:
-        onehot = F.one_hot(idx, self.n_e).type(z_flat.dtype)
-        counts, sums = onehot.sum(0), onehot.t() @ z_flat
+        z_flat = z_flat.float()
+        counts = _code_counts(idx, self.n_e)
+        sums = torch.zeros(self.n_e, z_flat.shape[1], device=z_flat.device).index_add_(0, idx, z_flat)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
             torch.distributed.all_reduce(sums)
@@ -97,26 +105,23 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, z_flat: torch.Tensor, idx: torch.Tensor) -> None:
-        used = torch.zeros(self.n_e, dtype=torch.bool, device=idx.device)
-        used[idx] = True
+        used = _code_counts(idx, self.n_e) > 0  # (an index_put of a Python True would copy it to the GPU: a sync)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             u = used.long()
             torch.distributed.all_reduce(u)
             used = u > 0
         self.steps_since_used.add_(1).masked_fill_(used, 0)
-        dead = (self.steps_since_used >= self.dead_code_steps).nonzero().flatten()
-        if dead.numel() == 0:
-            return
-        pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), device=z_flat.device)
-        new = z_flat[pick]
+        # every code gets a candidate; only dead ones take it (masked writes: no host sync to count them)
+        dead = (self.steps_since_used >= self.dead_code_steps)[:, None]
+        pick = torch.randint(0, z_flat.shape[0], (self.n_e,), device=z_flat.device)
+        new = z_flat[pick].to(self.embedding.weight.dtype)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast(new, src=0)
-        self.embedding.weight.data[dead] = new
+        self.embedding.weight.data.copy_(torch.where(dead, new, self.embedding.weight.data))
         if self.ema_decay is not None:
-            self.ema_embed_sum[dead] = new
-            self.ema_cluster_size[dead] = 1.0
-        self.steps_since_used[dead] = 0
-        logger.debug("restarted %d dead codes", dead.numel())
+            self.ema_embed_sum.copy_(torch.where(dead, new.to(self.ema_embed_sum.dtype), self.ema_embed_sum))
+            self.ema_cluster_size.masked_fill_(dead[:, 0], 1.0)
+        self.steps_since_used.masked_fill_(dead[:, 0], 0)
 
     def forward(self, z: torch.Tensor, temp=None, rescale_logits: bool = False, return_logits: bool = False):
         """Quantize z (B, C, H, W) -> (z_q, loss, (perplexity, min_encodings, indices))."""
@@ -137,7 +142,7 @@ class VectorQuantizer(nn.Module):
             loss = self.beta * torch.mean((z_q.detach() - z) ** 2) + torch.mean((z_q - z.detach()) ** 2)
         z_q = z + (z_q - z).detach()  # straight-through estimator
         z_q = rearrange(z_q, "b h w c -> b c h w").contiguous()
-        counts = torch.bincount(idx, minlength=self.n_e).float()
+        counts = _code_counts(idx, self.n_e)
         probs = counts / counts.sum()
         perplexity = torch.exp(-torch.sum(probs * torch.log(probs + 1e-10)))
         min_encoding_indices = idx
