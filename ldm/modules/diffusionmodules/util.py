@@ -26,11 +26,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = MAX_
     return emb
 
 
-def module_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of `module`'s first floating-point parameter (float32 when it has none)."""
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm with float32 statistics whatever the input and weight dtypes, returned in the input's dtype.
 
@@ -43,9 +38,7 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is None or self.weight.dtype == x.dtype:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def normalization(channels: int, groups: int = UNET_NORM_GROUPS) -> nn.Module:

@@ -1,15 +1,12 @@
 """Vector quantizer (van den Oord et al. 2017, VQ-VAE) with index remapping, EMA codebook and dead-code restart."""
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 def _code_counts(idx: torch.Tensor, n_codes: int) -> torch.Tensor:
