@@ -2,13 +2,16 @@
 
     python main.py --base configs/autoencoder/shapes_kl_f4.yaml -t
     python main.py --base a.yaml b.yaml -t model.params.base_learning_rate=1e-4 lightning.trainer.max_steps=100
-    python main.py -r logs/<run>            # resume at the saved global step
+    python main.py -r logs/<run>            # resume at the saved global step, with every config the run saved
+
+Nothing is written until the configs, the trainer keys and (on resume) the checkpoint have been checked; a resume
+whose overrides change the model is refused unless --allow-model-changes, and a finished run is not trained on.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
-import glob
 import logging
 import os
 import sys
@@ -18,15 +21,18 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import ImageLogger, SetupCallback  # noqa: F401  (CompVis import paths: main.ImageLogger, ...)
-from ldm.checkpoint import CheckpointError, load_checkpoint
+from ldm.checkpoint import load_checkpoint, load_state_dict_checked
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401  (CompVis import path)
+from ldm.errors import USER_ERRORS, report
+from ldm.runs import check_trainer_keys, check_value_types, finished, model_changes, run_configs
 from ldm.util import ConfigError, check_no_missing, instantiate_from_config, load_config
 
 logger = logging.getLogger("ldm.main")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("-n", "--name", type=str, default="", help="postfix for the run directory name")
     p.add_argument("-r", "--resume", type=str, default="", help="resume from a log dir or a checkpoint in it")
     p.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
@@ -44,6 +50,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "on; `--scale_lr false` uses base_learning_rate as it is)")
     p.add_argument("--unsafe-load", action="store_true",
                    help="allow pickled Python objects in checkpoints (can run code: only for files you trust)")
+    p.add_argument("--allow-model-changes", action="store_true",
+                   help="-r: accept overrides that change the run's model section (the checkpoint must still fit)")
     return p
 
 
@@ -58,8 +66,18 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got '{v}'")
 
 
-def resolve_run(opt: argparse.Namespace, now: str) -> tuple[str, str, Optional[str], list[str]]:
-    """(logdir, nowname, resume checkpoint, base configs) from the command line."""
+@dataclasses.dataclass
+class Run:
+    """Where a run lives and what it starts from: a new run, or a resumed one with the configs it saved."""
+    logdir: str
+    name: str
+    ckpt: Optional[str] = None
+    saved_configs: tuple[str, ...] = ()
+    base: tuple[str, ...] = ()
+
+
+def resolve_run(opt: argparse.Namespace, now: str) -> Run:
+    """The run of the command line: a new directory, or the one of -r (its checkpoint and saved configs)."""
     if opt.name and opt.resume:
         raise ConfigError("-n/--name and -r/--resume cannot be used together: a resumed run keeps its directory")
     if opt.resume:
@@ -77,11 +95,11 @@ def resolve_run(opt: argparse.Namespace, now: str) -> tuple[str, str, Optional[s
             ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
             if not os.path.isfile(ckpt):
                 raise ConfigError(f"--resume: {logdir} has no checkpoints/last.ckpt to resume from")
-        base = sorted(glob.glob(os.path.join(logdir, "configs", "*-project.yaml")))
-        if not base:
+        saved = run_configs(logdir)
+        if not any(c.endswith("-project.yaml") for c in saved):
             raise ConfigError(f"--resume: {logdir}/configs has no *-project.yaml to restore the config from")
-        # the newest project config wins, then any --base given now
-        return logdir, Path(logdir).name, ckpt, [base[-1]] + list(opt.base)
+        # every saved config, oldest first, then any --base given now (then the command line's overrides)
+        return Run(logdir, Path(logdir).name, ckpt, tuple(saved), tuple(saved) + tuple(opt.base))
     if opt.name:
         name = "_" + opt.name
     elif opt.base:
@@ -89,7 +107,7 @@ def resolve_run(opt: argparse.Namespace, now: str) -> tuple[str, str, Optional[s
     else:
         name = ""
     nowname = now + name + opt.postfix
-    return os.path.join(opt.logdir, nowname), nowname, None, list(opt.base)
+    return Run(os.path.join(opt.logdir, nowname), nowname, base=tuple(opt.base))
 
 
 def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model, logdir: str, ckptdir: str,
@@ -97,7 +115,7 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
     """Trainer keyword arguments: logger, callbacks (setup, checkpoints, images, lr, signal) and trainer config."""
     from pytorch_lightning.callbacks import ProgressBar
 
-    from ldm.callbacks import CheckpointOnSignal, bounded_progress_bar
+    from ldm.callbacks import CheckpointOnSignal, FinalCheckpoint, bounded_progress_bar
 
     trainer_opts = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
     trainer_opts.setdefault("accelerator", "auto")
@@ -118,7 +136,7 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
               f"unused in some steps)")
 
     logger_cfgs = {
-        "csv": {"target": "pytorch_lightning.loggers.CSVLogger",
+        "csv": {"target": "ldm.callbacks.RunCSVLogger",
                 "params": {"save_dir": logdir, "name": "csv", "version": ""}},
         "tensorboard": {"target": "pytorch_lightning.loggers.TensorBoardLogger",
                         "params": {"save_dir": logdir, "name": "tensorboard", "version": ""}},
@@ -135,10 +153,14 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
         lg_cfgs = [OmegaConf.merge(logger_cfgs.get(lg.target.split(".")[-1].replace("Logger", "").lower(), {}), lg)]
     else:
         lg_cfgs = [v for v in lg.values()]
+    lg_cfgs = [_never_deleting(OmegaConf.create(c) if not isinstance(c, DictConfig) else c) for c in lg_cfgs]
     loggers = [instantiate_from_config(OmegaConf.create(c) if not isinstance(c, DictConfig) else c,
                                        key="lightning.logger") for c in lg_cfgs]
 
-    ckpt_params = {"dirpath": ckptdir, "filename": "{epoch:06}-{step:09}", "verbose": True, "save_last": True}
+    # last.ckpt is always the newest state: no last-v1.ckpt beside it when a moved or copied run resumes (Lightning then
+    # cannot match its own last path and would version the name, and the next `-r` would read the older file)
+    ckpt_params = {"dirpath": ckptdir, "filename": "{epoch:06}-{step:09}", "verbose": True, "save_last": True,
+                   "enable_version_counter": False}
     monitor = getattr(model, "monitor", None)
     if monitor:
         ckpt_params.update(monitor=monitor, save_top_k=3, mode="min" if "loss" in monitor else "max")
@@ -167,10 +189,24 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
         else:
             callbacks.append(instantiate_from_config(c, key=f"lightning.callbacks.{k}"))
     callbacks.append(CheckpointOnSignal(os.path.join(ckptdir, "last.ckpt")))
+    if OmegaConf.select(callbacks_cfg, "checkpoint_callback.params.save_last", default=False):
+        callbacks.append(FinalCheckpoint(os.path.join(ckptdir, "last.ckpt")))  # only where last.ckpt is wanted
     if trainer_opts.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(bounded_progress_bar())  # an epoch total under max_steps / max_time too
     trainer_opts.update(logger=loggers, callbacks=callbacks, default_root_dir=logdir)
     return trainer_opts
+
+
+# Lightning's CSV loggers delete an existing metrics.csv; RunCSVLogger (same parameters) continues it.
+LIGHTNING_CSV_LOGGERS = ("pytorch_lightning.loggers.CSVLogger", "lightning.pytorch.loggers.CSVLogger",
+                         "pytorch_lightning.loggers.csv_logs.CSVLogger")
+
+
+def _never_deleting(cfg: DictConfig) -> DictConfig:
+    """A logger config with Lightning's CSVLogger replaced by RunCSVLogger, which never deletes a run's metrics."""
+    if cfg.get("target") in LIGHTNING_CSV_LOGGERS:
+        cfg = OmegaConf.merge(cfg, {"target": "ldm.callbacks.RunCSVLogger"})
+    return cfg
 
 
 def set_learning_rate(model, config: DictConfig, trainer, scale_lr: bool) -> None:
@@ -200,40 +236,56 @@ def main(argv: Optional[list[str]] = None) -> int:
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are written key=value)")
     try:
-        logdir, nowname, resume_ckpt, base = resolve_run(opt, now)
-        if not base:
+        run = resolve_run(opt, now)
+        if not run.base:
             raise ConfigError("no config given: use --base CONFIG.yaml (or -r LOGDIR to resume)")
-        config = OmegaConf.merge(load_config(base), OmegaConf.from_dotlist(unknown))
+        config = OmegaConf.merge(load_config(run.base), OmegaConf.from_dotlist(unknown))
         check_no_missing(config, what="config")
         for key in ("model", "data"):
             if key not in config:
-                raise ConfigError(f"config has no `{key}:` section (files: {', '.join(base)})")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+                raise ConfigError(f"config has no `{key}:` section (files: {', '.join(run.base)})")
+        lightning_config = config.pop("lightning", OmegaConf.create())
+        check_trainer_keys(lightning_config)
+        check_value_types(config)
+        resume = None
+        if run.ckpt:  # nothing of the run is touched before its checkpoint is known to fit the new config
+            changes = model_changes(load_config([c for c in run.saved_configs if c.endswith("-project.yaml")]), config)
+            if changes and not opt.allow_model_changes:
+                raise ConfigError(f"-r {opt.resume}: the command line changes the run's model section "
+                                  f"({'; '.join(changes[:8])}{'; ...' if len(changes) > 8 else ''}). The run is left as "
+                                  f"it is. Start a new run from its checkpoint (model.params.ckpt_path=...), or pass "
+                                  f"--allow-model-changes if the checkpoint still fits")
+            resume = load_checkpoint(run.ckpt, allow_pickle=opt.unsafe_load)
+            why = finished(resume, lightning_config.get("trainer", OmegaConf.create())) if opt.train else None
+            if why:
+                print(f"{run.logdir} has finished training: {why}. Nothing to do; raise it on the command line to "
+                      f"train on (e.g. lightning.trainer.max_steps=N)")
+                return 0
+    except USER_ERRORS as e:
+        return report(e)
 
     import pytorch_lightning as pl
 
-    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
+    logdir, ckptdir, cfgdir = run.logdir, os.path.join(run.logdir, "checkpoints"), os.path.join(run.logdir, "configs")
     pl.seed_everything(opt.seed, workers=True)
-    lightning_config = config.pop("lightning", OmegaConf.create())
     trainer = None
     try:
         model = instantiate_from_config(config.model, key="model")
+        if resume is not None:
+            load_state_dict_checked(model, resume, strict=True, source=run.ckpt)
+            resume = None  # the trainer reads the file again; free this copy
         data = instantiate_from_config(config.data, key="data")
         data.prepare_data()
         data.setup()
         for k, ds in data.datasets.items():
             print(f"{k:<10} {ds.__class__.__name__:<24} {len(ds)} items")
         trainer_kwargs = build_trainer_kwargs(lightning_config, config, model, logdir, ckptdir, cfgdir, now,
-                                              resume=bool(resume_ckpt))
+                                              resume=bool(run.ckpt))
         trainer = pl.Trainer(**trainer_kwargs)
         set_learning_rate(model, config, trainer, opt.scale_lr)
-        if resume_ckpt:  # fail early, naming the file, if it is unreadable or unsafe
-            load_checkpoint(resume_ckpt, allow_pickle=opt.unsafe_load)
-    except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report(e)
+    resume_ckpt = run.ckpt
 
     def save_on_exception() -> None:
         """Write last.ckpt when training stops on an exception, so no work is lost."""

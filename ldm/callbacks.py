@@ -1,6 +1,7 @@
 """Lightning callbacks of `main.py`: run-dir setup, image grids, checkpoint-on-signal."""
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import signal
@@ -13,6 +14,9 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 from PIL import Image
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 logger = logging.getLogger(__name__)
@@ -35,6 +39,27 @@ class SetupCallback(pl.Callback):
         OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
                        os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+
+
+class ContinuedCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, continuing a run's metrics.csv (its columns kept) where Lightning's deletes it."""
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's hook that removes an existing metrics.csv
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+                self.metrics_keys = list(next(csv.reader(fh), []))
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger that never deletes a run's metrics: a resumed run appends to its metrics.csv."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ContinuedCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ContinuedCSVWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 class ImageLogger(pl.Callback):
@@ -154,6 +179,24 @@ class CheckpointOnSignal(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if self._previous is not None:
             signal.signal(self.sig, self._previous)
+
+
+class FinalCheckpoint(pl.Callback):
+    """Write `last.ckpt` when training ends at a step no checkpoint holds yet (e.g. max_steps between two validations,
+    where ModelCheckpoint saves), so that the last steps are never lost."""
+
+    def __init__(self, ckpt_path: str):
+        super().__init__()
+        self.ckpt_path = ckpt_path
+        self.saved_step: Optional[int] = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saved_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0 and self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.ckpt_path)
+            logger.info("training ended at step %d: checkpoint written to %s", trainer.global_step, self.ckpt_path)
 
 
 def epoch_description(trainer: pl.Trainer, epoch: int) -> str:

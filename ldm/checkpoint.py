@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import pickle
-import zipfile
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
+
+from ldm.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +20,7 @@ ALLOW_PICKLE_HINT = ("pass allow_pickle=True (command line: --unsafe-load) only 
                      "that lets the file run code when it is read")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint could not be read or does not fit the model; the message names the file."""
 
 
@@ -44,11 +46,67 @@ def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
                 f"plain containers, and unpickling them could execute code. {ALLOW_PICKLE_HINT}. "
                 f"Details: {str(e).splitlines()[0]}") from e
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {e}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {type(e).__name__}: {e}") from e
+    except Exception as e:  # torch.load fails in many ways on a file that is not a checkpoint (KeyError, ...)
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated, or another kind of file): "
+                              f"{type(e).__name__}: {e}") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a mapping (a state dict or a checkpoint dict), got {type(obj).__name__}")
     return dict(obj)
+
+
+class ModelKind(str, Enum):
+    """What a checkpoint or a config holds, as the scripts name it in their messages."""
+    DIFFUSION = "diffusion model"
+    AUTOENCODER = "autoencoder"
+    OTHER = "model of another kind"
+
+
+# State-dict key prefixes that tell the kinds apart (CompVis layouts: the LDM's UNet, the autoencoder's codec).
+_KIND_PREFIXES = ((ModelKind.DIFFUSION, ("model.diffusion_model.",)),
+                  (ModelKind.AUTOENCODER, ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")))
+
+
+def weights_kind(sd: Mapping[str, Any]) -> ModelKind:
+    """The kind of model a state dict is of, from its key prefixes."""
+    for kind, prefixes in _KIND_PREFIXES:
+        if any(k.startswith(prefixes) for k in sd):
+            return kind
+    return ModelKind.OTHER
+
+
+def target_kind(target: type) -> ModelKind:
+    """The kind of the model class a config's `model.target` names."""
+    from ldm.models.autoencoder import IdentityFirstStage, _FirstStageBase
+    from ldm.models.diffusion.ddpm import DDPM
+    if isinstance(target, type) and issubclass(target, DDPM):
+        return ModelKind.DIFFUSION
+    if isinstance(target, type) and issubclass(target, (_FirstStageBase, IdentityFirstStage)):
+        return ModelKind.AUTOENCODER
+    return ModelKind.OTHER
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def require_kind(target: type, expected: ModelKind, what: str) -> None:
+    """Refuse a model class of another kind than `expected`, naming `what` (the checkpoint / config) and the class."""
+    kind = target_kind(target)
+    if kind is not expected:
+        raise CheckpointError(f"{what} is {_a(kind.value)} ({getattr(target, '__name__', target)}); "
+                              f"{_a(expected.value)} is needed here")
+
+
+def check_finite(sd: Mapping[str, Any], source: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor and how many there are."""
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        v = sd[bad[0]]
+        n_nan, n_inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or Inf values, first {bad[0]} "
+                              f"({n_nan} NaN, {n_inf} Inf of {v.numel()}); the weights are unusable (a diverged run? "
+                              f"resume from an earlier checkpoint)")
 
 
 def extract_state_dict(ckpt: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -83,6 +141,7 @@ def load_state_dict_checked(module: torch.nn.Module, ckpt_or_sd: Mapping[str, An
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     sd = filter_keys(sd, ignore_keys)
+    check_finite(sd, source)
     own = module.state_dict()
     tolerated = [k for k in sd if k not in own and k.endswith(TOLERATED_UNEXPECTED_SUFFIXES)]
     for k in tolerated:
@@ -92,7 +151,7 @@ def load_state_dict_checked(module: torch.nn.Module, ckpt_or_sd: Mapping[str, An
                       for k, v in sd.items() if k in own and own[k].shape != v.shape]
     if shape_mismatch:
         raise CheckpointError(f"{source}: shape mismatch for {len(shape_mismatch)} tensors: "
-                              + "; ".join(shape_mismatch[:8]))
+                              + "; ".join(shape_mismatch[:8]) + _kind_hint(module, sd))
     result = module.load_state_dict(sd, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if strict and (missing or unexpected):
@@ -101,13 +160,22 @@ def load_state_dict_checked(module: torch.nn.Module, ckpt_or_sd: Mapping[str, An
             msg.append(f"Missing {len(missing)} keys: {_summarize(missing)}.")
         if unexpected:
             msg.append(f"Unexpected {len(unexpected)} keys: {_summarize(unexpected)}.")
-        msg.append("Use ignore_keys for keys to drop, or strict=False to load partially (keys are then reported).")
+        msg.append("Use ignore_keys for keys to drop, or strict=False to load partially (keys are then reported)."
+                   + _kind_hint(module, sd))
         raise CheckpointError(" ".join(msg))
     if missing:
         logger.warning("%s: %d missing keys: %s", source, len(missing), _summarize(missing))
     if unexpected:
         logger.warning("%s: %d unexpected keys: %s", source, len(unexpected), _summarize(unexpected))
     return missing, unexpected
+
+
+def _kind_hint(module: torch.nn.Module, sd: Mapping[str, Any]) -> str:
+    """' The file holds an autoencoder; the config builds a diffusion model.' when the kinds differ, else ''."""
+    have, want = weights_kind(sd), target_kind(type(module))
+    if have is want or ModelKind.OTHER in (have, want):
+        return ""
+    return f" The file holds {_a(have.value)}'s weights; the config builds {_a(want.value)} ({type(module).__name__})."
 
 
 def init_from_ckpt(module: torch.nn.Module, path: Union[str, Path], ignore_keys: Iterable[str] = (), *,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from ldm.errors import InputError
 from ldm.inference import first_stage_factor
 from ldm.precision import Precision
 from ldm.sampling import SAMPLERS
@@ -27,7 +29,7 @@ COMPVIS_SCALE = 7.5
 REFUSED = {"torchscript": "TorchScript tracing of the UNet", "ipex": "Intel Extension for PyTorch"}
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """A flag value this model or this framework cannot honour; the message names the flag."""
 
 
@@ -84,16 +86,25 @@ def add_prompt_arguments(p: argparse.ArgumentParser, default: Optional[str], req
     p.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often (SD v2)")
 
 
+# Count flags of the scripts (by their argparse dest) that must be at least 1, and amounts that must not be negative.
+AT_LEAST_ONE = ("n_samples", "n_iter", "steps", "grid_upscale", "repeat", "batch_size", "custom_steps", "jump_length",
+                "jump_n_sample", "tile", "tile_batch", "n", "n_reference", "kid_subset_size")
+AT_LEAST_ZERO = ("ddim_eta", "eta", "overlap", "noise_level")
+
+
 def check_options(opt: argparse.Namespace) -> None:
-    """Refuse what cannot be honoured before any work: SD v2's --torchscript / --ipex, non-positive counts."""
+    """Refuse what cannot be honoured before any work: SD v2's --torchscript / --ipex, counts below 1, negative
+    amounts (every flag of AT_LEAST_ONE / AT_LEAST_ZERO the script has)."""
     for flag, what in REFUSED.items():
         if getattr(opt, flag, False):
             raise UsageError(f"--{flag} ({what}) is not supported here; sample without it (for speed on CPU, "
                              f"--bf16 or --precision bf16; on GPU, --precision autocast)")
-    for flag in ("n_samples", "n_iter", "steps", "grid_upscale", "repeat", "batch_size"):
-        value = getattr(opt, flag, None)
-        if value is not None and value < 1:
-            raise UsageError(f"--{flag} must be at least 1, got {value}")
+    for flags, low, what in ((AT_LEAST_ONE, 1, "be at least 1"), (AT_LEAST_ZERO, 0, "not be negative")):
+        for flag in flags:
+            value = getattr(opt, flag, None)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None and v < low:
+                    raise UsageError(f"--{flag} must {what}, got {v}")
 
 
 def sampler_name(opt: argparse.Namespace) -> str:
@@ -155,6 +166,14 @@ def prompt_batches(opt: argparse.Namespace) -> list[list[str]]:
         raise UsageError(f"--from-file {path}: no prompts in it")
     lines = [ln for ln in lines for _ in range(max(1, opt.repeat))]
     return [lines[i: i + opt.n_samples] for i in range(0, len(lines), opt.n_samples)]
+
+
+def report_outputs(written: Sequence[str], skipped: Sequence[tuple[str, str]], out: Path) -> int:
+    """Print what was written and what was skipped, with reasons; the exit code: 1 when anything was skipped."""
+    print(f"wrote {len(written)} image(s) to {out}" + (f"; skipped {len(skipped)}:" if skipped else ""))
+    for name, why in skipped:
+        print(f"  skipped {name}: {why}", file=sys.stderr)
+    return 1 if skipped else 0
 
 
 def image_seeds(seed: int, first: int, n: int) -> list[int]:

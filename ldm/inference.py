@@ -12,9 +12,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, PngImagePlugin
 
+from ldm.checkpoint import ModelKind, require_kind
+from ldm.files import atomic_path, read_image
 from ldm.precision import Precision, WeightsDType, precision_scope
 from ldm.sampling import CFGDenoiser, get_sigmas, img2img_start, randn_like, sample
-from ldm.util import ConfigError, load_config, load_model_from_config
+from ldm.util import ConfigError, get_obj_from_str, load_config, load_model_from_config
 
 
 def default_device() -> str:
@@ -44,10 +46,8 @@ def size_multiple(model) -> int:
 
 
 def load_image(path: Union[str, Path]) -> torch.Tensor:
-    """An RGB image file as (1, 3, H, W) in [-1, 1]."""
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+    """An image file as (1, 3, H, W) in [-1, 1], read by `ldm.files.read_image` (16-bit, gray, palette, EXIF)."""
+    return torch.from_numpy(read_image(path) * 2.0 - 1.0).permute(2, 0, 1)[None]
 
 
 def add_model_arguments(parser, default_ckpt: Optional[str] = None, default_config: Optional[str] = None) -> None:
@@ -76,7 +76,7 @@ def load_from_arguments(opt, default_ckpt: Optional[str] = None, default_config:
     if config is None and default_ckpt is not None and opt.ckpt == default_ckpt:
         config = default_config
     return load_for_sampling(opt.ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
-                             dtype=getattr(opt, "dtype", None))
+                             dtype=getattr(opt, "dtype", None), kind=ModelKind.DIFFUSION)
 
 
 def find_run_config(ckpt: Union[str, Path], run: Optional[Union[str, Path]] = None) -> Path:
@@ -127,15 +127,24 @@ def resolve_resume(resume: Union[str, Path]) -> tuple[Path, Path, Path]:
 
 def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]] = None, *, allow_pickle: bool = False,
                       device: Optional[str] = None, overrides: Sequence[str] = (),
-                      dtype: Optional[Union[WeightsDType, str, torch.dtype]] = None) -> tuple[torch.nn.Module, DictConfig]:
+                      dtype: Optional[Union[WeightsDType, str, torch.dtype]] = None,
+                      kind: Optional[ModelKind] = None) -> tuple[torch.nn.Module, DictConfig]:
     """Model from a run checkpoint; sub-model `ckpt_path`s are dropped (the checkpoint holds all weights).
 
     `overrides`: dot-list `key=value` settings merged over the config (as CompVis' scripts take them).
     `dtype`: the networks' weights dtype (fp32, bf16, fp16, or auto: the checkpoint's); None keeps float32.
+    `kind`: refuse, before anything is built, a config whose model is of another kind (e.g. an autoencoder run
+    given to a text-to-image script).
     """
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"checkpoint file not found: {ckpt}")
-    cfg = load_config(config if config is not None else find_run_config(ckpt))
+    config = config if config is not None else find_run_config(ckpt)
+    cfg = load_config(config)
+    if kind is not None:
+        if "model" not in cfg or "target" not in cfg.model:
+            raise ConfigError(f"{config}: no model.target to build")
+        require_kind(get_obj_from_str(cfg.model.target, key="model.target"), kind,
+                     f"the checkpoint {ckpt} (config {config})")
     if overrides:
         bad = [o for o in overrides if "=" not in o or o.startswith("-")]
         if bad:
@@ -164,10 +173,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: Union[str, Path], meta: dict) -> None:
+    """Write a uint8 (H, W, C) array as a PNG with `meta` as text chunks, atomically (no half file on interruption)."""
     info = PngImagePlugin.PngInfo()
     for k, v in meta.items():
         info.add_text(str(k), str(v))
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path, pnginfo=info)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(tmp, format="PNG", pnginfo=info)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ldm.errors import InputError
 from ldm.data.inpainting import MaskConvention, masked_inputs
 from ldm.inference import generators, uses_text
 from ldm.precision import Precision, precision_scope
@@ -39,6 +40,14 @@ def inpaint_mode(model) -> InpaintMode:
 
 def _mode_latents(posterior) -> torch.Tensor:
     return posterior.mode() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
+
+
+def check_mask(image: torch.Tensor, mask: torch.Tensor) -> None:
+    """Refuse a mask that does not cover its image: (B or 1, 1, H, W) for an image (B, C, H, W)."""
+    if image.dim() != 4 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != image.shape[-2:] \
+            or mask.shape[0] not in (1, image.shape[0]):
+        raise InputError(f"mask {tuple(mask.shape)} does not fit image {tuple(image.shape)}: a mask is (B, 1, H, W) "
+                         f"with the image's B (or 1), H and W")
 
 
 def latent_known_region(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -72,16 +81,18 @@ def inpaint(model, image: torch.Tensor, mask: torch.Tensor, prompts: Optional[Se
     forces known-region replacement (`replace`) on an inpainting model too; `jump_length` /
     `jump_n_sample` add RePaint resampling to known-region replacement.
     """
+    check_mask(image, mask)
     mode = inpaint_mode(model) if mode is None else InpaintMode(mode)
     if mode is not InpaintMode.REPLACE and mode is not inpaint_mode(model):
-        raise ValueError(f"inpainting mode '{mode.value}' needs a model with those inputs; this "
-                         f"{type(model).__name__} inpaints as '{inpaint_mode(model).value}' (or 'replace')")
+        native = inpaint_mode(model).value
+        raise InputError(f"inpainting mode '{mode.value}' needs a model with those inputs; this {type(model).__name__} "
+                         f"inpaints as '{native}'" + ("" if native == InpaintMode.REPLACE.value else " (or 'replace')"))
     device = model.device
     image, mask = image.to(device).float(), (mask.to(device).float() > 0.5).float()
     n = image.shape[0]
     if uses_text(model):
         if prompts is None or len(prompts) != n:
-            raise ValueError(f"this model is text-conditioned: give one prompt per image ({n}), got "
+            raise InputError(f"this model is text-conditioned: give one prompt per image ({n}), got "
                              f"{None if prompts is None else len(prompts)}")
     scale = model.guidance_scale if scale is None else scale
     g = generators(seed, device)
@@ -122,6 +133,7 @@ def inpaint_any_size(model, image: torch.Tensor, mask: torch.Tensor, prompts: Op
     downsampling) is resized to the nearest multiple for sampling; the known pixels stay the input's, exactly."""
     from ldm.inference import size_multiple
 
+    check_mask(image, mask)
     f = size_multiple(model)
     h, w = image.shape[-2:]
     th, tw = max(f, round(h / f) * f), max(f, round(w / f) * f)

@@ -9,6 +9,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from ldm.errors import InputError
 from ldm.inference import first_stage_factor, size_multiple, uses_text
 from ldm.precision import Precision, precision_scope
 from ldm.sampling import CFGDenoiser, get_sigmas, randn_like, sample
@@ -18,6 +19,20 @@ def _is_upscaler(model) -> bool:
     from ldm.models.diffusion.upscale import LatentUpscaleDiffusion
 
     return isinstance(model, LatentUpscaleDiffusion)
+
+
+# cond_stage_key of the paper's super-resolution LDMs (the low-resolution image concatenated to the latent)
+LOW_RES_KEYS = ("LR_image", "lr")
+
+
+def check_superres_model(model) -> None:
+    """Refuse a model that does not upscale: neither an x4 upscaler nor a concat model of a low-resolution image."""
+    concat_lr = (model.model.conditioning_key == "concat" and getattr(model, "cond_stage_key", None) in LOW_RES_KEYS)
+    if not (_is_upscaler(model) or concat_lr):
+        raise InputError(f"this {type(model).__name__} (conditioning '{model.model.conditioning_key}', cond_stage_key "
+                         f"'{getattr(model, 'cond_stage_key', None)}') is not a super-resolution model: give an x4 "
+                         f"upscaler (LatentUpscaleDiffusion) or a paper LDM-SR / BSR model (cond_stage_key "
+                         f"{' or '.join(LOW_RES_KEYS)})")
 
 
 def upscale_factor(model) -> int:
@@ -30,7 +45,7 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     if length <= tile:
         return [0]
     if not 0 <= overlap < tile:
-        raise ValueError(f"overlap {overlap} must lie in [0, tile size {tile})")
+        raise InputError(f"overlap {overlap} must lie in [0, tile size {tile})")
     n = -(-(length - overlap) // (tile - overlap))  # ceil
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
@@ -93,8 +108,9 @@ def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
     `tile_batch`; an input that fits in one tile is sampled exactly as without tiling. `noise_level`:
     the augmentation level of an x4 upscaler (LatentUpscaleDiffusion); required there.
     """
+    check_superres_model(model)
     if _is_upscaler(model) and noise_level is None:
-        raise ValueError("this model is noise-augmented (LatentUpscaleDiffusion): give a noise_level "
+        raise InputError("this model is noise-augmented (LatentUpscaleDiffusion): give a noise_level "
                          f"(0 to {model.low_scale_model.max_noise_level - 1}; Stable Diffusion 2 suggests 20)")
     device, f = model.device, upscale_factor(model)
     tile = int(tile or model.image_size)

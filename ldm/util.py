@@ -12,13 +12,15 @@ import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 # CompVis sentinel targets that stand for "no module here".
 _NONE_TARGETS = ("__is_first_stage__", "__is_unconditional__")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config could not be read or instantiated; the message names the file, key or target."""
 
 
@@ -173,8 +175,8 @@ def load_model_from_config(config: Union[DictConfig, str, Path], ckpt_path: Opti
     if not isinstance(config, DictConfig):
         config = load_config(config)
     model_cfg = config.model if "model" in config else config
+    ckpt = load_checkpoint(ckpt_path, allow_pickle=allow_pickle) if ckpt_path is not None else None  # fails fast
     model = instantiate_from_config(model_cfg, key="model")
-    ckpt = load_checkpoint(ckpt_path, allow_pickle=allow_pickle) if ckpt_path is not None else None
     target = resolve_weights_dtype(dtype, extract_state_dict(ckpt) if ckpt is not None else None)
     if target is not None:
         cast_weights(model, target)

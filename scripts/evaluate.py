@@ -22,7 +22,10 @@ import sys
 from pathlib import Path
 
 import torch
-from ldm.checkpoint import CheckpointError
+
+from ldm.checkpoint import ModelKind
+from ldm.cli import UsageError, check_options
+from ldm.errors import entry_point
 from ldm.eval.cost import unet_forward_flops
 from ldm.eval.evaluator import METRICS, Evaluator
 from ldm.eval.generate import conditions_for
@@ -30,12 +33,13 @@ from ldm.eval.grid import grid, run_grid
 from ldm.eval.reference import dataset_config
 from ldm.inference import default_device, file_hash, load_for_sampling, resolve_resume
 from ldm.precision import WeightsDType
-from ldm.pretrained import PretrainedWeightsMissing
 from ldm.sampling import SAMPLERS
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import instantiate_from_config
+
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("-r", "--resume", required=True, help="a run directory (logs/<run>) or a checkpoint file")
     p.add_argument("--config", default=None, help="the model config (default: the run's)")
     p.add_argument("--outdir", required=True, help="results, samples and the resume state go here")
@@ -68,24 +72,41 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_prompts(path: str) -> list[str]:
+    """--from_file's prompts, one per line; a missing or empty file is refused."""
+    if not Path(path).is_file():
+        raise UsageError(f"--from_file {path}: no such file")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--from_file {path}: no prompts in it")
+    return prompts
+
+
+def check_arguments(opt: argparse.Namespace) -> None:
+    """Every count, amount and path of the command line, before any work."""
+    check_options(opt)  # --n, --batch_size, every --steps, --n_reference, --kid_subset_size at least 1; --eta >= 0
+    for flag in ("domain_classifier", "inception_weights"):
+        path = getattr(opt, flag)
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"--{flag} {path}: no such file")
+    if Path(opt.outdir).exists() and not Path(opt.outdir).is_dir():
+        raise UsageError(f"--outdir {opt.outdir} exists and is not a folder")
+
+
+@entry_point
 def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
-    try:
-        ckpt, cfg_path, _ = resolve_resume(opt.resume)
-        device = opt.device or default_device()
-        model, cfg = load_for_sampling(ckpt, opt.config or cfg_path, allow_pickle=opt.unsafe_load, device=device,
-                                       dtype=opt.dtype)
-        ref_cfg = dataset_config(cfg, opt.reference, opt.reference_set)
-        evaluator = Evaluator(opt.metrics, reference=ref_cfg, n_reference=opt.n_reference, cache_dir=opt.cache_dir,
-                              inception_weights=opt.inception_weights, resize=opt.resize, clip_model=opt.clip_model,
-                              domain_classifier=opt.domain_classifier, device=device,
-                              kid_subset_size=opt.kid_subset_size)
-    except (FileNotFoundError, CheckpointError, ConfigError, PretrainedWeightsMissing, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    prompts = None
-    if opt.from_file:
-        prompts = [line.strip() for line in Path(opt.from_file).read_text().splitlines() if line.strip()]
+    check_arguments(opt)
+    prompts = read_prompts(opt.from_file) if opt.from_file else None
+    ckpt, cfg_path, _ = resolve_resume(opt.resume)
+    device = opt.device or default_device()
+    model, cfg = load_for_sampling(ckpt, opt.config or cfg_path, allow_pickle=opt.unsafe_load, device=device,
+                                   dtype=opt.dtype, kind=ModelKind.DIFFUSION)
+    ref_cfg = dataset_config(cfg, opt.reference, opt.reference_set)
+    evaluator = Evaluator(opt.metrics, reference=ref_cfg, n_reference=opt.n_reference, cache_dir=opt.cache_dir,
+                          inception_weights=opt.inception_weights, resize=opt.resize, clip_model=opt.clip_model,
+                          domain_classifier=opt.domain_classifier, device=device,
+                          kid_subset_size=opt.kid_subset_size)
     reference = instantiate_from_config(ref_cfg) if prompts is None else None
     conditions = conditions_for(model, opt.n, reference=reference, prompts=prompts)
     raw = conditions.batch(0, 1)

@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError
 from ldm.cli import (UsageError, add_output_arguments, add_prompt_arguments, add_sampling_arguments, check_options,
                      guidance_scale, image_seeds, latent_shape, next_number, precision, prompt_batches, sampler_name,
                      write_grid)
-from ldm.inference import (add_model_arguments, file_hash, first_stage_factor, img2img, load_from_arguments,
-                           load_image, save_png, to_uint8)
-from ldm.pretrained import PretrainedWeightsMissing
-from ldm.util import ConfigError
+from ldm.errors import entry_point
+from ldm.files import check_output_parent
+from ldm.inference import (add_model_arguments, file_hash, first_stage_factor, img2img, load_from_arguments, load_image,
+                           save_png, to_uint8)
 
 SD_V1_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 SD_V1_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -33,7 +32,8 @@ SD_IMG2IMG_SCALE = 5.0  # the SD v1 img2img script's default guidance scale
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--init-img", type=str, required=True, help="path to the input image")
     p.add_argument("--strength", type=float, default=0.75,
                    help="noise added to the input, in (0, 1]: 1 ignores it, small values keep it")
@@ -57,22 +57,21 @@ def init_image(path: str, model, H, W) -> torch.Tensor:
     return x[:, :, :h, :w]
 
 
+@entry_point
 def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
-    try:
-        check_options(opt)
-        if not 0.0 < opt.strength <= 1.0:
-            raise UsageError(f"--strength must lie in (0, 1], got {opt.strength}")
-        if opt.prompt is None and not opt.from_file:
-            raise UsageError("give --prompt or --from-file")
-        sampler, prec = sampler_name(opt), precision(opt)
-        batches = prompt_batches(opt)
-        model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)
-        latent_shape(model, None, None, opt.C, opt.f)
-        x = init_image(opt.init_img, model, opt.H, opt.W)
-    except (UsageError, ConfigError, CheckpointError, PretrainedWeightsMissing, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_options(opt)
+    if not 0.0 < opt.strength <= 1.0:
+        raise UsageError(f"--strength must lie in (0, 1], got {opt.strength}")
+    if opt.prompt is None and not opt.from_file:
+        raise UsageError("give --prompt or --from-file")
+    sampler, prec = sampler_name(opt), precision(opt)
+    batches = prompt_batches(opt)
+    load_image(opt.init_img)  # a missing or unreadable --init-img is refused before the model is loaded
+    check_output_parent(Path(opt.outdir) / "samples" / "x.png", "--outdir")  # numbered files never replace any
+    model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)
+    latent_shape(model, None, None, opt.C, opt.f)
+    x = init_image(opt.init_img, model, opt.H, opt.W)
     scale = guidance_scale(opt, cfg, model, fallback=SD_IMG2IMG_SCALE)
     out = Path(opt.outdir)
     samples_dir = out / "samples"

@@ -18,20 +18,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError
-from ldm.cli import UsageError, add_sampler_choice, sampler_name
+from ldm.cli import UsageError, add_sampler_choice, check_options, report_outputs, sampler_name
+from ldm.errors import entry_point
+from ldm.files import ImageReadError, check_outputs
 from ldm.inference import add_model_arguments, file_hash, load_from_arguments, load_image, save_png, to_uint8, uses_text
 from ldm.inpainting import InpaintMode, inpaint_any_size, inpaint_mode
-from ldm.util import ConfigError
 
 COMPVIS_CONFIG = "models/ldm/inpainting_big/config.yaml"
 COMPVIS_CKPT = "models/ldm/inpainting_big/last.ckpt"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--indir", type=str, required=True, help="NAME.png + NAME_mask.png pairs")
-    p.add_argument("--outdir", type=str, required=True)
+    p.add_argument("--outdir", type=str, required=True, help="NAME.png results; never one of the inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --outdir")
     add_sampler_choice(p, steps=50)  # --steps / --ddim_steps, --plms, --dpm_solver / --dpm, --sampler
     p.add_argument("--prompt", type=str, default=None, help="text for text-conditioned models")
     p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the model's)")
@@ -56,38 +58,37 @@ def pairs(indir: Path) -> list[tuple[Path, Path]]:
     return out
 
 
+@entry_point
 def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
-    indir = Path(opt.indir)
-    try:
-        sampler = sampler_name(opt)
-        if not indir.is_dir():
-            raise FileNotFoundError(f"--indir {indir} is not a directory")
-        jobs = pairs(indir)
-        if not jobs:
-            raise FileNotFoundError(f"no NAME_mask.png files in {indir}")
-        model, _ = load_from_arguments(opt, COMPVIS_CKPT, COMPVIS_CONFIG)
-    except (UsageError, ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_options(opt)
+    indir, out = Path(opt.indir), Path(opt.outdir)
+    sampler = sampler_name(opt)
+    if not indir.is_dir():
+        raise UsageError(f"--indir {indir} is not a directory")
+    jobs = pairs(indir)
+    if not jobs:
+        raise UsageError(f"--indir {indir}: no NAME_mask.png files in it")
+    check_outputs([out / img.name for img, _ in jobs], [p for job in jobs for p in job], overwrite=opt.overwrite,
+                  flag="--outdir")
+    model, _ = load_from_arguments(opt, COMPVIS_CKPT, COMPVIS_CONFIG)
     mode = InpaintMode(opt.mode) if opt.mode else inpaint_mode(model)
     text = uses_text(model)
     if text and opt.prompt is None:
-        print("error: this model is text-conditioned: give --prompt", file=sys.stderr)
-        return 2
-    out = Path(opt.outdir)
+        raise UsageError("this model is text-conditioned: give --prompt")
     out.mkdir(parents=True, exist_ok=True)
     h = file_hash(opt.ckpt)
+    written, skipped = [], []
     for k, (img_path, mask_path) in enumerate(tqdm(jobs, desc="inpainting")):
         try:
             image = load_image(img_path)
             mask = load_image(mask_path).mean(dim=1, keepdim=True) > 0.0  # white (> mid-gray) = fill
-        except OSError as e:
-            print(f"skipping {img_path.name}: {e}", file=sys.stderr)
+        except ImageReadError as e:
+            skipped.append((img_path.name, str(e)))
             continue
         if mask.shape[-2:] != image.shape[-2:]:
-            print(f"skipping {img_path.name}: mask {mask_path.name} is {tuple(mask.shape[-2:])}, image "
-                  f"{tuple(image.shape[-2:])}", file=sys.stderr)
+            skipped.append((img_path.name, f"mask {mask_path.name} is {mask.shape[-1]}x{mask.shape[-2]}, the image "
+                                           f"{image.shape[-1]}x{image.shape[-2]}"))
             continue
         result = inpaint_any_size(model, image, mask.float(), [opt.prompt] if text else None, steps=opt.steps,
                                   sampler=sampler, scale=opt.scale, seed=opt.seed + k, mode=mode,
@@ -96,8 +97,8 @@ def main(argv=None) -> int:
         save_png(to_uint8(result)[0], out / img_path.name,
                  {"image": str(img_path), "mask": str(mask_path), "prompt": opt.prompt or "", "mode": mode.value,
                   "seed": opt.seed + k, "sampler": sampler, "steps": opt.steps, "ckpt_sha256": h})
-    print(f"wrote {len(jobs)} images to {out}")
-    return 0
+        written.append(img_path.name)
+    return report_outputs(written, skipped, out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def run(cmd: list[str]) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--ae-steps", type=int, default=1200)
     p.add_argument("--total-minutes", type=float, default=14.5, help="wall-clock budget of the whole job")
     p.add_argument("--reserve-seconds", type=int, default=100,

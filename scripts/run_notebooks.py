@@ -39,7 +39,8 @@ def run(path: Path, outdir: Path, timeout: int) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("names", nargs="*", help="notebook names (default: all of notebooks/*.ipynb)")
     p.add_argument("--outdir", default=str(ROOT / "outputs" / "notebooks"))
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell (the brief trainings take minutes)")

@@ -23,21 +23,20 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import ModelKind
 from ldm.cli import UsageError, check_options, image_seeds, latent_shape, precision
-from ldm.inference import (add_precision_arguments, file_hash, load_for_sampling, resolve_resume, save_png,
-                           to_uint8)
+from ldm.errors import entry_point
+from ldm.inference import add_precision_arguments, file_hash, load_for_sampling, resolve_resume, save_png, to_uint8
 from ldm.precision import precision_scope
-from ldm.pretrained import PretrainedWeightsMissing
 from ldm.sampling import SAMPLERS, get_sampler
 from ldm.sampling.spacing import Spacing
-from ldm.util import ConfigError
 
 COMPVIS_ETA = 1.0  # CompVis' default DDIM eta for this script (stochastic DDIM)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     src = p.add_argument_group("model (one of -r or --ckpt)")
     src.add_argument("-r", "--resume", type=str, default=None, help="log directory or checkpoint in it")
     src.add_argument("--ckpt", type=str, default=None, help="a checkpoint (config: --config or its run's)")
@@ -81,36 +80,38 @@ def sampler_and_steps(opt, model) -> tuple[str, int, dict]:
 
 
 def output_dirs(logdir: Path, opt, step) -> Path:
-    """<logdir or -l/<run name>>/samples/<step:08>/<now>, as CompVis."""
+    """<logdir or -l/<run name>>/samples/<step:08>/<now>, as CompVis; never an existing folder."""
     if opt.logdir != "none":
         logdir = Path(opt.logdir) / logdir.resolve().name
     now = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-    return logdir / "samples" / f"{int(step or 0):08}" / now
+    folder = logdir / "samples" / f"{int(step or 0):08}" / now
+    k = 1
+    while folder.exists():  # a second run within the same second gets its own folder
+        folder = folder.with_name(f"{now}-{k}")
+        k += 1
+    return folder
 
 
+@entry_point
 def main(argv=None) -> int:
     opt, unknown = get_parser().parse_known_args(argv)
-    try:
-        check_options(opt)
-        if (opt.resume is None) == (opt.ckpt is None):
-            raise UsageError("give one of -r/--resume (log directory or checkpoint) or --ckpt")
-        if opt.resume is not None:
-            ckpt, config, logdir = resolve_resume(opt.resume)
-            config = opt.config or config
-        else:
-            ckpt, config = Path(opt.ckpt), opt.config
-            logdir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-        model, cfg = load_for_sampling(ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
-                                       overrides=unknown, dtype=opt.dtype)
-        sampler, steps, options = sampler_and_steps(opt, model)
-        shape = latent_shape(model, opt.H, opt.W)
-        prec = precision(opt)
-        conditional = model.model.conditioning_key is not None
-        if conditional and not hasattr(model.cond_stage_model, "n_classes"):
-            raise UsageError("this model is neither unconditional nor class-conditional; use scripts/txt2img.py")
-    except (UsageError, ConfigError, CheckpointError, PretrainedWeightsMissing, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_options(opt)
+    if (opt.resume is None) == (opt.ckpt is None):
+        raise UsageError("give one of -r/--resume (log directory or checkpoint) or --ckpt")
+    if opt.resume is not None:
+        ckpt, config, logdir = resolve_resume(opt.resume)
+        config = opt.config or config
+    else:
+        ckpt, config = Path(opt.ckpt), opt.config
+        logdir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    model, cfg = load_for_sampling(ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
+                                   overrides=unknown, dtype=opt.dtype, kind=ModelKind.DIFFUSION)
+    sampler, steps, options = sampler_and_steps(opt, model)
+    shape = latent_shape(model, opt.H, opt.W)
+    prec = precision(opt)
+    conditional = model.model.conditioning_key is not None
+    if conditional and not hasattr(model.cond_stage_model, "n_classes"):
+        raise UsageError("this model is neither unconditional nor class-conditional; use scripts/txt2img.py")
     scale = (model.guidance_scale if opt.scale is None else opt.scale) if conditional else 1.0
     run_dir = output_dirs(logdir, opt, getattr(model, "ckpt_global_step", None))
     img_dir, np_dir = run_dir / "img", run_dir / "numpy"

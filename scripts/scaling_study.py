@@ -24,6 +24,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ldm.cli import check_options
+from ldm.errors import entry_point
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "scaling" / "mnist_miniature.yaml"
 AE_CONFIG = ROOT / "configs" / "autoencoder" / "mnist_kl_f4.yaml"
@@ -94,8 +97,10 @@ def plot(best: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+@entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--ae", default=None, help="MNIST KL-f4 autoencoder checkpoint (default: train one)")
     p.add_argument("--ae_steps", type=int, default=600)
     p.add_argument("--widths", nargs="+", type=int, default=[32, 64, 128], help="UNet base widths (multiples of 32)")
@@ -116,6 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--logdir", default="logs")
     p.add_argument("--device", default=None, help="where sampling and scoring run (default: cuda when available)")
     opt = p.parse_args(argv)
+    check_options(opt)  # --steps, --n, --batch_size at least 1
     if any(w % 32 for w in opt.widths + [opt.budget_width]):
         print("error: widths must be multiples of 32 (GroupNorm with 32 groups)", file=sys.stderr)
         return 2

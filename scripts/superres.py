@@ -17,21 +17,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError
-from ldm.cli import UsageError, add_sampler_choice, sampler_name
+from ldm.cli import UsageError, add_sampler_choice, check_options, report_outputs, sampler_name
 from ldm.data.folder import IMAGE_EXTENSIONS
+from ldm.errors import entry_point
+from ldm.files import ImageReadError, check_outputs
 from ldm.inference import add_model_arguments, file_hash, load_from_arguments, load_image, save_png, to_uint8
-from ldm.superres import upscale, upscale_factor
-from ldm.util import ConfigError
+from ldm.superres import check_superres_model, upscale, upscale_factor
 
 COMPVIS_CONFIG = "models/ldm/bsr_sr/config.yaml"
 COMPVIS_CKPT = "models/ldm/bsr_sr/model.ckpt"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--indir", type=str, required=True)
-    p.add_argument("--outdir", type=str, required=True)
+    p.add_argument("--outdir", type=str, required=True, help="NAME.png results; never one of the inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --outdir")
     add_sampler_choice(p, steps=100)  # --steps / --ddim_steps, --plms, --dpm_solver / --dpm, --sampler
     p.add_argument("--noise_level", type=int, default=None,
                    help="augmentation noise level of a noise-augmented upscaler (SD2 x4: 0-350, 20 is typical)")
@@ -45,44 +47,39 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
-    indir = Path(opt.indir)
-    try:
-        sampler = sampler_name(opt)
-        if not indir.is_dir():
-            raise FileNotFoundError(f"--indir {indir} is not a directory")
-        files = sorted(p for p in indir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {indir}")
-        model, _ = load_from_arguments(opt, COMPVIS_CKPT, COMPVIS_CONFIG)
-    except (UsageError, ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(opt.outdir)
+    check_options(opt)
+    indir, out = Path(opt.indir), Path(opt.outdir)
+    sampler = sampler_name(opt)
+    if not indir.is_dir():
+        raise UsageError(f"--indir {indir} is not a directory")
+    files = sorted(p for p in indir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UsageError(f"--indir {indir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
+    check_outputs([out / (p.stem + ".png") for p in files], files, overwrite=opt.overwrite, flag="--outdir")
+    model, _ = load_from_arguments(opt, COMPVIS_CKPT, COMPVIS_CONFIG)
+    check_superres_model(model)
     out.mkdir(parents=True, exist_ok=True)
     h = file_hash(opt.ckpt)
     f = upscale_factor(model)
-    written = 0
+    written, skipped = [], []
     for k, path in enumerate(tqdm(files, desc="super-resolution")):
         try:
             lr = load_image(path)
-        except OSError as e:
-            print(f"skipping {path.name}: {e}", file=sys.stderr)
+        except ImageReadError as e:
+            skipped.append((path.name, str(e)))
             continue
-        try:
-            hr = upscale(model, lr, [opt.prompt], steps=opt.steps, sampler=sampler, seed=opt.seed + k,
-                         scale=opt.scale, noise_level=opt.noise_level, tile=opt.tile, overlap=opt.overlap,
-                         tile_batch=opt.tile_batch, use_ema=not opt.no_ema, precision=opt.precision)
-        except ValueError as e:
-            print(f"error: {path.name}: {e}", file=sys.stderr)
-            return 2
+        hr = upscale(model, lr, [opt.prompt], steps=opt.steps, sampler=sampler, seed=opt.seed + k,
+                     scale=opt.scale, noise_level=opt.noise_level, tile=opt.tile, overlap=opt.overlap,
+                     tile_batch=opt.tile_batch, use_ema=not opt.no_ema, precision=opt.precision)
         save_png(to_uint8(hr)[0], out / (path.stem + ".png"),
                  {"input": str(path), "factor": f, "steps": opt.steps, "sampler": sampler, "seed": opt.seed + k,
                   "noise_level": opt.noise_level, "prompt": opt.prompt, "ckpt_sha256": h})
-        written += 1
-    print(f"wrote {written} images ({f}x) to {out}")
-    return 0
+        written.append(path.name)
+    print(f"({f}x)")
+    return report_outputs(written, skipped, out)
 
 
 if __name__ == "__main__":

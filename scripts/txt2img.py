@@ -17,13 +17,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ldm.checkpoint import CheckpointError
-from ldm.cli import (UsageError, add_output_arguments, add_prompt_arguments, add_sampling_arguments, check_options,
-                     guidance_scale, image_seeds, latent_shape, next_number, precision, prompt_batches, sampler_name,
-                     start_code, write_grid)
+from ldm.cli import (add_output_arguments, add_prompt_arguments, add_sampling_arguments, check_options, guidance_scale,
+                     image_seeds, latent_shape, next_number, precision, prompt_batches, sampler_name, start_code,
+                     write_grid)
+from ldm.errors import entry_point
+from ldm.files import check_output_parent
 from ldm.inference import add_model_arguments, file_hash, load_from_arguments, sample_prompts, save_png, to_uint8
-from ldm.pretrained import PretrainedWeightsMissing
-from ldm.util import ConfigError
 
 SD_V1_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 SD_V1_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -32,7 +31,8 @@ LAION400M = {"config": "configs/ldm/txt2img-1p4B.yaml", "ckpt": "models/ldm/text
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add_prompt_arguments(p, default="a large blue triangle in the top left")
     add_sampling_arguments(p, n_samples=3, n_iter=1, scale=None)
     add_output_arguments(p, "outputs/txt2img-samples")
@@ -42,19 +42,17 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
     if opt.laion400m:
         opt.config, opt.ckpt, opt.outdir = LAION400M["config"], LAION400M["ckpt"], LAION400M["outdir"]
-    try:
-        check_options(opt)
-        sampler, prec = sampler_name(opt), precision(opt)
-        batches = prompt_batches(opt)
-        model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)
-        shape = latent_shape(model, opt.H, opt.W, opt.C, opt.f)
-    except (UsageError, ConfigError, CheckpointError, PretrainedWeightsMissing, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_options(opt)
+    sampler, prec = sampler_name(opt), precision(opt)
+    batches = prompt_batches(opt)
+    check_output_parent(Path(opt.outdir) / "samples" / "x.png", "--outdir")  # numbered files never replace any
+    model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)
+    shape = latent_shape(model, opt.H, opt.W, opt.C, opt.f)
     scale = guidance_scale(opt, cfg, model)
     out = Path(opt.outdir)
     samples_dir = out / "samples"

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Union
 
 import torch
 
+from ldm.errors import InputError
 from ldm.convert.diffusers_unet import compvis_to_diffusers_unet, diffusers_to_compvis_unet
 from ldm.convert.diffusers_vae import compvis_to_diffusers_vae, diffusers_autoencoder_config, diffusers_to_compvis_vae
 
@@ -46,7 +47,7 @@ def unet_layout(u: Mapping[str, Any]) -> dict[str, Any]:
     nrb = u["num_res_blocks"]
     if not isinstance(nrb, int):
         if len(set(nrb)) != 1:
-            raise ValueError("diffusers' UNet2DConditionModel needs the same num_res_blocks on every level")
+            raise InputError("diffusers' UNet2DConditionModel needs the same num_res_blocks on every level")
         nrb = nrb[0]
     attention = [i for i in range(levels) if 2 ** i in list(u["attention_resolutions"])]
     return {"levels": levels, "attention_levels": attention, "num_res_blocks": nrb}
@@ -78,7 +79,7 @@ def _unet_extras(u: Mapping[str, Any]) -> dict[str, Any]:
     if u.get("disable_self_attentions") is not None:
         extras["only_cross_attention"] = [bool(v) for v in u["disable_self_attentions"]]
     if u.get("disable_middle_self_attn"):
-        raise ValueError("disable_middle_self_attn has no diffusers UNet2DConditionModel equivalent")
+        raise InputError("disable_middle_self_attn has no diffusers UNet2DConditionModel equivalent")
     return extras
 
 
@@ -91,7 +92,7 @@ def scheduler_config(p: Mapping[str, Any]) -> dict[str, Any]:
     """DDIMScheduler settings reproducing CompVis' DDIM (timesteps t = k * T / steps + 1; final alpha = alpha_0).
     CompVis' `linear` schedule (linear in sqrt(beta)) is diffusers' `scaled_linear`."""
     if p.get("beta_schedule", "linear") != "linear" or p.get("given_betas") is not None:
-        raise ValueError("only CompVis' default `linear` beta schedule has a diffusers name (scaled_linear)")
+        raise InputError("only CompVis' default `linear` beta schedule has a diffusers name (scaled_linear)")
     return {"_class_name": "DDIMScheduler", "num_train_timesteps": int(p.get("timesteps", 1000)),
             "beta_start": float(p.get("linear_start", 1e-4)), "beta_end": float(p.get("linear_end", 2e-2)),
             "beta_schedule": "scaled_linear", "prediction_type": PREDICTION[p.get("parameterization", "eps")],
@@ -131,7 +132,7 @@ def to_diffusers_pipeline(model, config: Mapping[str, Any], folder: Union[str, P
     encoder = model.cond_stage_model
     v1 = isinstance(encoder, FrozenCLIPEmbedder) and encoder.layer == "last"
     if not (v1 or isinstance(encoder, FrozenOpenCLIPEmbedder)):
-        raise ValueError("to_diffusers_pipeline: needs the SD v1 (FrozenCLIPEmbedder, layer 'last') or SD v2 "
+        raise InputError("to_diffusers_pipeline: needs the SD v1 (FrozenCLIPEmbedder, layer 'last') or SD v2 "
                          f"(FrozenOpenCLIPEmbedder) layout; got {type(model).__name__} with {type(encoder).__name__}")
     upscaler = isinstance(model, LatentUpscaleDiffusion)
     with (model.ema_scope("export") if use_ema else torch.no_grad()):

@@ -9,6 +9,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.transforms import to_model_range
+from ldm.files import read_rgb8
 
 Split = Literal["train", "validation"]
 SPLIT_SEED = 0  # fixed permutation that defines the train/validation split
@@ -88,7 +89,7 @@ class SkimagePhotoCrops(Dataset):
             path = root / name
             if not path.is_file():
                 raise FileNotFoundError(f"scikit-image photo not found: {path} (is scikit-image installed?)")
-            self.photos.append(np.asarray(Image.open(path).convert("RGB")))
+            self.photos.append(np.asarray(read_rgb8(path)))
         self.size, self.num_samples, self.seed = size, num_samples, seed
         self.split_code = 0 if split == "train" else 1
         self.scale_range = tuple(scale_range)

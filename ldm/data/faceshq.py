@@ -17,6 +17,7 @@ from PIL import Image
 
 from ldm.data.local import FileListDataset, dataset_root, read_file_list
 from ldm.data.transforms import resize_crop
+from ldm.files import read_rgb8
 
 ENV = "LDM_FACES_ROOT"
 
@@ -36,7 +37,7 @@ class FacesBase(FileListDataset):
 
     def _read(self, i: int) -> dict:
         f = self.files[i]
-        img = Image.fromarray(np.load(f).astype(np.uint8)) if f.suffix == ".npy" else Image.open(f)
+        img = Image.fromarray(np.load(f).astype(np.uint8)) if f.suffix == ".npy" else read_rgb8(f)
         item = {"image": resize_crop(img, self.size, "center"), "file_path_": str(f)}
         return {k: item[k] for k in self.keys} if self.keys else item
 

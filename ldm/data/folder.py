@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.transforms import Crop, resize_crop
+from ldm.files import read_rgb8
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,7 @@ class _FileImages(Dataset):
         return np.random.default_rng(None if self.seed is None else [self.seed, i])
 
     def _load(self, i: int) -> np.ndarray:
-        with Image.open(self.files[i]) as im:
-            im.load()
-            return resize_crop(im, self.size, self.crop, self.flip, self._rng(i))
+        return resize_crop(read_rgb8(self.files[i]), self.size, self.crop, self.flip, self._rng(i))
 
     def _item(self, i: int) -> dict:
         raise NotImplementedError

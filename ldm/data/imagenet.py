@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
-from PIL import Image
 
 from ldm.data.folder import first_readable
 from ldm.data.local import DatasetNotFound, FileListDataset, dataset_root, load_rgb
 from ldm.data.superres import _SRBase
 from ldm.data.transforms import resize_crop
+from ldm.files import read_rgb8
 
 ENV = "LDM_IMAGENET_ROOT"
 DEFAULT_ROOT = "data/imagenet"
@@ -113,9 +113,9 @@ class ImageNetBase(FileListDataset):
         item = {"class_label": self.class_labels[i], "human_label": self.human_names.get(s, s), "synset": s,
                 "relpath": str(self.files[i].relative_to(self.split_dir)), "file_path_": str(self.files[i])}
         if self.process_images:
-            with Image.open(self.files[i]) as im:
-                rng = np.random.default_rng(None if self.seed is None else [int(self.seed), i])
-                item["image"] = resize_crop(im, self.size, "random" if self.random_crop else "center", self.flip, rng)
+            rng = np.random.default_rng(None if self.seed is None else [int(self.seed), i])
+            item["image"] = resize_crop(read_rgb8(self.files[i]), self.size, "random" if self.random_crop else "center",
+                                        self.flip, rng)
         return item
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.folder import first_readable
+from ldm.files import read_rgb8
 
 PathLike = Union[str, os.PathLike]
 
@@ -53,8 +53,7 @@ def read_file_list(path: PathLike, root: Path, what: str, key: str) -> list[Path
 
 def load_rgb(path: PathLike) -> np.ndarray:
     """An image file as uint8 HWC RGB."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(read_rgb8(path))
 
 
 class FileListDataset(Dataset):

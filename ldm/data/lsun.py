@@ -16,6 +16,7 @@ from PIL import Image
 
 from ldm.data.local import FileListDataset, dataset_root, read_file_list
 from ldm.data.transforms import to_model_range
+from ldm.files import read_rgb8
 
 ENV = "LDM_LSUN_ROOT"
 INTERPOLATIONS = {"linear": Image.BILINEAR, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
@@ -37,8 +38,7 @@ class LSUNBase(FileListDataset):
         self.size, self.interpolation, self.flip_p, self.seed = size, INTERPOLATIONS[interpolation], flip_p, seed
 
     def _read(self, i: int) -> dict:
-        with Image.open(self.files[i]) as im:
-            img = im.convert("RGB")
+        img = read_rgb8(self.files[i])
         w, h = img.size
         side = min(w, h)
         img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))

@@ -19,6 +19,7 @@ from ldm.data.folder import IMAGE_EXTENSIONS, _scan
 from ldm.data.local import DatasetNotFound, FileListDataset, dataset_root
 from ldm.data.superres import SuperresFolder
 from ldm.data.transforms import resize_crop, to_model_range
+from ldm.files import read_rgb8
 
 ENV = "LDM_OPENIMAGES_ROOT"
 DEFAULT_ROOT = Path("data/openimages")
@@ -60,8 +61,7 @@ class FullOpenImagesBase(FileListDataset):
         self.resample = RESAMPLE[interpolation]
 
     def _read(self, i: int) -> dict:
-        with Image.open(self.files[i]) as im:
-            img = im.convert("RGB")
+        img = read_rgb8(self.files[i])
         if self.size is not None:
             w, h = img.size
             s = self.size / min(w, h)
@@ -161,8 +161,7 @@ class OpenImagesBBoxBase(FileListDataset):
     def _read(self, i: int) -> dict:
         from ldm.data.layout import crop_boxes
         rng = np.random.default_rng(None if self.seed is None else [int(self.seed), i])
-        with Image.open(self.files[i]) as im:
-            img = im.convert("RGB")
+        img = read_rgb8(self.files[i])
         w, h = img.size
         if self.crop_method == "none":
             crop = (0.0, 0.0, 1.0, 1.0)

@@ -19,8 +19,8 @@ from torch.utils.data import Dataset
 from ldm.data.folder import IMAGE_EXTENSIONS, _check_root, first_readable
 from ldm.data.local import load_rgb
 from ldm.data.transforms import to_model_range
+from ldm.files import read_rgb8
 from ldm.modules.image_degradation.bsrgan import BSR_FULL, BSR_LIGHT, DEGRADATIONS, degrade, interpolation_downscale
-
 
 BSR_DEGRADATIONS = {"bsrgan": BSR_FULL, "bsrgan_light": BSR_LIGHT}
 
@@ -120,8 +120,7 @@ class SkimageSR(_SRBase):
             path = skimage_data_dir() / name
             if not path.is_file():
                 raise FileNotFoundError(f"scikit-image photo not found: {path} (is scikit-image installed?)")
-            with Image.open(path) as im:
-                self.photos.append(np.asarray(im.convert("RGB")))
+            self.photos.append(np.asarray(read_rgb8(path)))
         self.num_samples, self.split_code = int(num_samples), 0 if split == "train" else 1
 
     def __len__(self) -> int:

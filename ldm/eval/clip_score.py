@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ldm.errors import InputError
 from ldm.eval.images import to_uint8_rgb
 from ldm.pretrained import resolve_hf_model
 
@@ -66,7 +67,7 @@ class CLIPScorer:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> float:
         if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+            raise InputError(f"{len(images)} images but {len(prompts)} prompts")
         self.metric.reset()
         for i in range(0, len(images), self.batch_size):
             x = to_uint8_rgb(images[i:i + self.batch_size])

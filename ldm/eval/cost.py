@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.errors import InputError
 from ldm.sampling.registry import EVALS_PER_STEP
 from ldm.util import instantiate_from_config
 
@@ -89,7 +90,7 @@ def forwards_per_sample(sampler: str, steps: int, guidance_scale: float) -> int:
     if sampler not in EVALS_PER_STEP:
         raise KeyError(f"unknown sampler '{sampler}'; known: {', '.join(sorted(EVALS_PER_STEP))}")
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"steps must be >= 1, got {steps}")
     return steps * EVALS_PER_STEP[sampler] * (2 if guidance_scale != 1.0 else 1)
 
 

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ldm.errors import InputError
 from ldm.eval.images import resize_bicubic, to_uint8_rgb
+from ldm.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def _labels(items: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[str
     for k in keys:
         missing = [i for i, it in enumerate(items[:5]) if k not in it]
         if missing:
-            raise KeyError(f"dataset items have no label key '{k}'; keys: {sorted(items[0])}")
+            raise InputError(f"dataset items have no label key '{k}'; keys: {sorted(items[0])}")
         vals = [it[k] for it in items]
         out[k] = [v.item() if hasattr(v, "item") else v for v in vals]
     return out
@@ -159,7 +161,8 @@ def save_domain_classifier(trained: TrainedClassifier, path: Union[str, Path]) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"classifier": json.dumps(trained.classifier.metadata()), "info": json.dumps(trained.info, default=str)}
-    save_file({k: v.contiguous() for k, v in trained.classifier.state_dict().items()}, str(path), metadata=meta)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in trained.classifier.state_dict().items()}, str(tmp), metadata=meta)
     return path
 
 
@@ -174,10 +177,10 @@ def load_domain_classifier(path: Union[str, Path], device: Union[str, torch.devi
             meta = fh.metadata() or {}
             state = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
+        raise InputError(f"{path}: not a readable safetensors file: {e}") from e
     spec = json.loads(meta.get("classifier", "{}"))
     if spec.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a domain classifier (metadata format {spec.get('format')!r}, want {FORMAT!r})")
+        raise InputError(f"{path}: not a domain classifier (metadata format {spec.get('format')!r}, want {FORMAT!r})")
     clf = DomainClassifier(spec["heads"], spec["image_size"], spec["width"], spec["feature_dim"])
     clf.load_state_dict(state)
     return TrainedClassifier(clf.to(device).eval(), json.loads(meta.get("info", "{}")))

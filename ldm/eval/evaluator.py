@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from ldm.errors import InputError
 from ldm.eval.statistics import (GaussianStats, frechet_distance, inception_score, kernel_inception_distance,
                                  precision_recall)
 
@@ -33,14 +34,14 @@ class Evaluator:
                  device: Union[str, torch.device] = "cpu", kid_subset_size: int = 1000, prc_k: int = 3):
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+            raise InputError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
         self.metrics = list(metrics)
         needs_ref = [m for m in self.metrics if m in INCEPTION_METRICS + DOMAIN_METRICS and m != "isc"]
         if needs_ref and reference is None:
-            raise ValueError(f"metrics {needs_ref} compare against a reference dataset: give its config")
+            raise InputError(f"metrics {needs_ref} compare against a reference dataset: give its config")
         wants_domain = any(m in DOMAIN_METRICS for m in self.metrics)
         if wants_domain and domain_classifier is None:
-            raise ValueError(f"metrics {[m for m in self.metrics if m in DOMAIN_METRICS]} need a domain classifier "
+            raise InputError(f"metrics {[m for m in self.metrics if m in DOMAIN_METRICS]} need a domain classifier "
                              f"file (--domain_classifier; train one with scripts/train_domain_classifier.py)")
         self.reference_config, self.n_reference, self.cache_dir = reference, n_reference, cache_dir
         self.kid_subset_size, self.prc_k = kid_subset_size, prc_k
@@ -102,7 +103,7 @@ class Evaluator:
             out.update(self._distribution("domain_", domain["features"], None, "domain"))
         if self.clip is not None:
             if prompts is None:
-                raise ValueError("the CLIP score needs the prompts the samples were made from")
+                raise InputError("the CLIP score needs the prompts the samples were made from")
             out["clip"] = self.clip(images, prompts)
         if "adherence" in self.metrics:
             out.update(self.adherence(images, prompts, labels, domain))
@@ -111,7 +112,7 @@ class Evaluator:
     def adherence(self, images: torch.Tensor, prompts, labels, domain) -> dict[str, float]:
         if labels is not None:
             if domain is None:
-                raise ValueError("class adherence needs a domain classifier (--domain_classifier)")
+                raise InputError("class adherence needs a domain classifier (--domain_classifier)")
             clf = self.extractors["domain"].classifier
             key = "class_label" if "class_label" in clf.heads_spec else next(iter(clf.heads_spec))
             want = clf.label_index(key, list(labels))
@@ -120,4 +121,4 @@ class Evaluator:
             from ldm.eval.shapes_eval import score
             s = score(images.permute(0, 2, 3, 1).numpy(), prompts)
             return {"adherence": s["all"], **{f"adherence_{k}": s[k] for k in ("shape", "color", "size", "position")}}
-        raise ValueError("adherence needs prompts (shapes captions) or class labels")
+        raise InputError("adherence needs prompts (shapes captions) or class labels")

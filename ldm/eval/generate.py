@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from ldm.cli import image_seeds
+from ldm.errors import InputError
 from ldm.eval.images import to_uint8_rgb
 from ldm.inference import generators
 
@@ -34,7 +35,7 @@ def model_condition_kind(model) -> str:
         return "class"
     if model.cond_stage_key in ("caption", "txt", "text"):
         return "text"
-    raise ValueError(f"evaluation samples class-conditional, text-conditional or unconditional models; this one is "
+    raise InputError(f"evaluation samples class-conditional, text-conditional or unconditional models; this one is "
                      f"conditioned on '{model.cond_stage_key}' ({type(model.cond_stage_model).__name__})")
 
 
@@ -48,12 +49,12 @@ def conditions_for(model, n: int, *, reference=None, prompts: Optional[Sequence[
     if kind == "text":
         if prompts is None:
             if reference is None:
-                raise ValueError("a text-conditional model needs prompts (--from_file) or a reference dataset with captions")
+                raise InputError("a text-conditional model needs prompts (--from_file) or a reference dataset with captions")
             from ldm.eval.reference import SUBSET_SEED, subset_indices
             prompts = [reference[k]["caption"] for k in subset_indices(len(reference), n, SUBSET_SEED)]
         prompts = list(prompts)
         if not prompts:
-            raise ValueError("no prompts to sample from")
+            raise InputError("no prompts to sample from")
         return Conditions("text", [prompts[k % len(prompts)] for k in range(n)])
     return Conditions("none", None)
 

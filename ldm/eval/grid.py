@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ldm.eval.cost import forwards_per_sample
 from ldm.eval.generate import Conditions, generate
 from ldm.eval.reference import settings_key
+from ldm.files import read_rgb8
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def _read_pngs(folder: Path, start: int, stop: int) -> Optional[torch.Tensor]:
     files = [folder / f"{k:06d}.png" for k in range(start, stop)]
     if not all(f.is_file() for f in files):
         return None
-    return torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1) for f in files]))
+    return torch.from_numpy(np.stack([np.asarray(read_rgb8(f)).transpose(2, 0, 1) for f in files]))
 
 
 def run_grid(model, cells: Iterable[Cell], evaluator: Callable[..., dict], conditions: Conditions, *, n: int,

@@ -16,19 +16,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.errors import InputError
+
 
 def to_uint8_rgb(images: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     """(B, C, H, W) float in [-1, 1] or uint8 (B, C, H, W)/(B, H, W, C) -> uint8 (B, 3, H, W); gray is repeated."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
     if images.dim() != 4:
-        raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(images.shape)}")
+        raise InputError(f"expected a batch of images (B, C, H, W), got shape {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         if images.shape[1] not in (1, 3) and images.shape[-1] in (1, 3):
             images = images.permute(0, 3, 1, 2)
     elif images.is_floating_point():
         if images.shape[1] not in (1, 3):
-            raise ValueError(f"float images must be (B, C, H, W) with C 1 or 3, got {tuple(images.shape)}")
+            raise InputError(f"float images must be (B, C, H, W) with C 1 or 3, got {tuple(images.shape)}")
         # the PNG writer's quantization (ldm.inference.to_uint8): [-1, 1] -> round((x + 1) * 127.5)
         images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     else:
@@ -36,7 +38,7 @@ def to_uint8_rgb(images: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
     if images.shape[1] != 3:
-        raise ValueError(f"expected 1 or 3 channels, got {images.shape[1]}")
+        raise InputError(f"expected 1 or 3 channels, got {images.shape[1]}")
     return images.cpu().contiguous()
 
 

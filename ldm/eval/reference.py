@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ldm.errors import InputError
 from ldm.eval.features import FeatureExtractor
 from ldm.eval.images import to_uint8_rgb
 from ldm.eval.statistics import GaussianStats
@@ -100,7 +101,7 @@ def reference_features(dataset_config: Mapping[str, Any], extractor: FeatureExtr
     builds, cached under `cache_dir`."""
     dataset_config = _plain(dataset_config)
     if not isinstance(dataset_config, Mapping) or "target" not in dataset_config:
-        raise ValueError(f"reference dataset config needs a 'target' (and 'params'), got {dataset_config!r}")
+        raise InputError(f"reference dataset config needs a 'target' (and 'params'), got {dataset_config!r}")
     settings = {"dataset": dataset_config, "n": n, "subset_seed": SUBSET_SEED, "extractor": extractor.settings}
     path = None
     if cache_dir is not None:

@@ -7,6 +7,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ldm.errors import InputError
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, parse_caption, shape_coverage
 
 ATTRIBUTES = ("shape", "color", "size", "position")
@@ -149,7 +150,7 @@ def score(images: Iterable, prompts: Sequence[Union[str, dict]]) -> dict:
         all_ok += int(all(ok))
         n += 1
     if n == 0:
-        raise ValueError("score() got no images")
+        raise InputError("score() got no images")
     out = {a: hits[a] / n for a in ATTRIBUTES}
     out["all"] = all_ok / n
     out["n"] = n

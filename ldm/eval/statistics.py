@@ -14,6 +14,8 @@ from typing import Union
 import numpy as np
 import torch
 
+from ldm.errors import InputError
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
@@ -22,7 +24,7 @@ def _float64(x: ArrayLike) -> np.ndarray:
         x = x.detach().cpu().double().numpy()
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
-        raise ValueError(f"features must be (N, D), got shape {x.shape}")
+        raise InputError(f"features must be (N, D), got shape {x.shape}")
     return x
 
 
@@ -37,7 +39,7 @@ class GaussianStats:
     def of(cls, features: ArrayLike) -> "GaussianStats":
         f = _float64(features)
         if f.shape[0] < 2:
-            raise ValueError(f"need at least 2 feature vectors for a covariance, got {f.shape[0]}")
+            raise InputError(f"need at least 2 feature vectors for a covariance, got {f.shape[0]}")
         return cls(f.mean(axis=0), np.cov(f, rowvar=False), f.shape[0])
 
 
@@ -50,7 +52,7 @@ def _psd_sqrt(m: np.ndarray) -> np.ndarray:
 def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
     """Frechet distance of two Gaussians, ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017)."""
     if a.mu.shape != b.mu.shape:
-        raise ValueError(f"feature sizes differ: {a.mu.shape[0]} vs {b.mu.shape[0]} (different extractors?)")
+        raise InputError(f"feature sizes differ: {a.mu.shape[0]} vs {b.mu.shape[0]} (different extractors?)")
     diff = a.mu - b.mu
     root = _psd_sqrt(a.sigma)
     cross = np.trace(_psd_sqrt(root @ b.sigma @ root))
@@ -67,7 +69,7 @@ def kernel_inception_distance(fake: ArrayLike, real: ArrayLike, subsets: int = 1
     f1, f2 = torch.from_numpy(_float64(fake)), torch.from_numpy(_float64(real))
     size = min(subset_size, len(f1), len(f2))
     if size < 2:
-        raise ValueError("KID needs at least 2 samples in each set")
+        raise InputError("KID needs at least 2 samples in each set")
     out = kid_features_to_metric(f1, f2, kid_subsets=subsets, kid_subset_size=size, kid_kernel="poly",
                                  kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1,
                                  rng_seed=seed, verbose=False)
@@ -79,7 +81,7 @@ def inception_score(logits: ArrayLike, splits: int = 10, seed: int = 2020) -> tu
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
     lg = torch.from_numpy(_float64(logits))
     if len(lg) < splits:
-        raise ValueError(f"Inception Score with {splits} splits needs at least {splits} samples, got {len(lg)}")
+        raise InputError(f"Inception Score with {splits} splits needs at least {splits} samples, got {len(lg)}")
     out = isc_features_to_metric(lg, splits=splits, shuffle=True, rng_seed=seed)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
@@ -89,6 +91,6 @@ def precision_recall(fake: ArrayLike, real: ArrayLike, k: int = 3) -> tuple[floa
     from torch_fidelity.metric_prc import calculate_precision_recall_full
     f1, f2 = torch.from_numpy(_float64(fake)), torch.from_numpy(_float64(real))
     if min(len(f1), len(f2)) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
+        raise InputError(f"precision/recall with k={k} needs more than {k} samples in each set")
     return calculate_precision_recall_full(f1, f2, neighborhood=k, batch_size=10_000)
 

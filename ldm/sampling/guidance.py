@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from ldm.errors import InputError
 from ldm.modules.diffusionmodules.denoiser import append_dims
 
 
@@ -121,11 +122,11 @@ def img2img_start(x0: torch.Tensor, sigmas: torch.Tensor, strength: float, noise
     As CompVis and diffusers, int(strength * steps) of the `steps` = len(sigmas) - 1 steps are run.
     """
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        raise InputError(f"strength must lie in (0, 1], got {strength}")
     steps = len(sigmas) - 1
     run = int(strength * steps)
     if run < 1:
-        raise ValueError(f"strength {strength} with {steps} steps runs int({strength} * {steps}) = 0 denoising steps: "
+        raise InputError(f"strength {strength} with {steps} steps runs int({strength} * {steps}) = 0 denoising steps: "
                          f"raise the strength or the steps")
     sig = sigmas[steps - run:]
     return (x0 + noise * sig[0]) * torch.rsqrt(1 + sig[0] ** 2), sig

@@ -1,0 +1,138 @@
+"""Files in and out: the one image reader of the project (bit depths, gray, palette, alpha, EXIF orientation) and
+outputs that never replace an input or an earlier result unless asked, written atomically."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ldm.errors import InputError, OutputConflict
+
+PathLike = Union[str, Path]
+# Pillow's modes of 16-bit gray images; their values span 0..65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+SIXTEEN_BIT_MAX = 65535.0
+
+
+class ImageReadError(InputError):
+    """An image file that cannot be read (missing, truncated, corrupt, or of an unsupported kind); names the file."""
+
+
+def open_image(path: PathLike) -> Image.Image:
+    """The decoded image of `path`, turned upright by its EXIF orientation; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, with its name
+            return ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{path}: not a readable image (truncated or corrupt?): {e}") from e
+
+
+def _as_float(im: Image.Image, path: PathLike) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1]: 16-bit gray at full precision; 1-bit, 8-bit, gray, palette and CMYK via RGB;
+    an alpha channel is dropped (the stored colour is kept)."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > SIXTEEN_BIT_MAX):
+            raise ImageReadError(f"{path}: {im.mode} image with values outside 0..65535 (32-bit integers are not "
+                                 f"supported; save it as an 8- or 16-bit PNG)")
+        gray = (arr / SIXTEEN_BIT_MAX).astype(np.float32)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if im.mode == "F":
+        raise ImageReadError(f"{path}: 32-bit floating-point image (mode F) is not supported; save it as an 8- or "
+                             f"16-bit PNG")
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """An image file as (H, W, 3) float32 in [0, 1], read the same way everywhere (see `_as_float`)."""
+    return _as_float(open_image(path), path)
+
+
+def read_rgb8(path: PathLike) -> Image.Image:
+    """An image file as an 8-bit RGB PIL image (16-bit gray rounded to 8 bits, not clipped), for the datasets."""
+    im = open_image(path)
+    if im.mode == "RGB":
+        return im
+    if im.mode in SIXTEEN_BIT_MODES or im.mode == "F":
+        return Image.fromarray(np.round(_as_float(im, path) * 255.0).astype(np.uint8))
+    return im.convert("RGB")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike] = (), *, overwrite: bool = False,
+                  flag: str = "output") -> None:
+    """Refuse, before any work, outputs that are (or resolve to) an input, two outputs of one path, and, unless
+    `overwrite`, outputs that exist already; the message names `flag` and the files."""
+    outputs, inputs = [Path(p) for p in outputs], [Path(p) for p in inputs]
+    for out in outputs:
+        check_output_parent(out, flag)
+    for out in outputs:
+        hit = next((i for i in inputs if _same_file(out, i)), None)
+        if hit is not None:
+            raise OutputConflict(f"{flag}: the output {out} is the input {hit}; it would be overwritten. "
+                                 f"Choose another {flag}")
+    seen: dict[Path, Path] = {}
+    for out in outputs:
+        key = out.resolve()
+        if key in seen:
+            raise OutputConflict(f"{flag}: two results would be written to {out}; rename one of their inputs")
+        seen[key] = out
+    existing = [p for p in outputs if p.exists()]
+    if existing and not overwrite:
+        shown = ", ".join(str(p) for p in existing[:5]) + (f" (+{len(existing) - 5} more)" if len(existing) > 5 else "")
+        raise OutputConflict(f"{flag}: {len(existing)} output(s) exist already: {shown}. Pass --overwrite to replace "
+                             f"them, or choose another {flag}")
+
+
+def check_output_parent(path: PathLike, flag: str = "output") -> None:
+    """Refuse an output whose folder (or a folder above it) exists as a file."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputConflict(f"{flag}: {parent} exists and is not a folder; {path} cannot be written")
+            return
+
+
+def check_output_dir(folder: PathLike, inputs: Iterable[PathLike] = (), *, overwrite: bool = False,
+                     flag: str = "output") -> None:
+    """Refuse a non-empty existing output folder unless `overwrite`, and one that is an input or holds one."""
+    folder = Path(folder)
+    for i in (Path(p) for p in inputs):
+        if _same_file(folder, i) or folder.resolve() in i.resolve().parents:
+            raise OutputConflict(f"{flag}: the output folder {folder} is or holds the input {i}; choose another {flag}")
+    if folder.exists() and not folder.is_dir():
+        raise OutputConflict(f"{flag}: {folder} exists and is not a folder")
+    check_output_parent(folder, flag)
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise OutputConflict(f"{flag}: the folder {folder} exists and is not empty. Pass --overwrite to write into "
+                             f"it, or choose another {flag}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temporary name next to `path` (same suffix) to write to; renamed to `path` when the block succeeds, removed
+    when it fails, so an interrupted write never leaves a half file under the real name."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
