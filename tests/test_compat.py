@@ -18,19 +18,12 @@ from ldm.data.local import DatasetNotFound
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
-REF = ROOT.parent / "shared" / "reference" / "compvis_targets.md"
+TARGETS = ROOT / "tests" / "data" / "published_targets.json"
 
 
 def reference_targets() -> list[tuple[str, list[str]]]:
-    if not REF.is_file():
-        return []
-    rows = []
-    for line in REF.read_text().splitlines():
-        if line.startswith("| `"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            params = [p.strip() for p in cells[1].split(",") if p.strip() not in ("-", "")]
-            rows.append((cells[0].strip("`"), params))
-    return rows
+    """(target, parameter names) of every target in users' published CompVis / SD configs (tests/data)."""
+    return [(t, row["params"]) for t, row in json.loads(TARGETS.read_text()).items()]
 
 
 def accepted_parameters(obj) -> set[str]:
@@ -48,9 +41,7 @@ def accepted_parameters(obj) -> set[str]:
 
 
 def test_the_reference_list_is_read():
-    if not REF.is_file():
-        pytest.skip(f"reference list not present at {REF}")
-    assert len(reference_targets()) >= 45
+    assert len(reference_targets()) == 48
 
 
 @pytest.mark.parametrize("target,params", reference_targets(), ids=[t for t, _ in reference_targets()])

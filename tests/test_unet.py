@@ -12,7 +12,7 @@ from ldm.modules.attention import CrossAttention, GEGLU
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd_state_dict_layout.json"
+LAYOUTS = Path(__file__).resolve().parent / "data" / "sd_state_dict_layouts.json"
 SD_COMMON = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
                  num_res_blocks=2, channel_mult=[1, 2, 4, 4], use_spatial_transformer=True, transformer_depth=1,
                  use_checkpoint=True, legacy=False)
@@ -20,10 +20,9 @@ SD_V1 = dict(SD_COMMON, num_heads=8, context_dim=768)
 SD_V2 = dict(SD_COMMON, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
 
 
-def _ref(prefix):
-    if not REF.is_file():
-        pytest.skip(f"reference layout not present at {REF}")
-    return next(v for k, v in json.loads(REF.read_text()).items() if k.startswith(prefix))
+def _ref(name):
+    """{key: shape} of a published SD section (tests/data)."""
+    return json.loads(LAYOUTS.read_text())[name]["shapes"]
 
 
 @pytest.mark.parametrize("name,cfg,params", [("sd_v1_unet", SD_V1, 859_520_964), ("sd_v2_unet", SD_V2, 865_910_724)])
