@@ -245,7 +245,7 @@ def img2img(model, image: torch.Tensor, prompts: Sequence[str], *, strength: flo
     ctx = model.ema_scope("img2img") if use_ema else contextlib.nullcontext()
     with ctx, precision_scope(precision, model.device):
         image = image.to(model.device)
-        z0 = model.scale_factor * model.first_stage_model.encode(image).mode()
+        z0 = model.encode_latents(image)  # the posterior's mode for KL, the codes for VQ
         c, uc = image_conditioning(model, image, prompts, scale)
         den = model.denoiser()
         sigmas = get_sigmas(den.schedule, steps, spacing).to(model.device)

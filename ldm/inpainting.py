@@ -14,8 +14,7 @@ from ldm.errors import InputError
 from ldm.data.inpainting import MaskConvention, masked_inputs
 from ldm.inference import generators, uses_text
 from ldm.precision import Precision, precision_scope
-from ldm.models.diffusion.latent import resize_mask
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.models.diffusion.latent import Encoding, resize_mask, unscaled_latents
 from ldm.sampling import CFGDenoiser, get_sigmas, inpaint_sample, randn_like, sample
 
 
@@ -38,10 +37,6 @@ def inpaint_mode(model) -> InpaintMode:
     return InpaintMode.REPLACE
 
 
-def _mode_latents(posterior) -> torch.Tensor:
-    return posterior.mode() if isinstance(posterior, DiagonalGaussianDistribution) else posterior
-
-
 def check_mask(image: torch.Tensor, mask: torch.Tensor) -> None:
     """Refuse a mask that does not cover its image: (B or 1, 1, H, W) for an image (B, C, H, W)."""
     if image.dim() != 4 or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != image.shape[-2:] \
@@ -60,13 +55,13 @@ def inpainting_conditioning(model, image: torch.Tensor, mask: torch.Tensor, text
     latent, in the model's convention and order, plus the text (guidance drops the text only)."""
     if mode is InpaintMode.MODEL:
         mask_in, masked = masked_inputs(image, mask, model.mask_convention)
-        latent = model.scale_factor * _mode_latents(model.encode_first_stage(masked))
+        latent = model.encode_latents(masked)
         parts = [latent if k == model.masked_image_key else resize_mask(mask_in, latent.shape[-2:])
                  for k in model.concat_keys]
         cond = model._with_concat(text, torch.cat(parts, 1))
         return cond, (model._with_concat(uc_text, cond["c_concat"][0]) if uc_text is not None else None)
     mask_in, masked = masked_inputs(image, mask, MaskConvention.COMPVIS)  # the paper's model (CompVis inpaint.py)
-    latent = _mode_latents(model.cond_stage_model.encode(masked))
+    latent = unscaled_latents(model.cond_stage_model.encode(masked), Encoding.MODE)
     return torch.cat([latent, resize_mask(mask_in, latent.shape[-2:])], 1), None
 
 
@@ -98,7 +93,7 @@ def inpaint(model, image: torch.Tensor, mask: torch.Tensor, prompts: Optional[Se
     g = generators(seed, device)
     ctx = model.ema_scope("inpainting") if use_ema else contextlib.nullcontext()
     with ctx, precision_scope(precision, device):
-        z0 = model.scale_factor * _mode_latents(model.encode_first_stage(image)) if mode is InpaintMode.REPLACE else None
+        z0 = model.encode_latents(image) if mode is InpaintMode.REPLACE else None
         text = uc_text = None
         if uses_text(model):
             text = model.get_learned_conditioning(list(prompts))

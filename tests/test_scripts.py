@@ -324,3 +324,38 @@ def test_inpaint_and_superres_take_the_same_sampler_flags(script, tmp_path, caps
     assert sampler_name(p.parse_args(base + ["--dpm"])) == sampler_name(p.parse_args(base + ["--dpm_solver"])) == DPM_SOLVER
     assert mod.main(base + ["--plms", "--sampler", "heun"]) == 2
     assert "conflicting sampler flags" in capsys.readouterr().err
+
+
+def tiny_vq_ldm() -> torch.nn.Module:
+    """An unconditional LDM on a tiny VQ first stage (the layout of the paper's LSUN / CelebA-HQ / FFHQ models)."""
+    from _helpers import perturb
+    from ldm.util import instantiate_from_config
+    dd = dict(double_z=False, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=16, ch_mult=[1, 2],
+              num_res_blocks=1, attn_resolutions=[], norm_groups=8)
+    cfg = {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "timesteps": 1000, "image_size": 16, "channels": 4, "first_stage_key": "image",
+        "cond_stage_config": "__is_unconditional__", "cond_stage_trainable": False,
+        "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface",
+                               "params": {"ddconfig": dd, "lossconfig": None, "n_embed": 16, "embed_dim": 4}},
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                        "params": {"image_size": 16, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+                                   "attention_resolutions": [2], "num_res_blocks": 1, "channel_mult": [1, 2],
+                                   "num_head_channels": 16}}}}
+    model = instantiate_from_config(cfg)
+    perturb(model, seed=1)
+    return model.eval()
+
+
+def test_img2img_on_a_vq_based_ldm():
+    """img2img took torch's statistical `.mode()` of the VQ encoder's tensor and failed on every VQ-based model."""
+    from ldm.inference import img2img
+    from ldm.models.diffusion.latent import Encoding
+    model = tiny_vq_ldm()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model.encode_latents(x), model.scale_factor * model.first_stage_model.encode(x))
+        assert torch.equal(model.encode_latents(x, Encoding.SAMPLE), model.encode_latents(x))  # VQ: no posterior
+    out = img2img(model, x, ["", ""], strength=0.5, steps=4, sampler="ddim", scale=1.0, seed=[0, 1])
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    again = img2img(model, x, ["", ""], strength=0.5, steps=4, sampler="ddim", scale=1.0, seed=[0, 1])
+    assert torch.equal(out, again)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from enum import Enum
 from typing import Any, Optional
 
 import torch
@@ -19,10 +20,19 @@ logger = logging.getLogger(__name__)
 UNPERMUTED_COND_KEYS = ("caption", "txt", "coordinates_bbox", "class_label", "cls")
 
 
-def _unscaled_latents(encoder_posterior) -> torch.Tensor:
-    """The first stage's latents: a posterior sample for a KL autoencoder, the tensor itself otherwise."""
+class Encoding(str, Enum):
+    """How an image's first-stage encoding becomes latents: a posterior sample (training, as CompVis trains) or the
+    posterior's mode (tasks on a given image: img2img, inpainting; deterministic). A VQ or identity first stage
+    returns a tensor, which both policies take as it is."""
+    SAMPLE = "sample"
+    MODE = "mode"
+
+
+def unscaled_latents(encoder_posterior, encoding: Encoding = Encoding.SAMPLE) -> torch.Tensor:
+    """The first stage's latents under `encoding`: for a KL autoencoder a posterior sample or its mode, for any
+    other first stage the tensor itself."""
     if isinstance(encoder_posterior, DiagonalGaussianDistribution):
-        return encoder_posterior.sample()
+        return encoder_posterior.mode() if Encoding(encoding) is Encoding.MODE else encoder_posterior.sample()
     if isinstance(encoder_posterior, torch.Tensor):
         return encoder_posterior
     raise TypeError(f"encoder output of type '{type(encoder_posterior).__name__}' not understood")
@@ -139,7 +149,11 @@ class LatentDiffusion(DDPM):
 
     def get_first_stage_encoding(self, encoder_posterior) -> torch.Tensor:
         """A posterior sample (not its mode) times scale_factor, as trained in CompVis."""
-        return self.scale_factor * _unscaled_latents(encoder_posterior)
+        return self.scale_factor * unscaled_latents(encoder_posterior, Encoding.SAMPLE)
+
+    def encode_latents(self, x: torch.Tensor, encoding: Encoding = Encoding.MODE) -> torch.Tensor:
+        """Scaled latents of images `x` (B, C, H, W in [-1, 1]) for any first stage (KL, VQ, identity)."""
+        return self.scale_factor * unscaled_latents(self.encode_first_stage(x), encoding)
 
     def _posterior_from_cache(self, moments: torch.Tensor):
         """A cached encoding as the first stage returns it: a KL posterior from its moments, else the tensor."""
@@ -172,7 +186,7 @@ class LatentDiffusion(DDPM):
         # measured on the first stage's own latents (a configured factor is replaced, not multiplied), in float32
         # whatever autocast surrounds the hook
         with torch.autocast(self.device.type, enabled=False):
-            z = _unscaled_latents(self.encode_batch(batch, self.first_stage_key)).detach().double().flatten()
+            z = unscaled_latents(self.encode_batch(batch, self.first_stage_key)).detach().double().flatten()
         stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device, dtype=z.dtype)])
         s, s2, n = _all_reduce_sum(stats).tolist()
         var = (s2 - s * s / n) / (n - 1)
