@@ -16,6 +16,7 @@ from ldm.checkpoint import ModelKind, require_kind
 from ldm.files import atomic_path, read_image
 from ldm.precision import Precision, WeightsDType, precision_scope
 from ldm.sampling import CFGDenoiser, get_sigmas, img2img_start, randn_like, sample
+from ldm.sampling.registry import eta_option
 from ldm.util import ConfigError, get_obj_from_str, load_config, load_model_from_config
 
 
@@ -192,7 +193,7 @@ def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, s
     (C, h, w) (default the model's native size); `x_T`: a start code instead of one drawn from the seeds.
     """
     g = generators(seed, model.device)
-    kw = {"eta": eta} if eta else {}  # a sampler without an eta refuses a non-zero one
+    kw = eta_option(sampler, eta)
     ctx = model.ema_scope("sampling") if use_ema else contextlib.nullcontext()
     with ctx, precision_scope(precision, model.device):
         c = model.get_learned_conditioning(list(prompts))
@@ -241,7 +242,7 @@ def img2img(model, image: torch.Tensor, prompts: Sequence[str], *, strength: flo
             spacing: str = "uniform") -> torch.Tensor:
     """SDEdit (Meng et al. 2022): encode `image` (B, C, H, W in [-1, 1]), noise it to `strength`, denoise with guidance."""
     g = generators(seed, model.device)
-    kw = {"eta": eta} if eta else {}  # a sampler without an eta refuses a non-zero one
+    kw = eta_option(sampler, eta)
     ctx = model.ema_scope("img2img") if use_ema else contextlib.nullcontext()
     with ctx, precision_scope(precision, model.device):
         image = image.to(model.device)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import sys
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from ldm.cli import UsageError, check_options, image_seeds, latent_shape, precis
 from ldm.errors import entry_point
 from ldm.inference import add_precision_arguments, file_hash, load_for_sampling, resolve_resume, save_png, to_uint8
 from ldm.precision import precision_scope
-from ldm.sampling import SAMPLERS, get_sampler
+from ldm.sampling import SAMPLERS
+from ldm.sampling.registry import sampler_info
 from ldm.sampling.spacing import Spacing
 
 COMPVIS_ETA = 1.0  # CompVis' default DDIM eta for this script (stochastic DDIM)
@@ -72,8 +72,7 @@ def sampler_and_steps(opt, model) -> tuple[str, int, dict]:
             raise UsageError(f"-v/--vanilla_sample is DDPM sampling; it conflicts with --sampler {opt.sampler}")
         return "ddpm", model.num_timesteps, {}
     sampler = opt.sampler or "ddim"
-    takes_eta = "eta" in inspect.signature(get_sampler(sampler)).parameters
-    if opt.eta is not None and not takes_eta:
+    if opt.eta is not None and not sampler_info(sampler).takes_eta:
         raise UsageError(f"-e/--eta {opt.eta}: sampler '{sampler}' has no eta")
     eta = COMPVIS_ETA if opt.eta is None and sampler == "ddim" else opt.eta
     return sampler, opt.custom_steps, ({"eta": eta} if eta else {})

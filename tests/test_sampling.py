@@ -379,3 +379,17 @@ def test_compvis_shell_guidance_batches_uncond_first():
     DDIMSampler(model).sample(2, 1, (4, 8, 8), conditioning=c, unconditional_conditioning=u,
                               unconditional_guidance_scale=5.0, verbose=False)
     assert seen[0].shape[0] == 2 and float(seen[0][0].abs().sum()) == 0 and float(seen[0][1].min()) == 1
+
+
+def test_the_registry_describes_each_sampler_as_its_signature_is():
+    """Callers read a sampler's options from the registry, never from its signature; the description must be true."""
+    import inspect
+
+    from ldm.sampling.registry import SAMPLER_INFO, eta_option
+    shared = {"model", "x", "sigmas", "extra_args", "callback", "disable", "generator"}
+    for name, info in SAMPLER_INFO.items():
+        own = tuple(p for p in inspect.signature(info.fn).parameters if p not in shared)
+        assert own == info.options, name
+    assert eta_option("ddim", 0.5) == {"eta": 0.5} and eta_option("euler", 0.0) == {}
+    with pytest.raises(ValueError, match="sampler 'heun' has no eta"):
+        eta_option("heun", 0.3)

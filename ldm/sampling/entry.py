@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
-import inspect
-
 import torch
 
-from ldm.sampling.registry import get_sampler
+from ldm.sampling.registry import get_sampler, sampler_info
 from ldm.sampling.samplers import Callback, Generator
 from ldm.sampling.spacing import check_sigmas
 
@@ -26,13 +24,13 @@ def sample(denoiser: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch
     is the VP sample at sigmas[-1] (clean latents when it is 0). `generator` is passed to the sampler
     (one torch.Generator, or a list with one per image); `options` are the sampler's own (eta, order...).
     """
+    if isinstance(sampler, str):  # a registered sampler: its options are known (a custom function gets them as given)
+        info = sampler_info(sampler)
+        unknown = sorted(set(options) - set(info.options))
+        if unknown:
+            raise TypeError(f"sampler '{sampler}' takes no option {', '.join(map(repr, unknown))}; "
+                            f"its options: {', '.join(info.options) or 'none'}")
     fn = get_sampler(sampler) if isinstance(sampler, str) else sampler
-    params = inspect.signature(fn).parameters
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        own = [n for n in params if n not in ("model", "x", "sigmas", "extra_args", "callback", "disable", "generator")]
-        raise TypeError(f"sampler '{getattr(fn, '__name__', fn)}' takes no option {', '.join(map(repr, unknown))}; "
-                        f"its options: {', '.join(own) or 'none'}")
     check_sigmas(sigmas)
     x = fn(denoiser, x / vp_scale(sigmas[0]), sigmas, extra_args=extra_args, callback=callback, disable=disable,
            generator=generator, **options)
