@@ -23,6 +23,7 @@ from ldm.cli import (UsageError, add_output_arguments, add_prompt_arguments, add
                      write_grid)
 from ldm.errors import entry_point
 from ldm.files import check_output_parent
+from ldm.sampling.registry import eta_option
 from ldm.inference import (add_model_arguments, file_hash, first_stage_factor, img2img, load_from_arguments, load_image,
                            save_png, to_uint8)
 
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     if opt.prompt is None and not opt.from_file:
         raise UsageError("give --prompt or --from-file")
     sampler, prec = sampler_name(opt), precision(opt)
+    eta_option(sampler, opt.ddim_eta)  # a --ddim_eta the sampler cannot take is refused before any work
     batches = prompt_batches(opt)
     load_image(opt.init_img)  # a missing or unreadable --init-img is refused before the model is loaded
     check_output_parent(Path(opt.outdir) / "samples" / "x.png", "--outdir")  # numbered files never replace any

@@ -22,6 +22,7 @@ from ldm.cli import (add_output_arguments, add_prompt_arguments, add_sampling_ar
                      write_grid)
 from ldm.errors import entry_point
 from ldm.files import check_output_parent
+from ldm.sampling.registry import eta_option
 from ldm.inference import add_model_arguments, file_hash, load_from_arguments, sample_prompts, save_png, to_uint8
 
 SD_V1_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
         opt.config, opt.ckpt, opt.outdir = LAION400M["config"], LAION400M["ckpt"], LAION400M["outdir"]
     check_options(opt)
     sampler, prec = sampler_name(opt), precision(opt)
+    eta_option(sampler, opt.ddim_eta)  # a --ddim_eta the sampler cannot take is refused before any work
     batches = prompt_batches(opt)
     check_output_parent(Path(opt.outdir) / "samples" / "x.png", "--outdir")  # numbered files never replace any
     model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)

@@ -284,6 +284,9 @@ def test_txt2img_missing_prompt_file_is_named(tiny_run, tmp_path, capsys):
     assert txt2img.main(["--from-file", str(tmp_path / "none.txt"), "--ckpt", str(tiny_run / "checkpoints/last.ckpt"),
                          "--outdir", str(tmp_path / "o")]) == 2
     refused(capsys, "--from-file", "none.txt")
+    assert txt2img.main(["--sampler", "heun", "--ddim_eta", "0.5", "--ckpt", str(tmp_path / "missing.ckpt"),
+                         "--outdir", str(tmp_path / "o")]) == 2
+    refused(capsys, "sampler 'heun' has no eta")
     (tmp_path / "afile").write_text("")
     assert txt2img.main(["--outdir", str(tmp_path / "afile"), "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
     refused(capsys, "--outdir", "afile exists and is not a folder")  # before the checkpoint is even looked for
