@@ -66,30 +66,31 @@ def read_rgb8(path: PathLike) -> Image.Image:
     return im.convert("RGB")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
+def _inode(path: Path):
+    """(device, inode) of an existing file, which hard links share; None otherwise."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+        st = path.stat()
     except OSError:
-        return False
+        return None
+    return st.st_dev, st.st_ino
 
 
 def check_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike] = (), *, overwrite: bool = False,
                   flag: str = "output") -> None:
-    """Refuse, before any work, outputs that are (or resolve to) an input, two outputs of one path, and, unless
-    `overwrite`, outputs that exist already; the message names `flag` and the files."""
+    """Refuse, before any work, outputs that are (or resolve to, or hard-link) an input, two outputs of one path,
+    and, unless `overwrite`, outputs that exist already; the message names `flag` and the files."""
     outputs, inputs = [Path(p) for p in outputs], [Path(p) for p in inputs]
-    for out in outputs:
-        check_output_parent(out, flag)
-    for out in outputs:
-        hit = next((i for i in inputs if _same_file(out, i)), None)
-        if hit is not None:
-            raise OutputConflict(f"{flag}: the output {out} is the input {hit}; it would be overwritten. "
-                                 f"Choose another {flag}")
+    for folder in dict.fromkeys(out.parent for out in outputs):
+        check_output_folder(folder, flag)
+    by_path = {i.resolve(): i for i in inputs}  # each path resolved once: folders of thousands of images stay fast
+    by_inode = {ino: i for i in inputs if (ino := _inode(i)) is not None}
     seen: dict[Path, Path] = {}
     for out in outputs:
         key = out.resolve()
+        hit = by_path.get(key) or by_inode.get(_inode(out))
+        if hit is not None:
+            raise OutputConflict(f"{flag}: the output {out} is the input {hit}; it would be overwritten. "
+                                 f"Choose another {flag}")
         if key in seen:
             raise OutputConflict(f"{flag}: two results would be written to {out}; rename one of their inputs")
         seen[key] = out
@@ -100,12 +101,12 @@ def check_outputs(outputs: Iterable[PathLike], inputs: Iterable[PathLike] = (), 
                              f"them, or choose another {flag}")
 
 
-def check_output_parent(path: PathLike, flag: str = "output") -> None:
-    """Refuse an output whose folder (or a folder above it) exists as a file."""
-    for parent in Path(path).parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputConflict(f"{flag}: {parent} exists and is not a folder; {path} cannot be written")
+def check_output_folder(folder: PathLike, flag: str = "output") -> None:
+    """Refuse an output folder that (or a folder above which) exists as a file."""
+    for f in (Path(folder), *Path(folder).parents):
+        if f.exists():
+            if not f.is_dir():
+                raise OutputConflict(f"{flag}: {f} exists and is not a folder; nothing can be written under it")
             return
 
 
@@ -113,12 +114,11 @@ def check_output_dir(folder: PathLike, inputs: Iterable[PathLike] = (), *, overw
                      flag: str = "output") -> None:
     """Refuse a non-empty existing output folder unless `overwrite`, and one that is an input or holds one."""
     folder = Path(folder)
+    target = folder.resolve()
     for i in (Path(p) for p in inputs):
-        if _same_file(folder, i) or folder.resolve() in i.resolve().parents:
+        if target == i.resolve() or target in i.resolve().parents:
             raise OutputConflict(f"{flag}: the output folder {folder} is or holds the input {i}; choose another {flag}")
-    if folder.exists() and not folder.is_dir():
-        raise OutputConflict(f"{flag}: {folder} exists and is not a folder")
-    check_output_parent(folder, flag)
+    check_output_folder(folder, flag)
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise OutputConflict(f"{flag}: the folder {folder} exists and is not empty. Pass --overwrite to write into "
                              f"it, or choose another {flag}")

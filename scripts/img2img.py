@@ -22,7 +22,7 @@ from ldm.cli import (UsageError, add_output_arguments, add_prompt_arguments, add
                      guidance_scale, image_seeds, latent_shape, next_number, precision, prompt_batches, sampler_name,
                      write_grid)
 from ldm.errors import entry_point
-from ldm.files import check_output_parent
+from ldm.files import check_output_folder
 from ldm.sampling.registry import eta_option
 from ldm.inference import (add_model_arguments, file_hash, first_stage_factor, img2img, load_from_arguments, load_image,
                            save_png, to_uint8)
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     eta_option(sampler, opt.ddim_eta)  # a --ddim_eta the sampler cannot take is refused before any work
     batches = prompt_batches(opt)
     load_image(opt.init_img)  # a missing or unreadable --init-img is refused before the model is loaded
-    check_output_parent(Path(opt.outdir) / "samples" / "x.png", "--outdir")  # numbered files never replace any
+    check_output_folder(Path(opt.outdir) / "samples", "--outdir")  # numbered files never replace any
     model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)
     latent_shape(model, None, None, opt.C, opt.f)
     x = init_image(opt.init_img, model, opt.H, opt.W)

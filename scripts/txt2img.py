@@ -21,7 +21,7 @@ from ldm.cli import (add_output_arguments, add_prompt_arguments, add_sampling_ar
                      image_seeds, latent_shape, next_number, precision, prompt_batches, sampler_name, start_code,
                      write_grid)
 from ldm.errors import entry_point
-from ldm.files import check_output_parent
+from ldm.files import check_output_folder
 from ldm.sampling.registry import eta_option
 from ldm.inference import add_model_arguments, file_hash, load_from_arguments, sample_prompts, save_png, to_uint8
 
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     sampler, prec = sampler_name(opt), precision(opt)
     eta_option(sampler, opt.ddim_eta)  # a --ddim_eta the sampler cannot take is refused before any work
     batches = prompt_batches(opt)
-    check_output_parent(Path(opt.outdir) / "samples" / "x.png", "--outdir")  # numbered files never replace any
+    check_output_folder(Path(opt.outdir) / "samples", "--outdir")  # numbered files never replace any
     model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)
     shape = latent_shape(model, opt.H, opt.W, opt.C, opt.f)
     scale = guidance_scale(opt, cfg, model)
