@@ -24,7 +24,7 @@ from ldm.callbacks import ImageLogger, SetupCallback  # noqa: F401  (CompVis imp
 from ldm.checkpoint import load_checkpoint, load_state_dict_checked
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401  (CompVis import path)
 from ldm.errors import USER_ERRORS, report
-from ldm.runs import check_trainer_keys, check_value_types, finished, model_changes, run_configs
+from ldm.runs import RunDir, check_trainer_keys, check_value_types, finished, model_changes
 from ldm.util import ConfigError, check_no_missing, instantiate_from_config, load_config
 
 logger = logging.getLogger("ldm.main")
@@ -92,10 +92,10 @@ def resolve_run(opt: argparse.Namespace, now: str) -> Run:
             ckpt = str(path)
         else:
             logdir = str(path).rstrip("/")
-            ckpt = os.path.join(logdir, "checkpoints", "last.ckpt")
+            ckpt = str(RunDir(logdir).last)
             if not os.path.isfile(ckpt):
                 raise ConfigError(f"--resume: {logdir} has no checkpoints/last.ckpt to resume from")
-        saved = run_configs(logdir)
+        saved = RunDir(logdir).saved_configs()
         if not any(c.endswith("-project.yaml") for c in saved):
             raise ConfigError(f"--resume: {logdir}/configs has no *-project.yaml to restore the config from")
         # every saved config, oldest first, then any --base given now (then the command line's overrides)
@@ -188,9 +188,9 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
                                                                    "lightning_config": lightning_config}))
         else:
             callbacks.append(instantiate_from_config(c, key=f"lightning.callbacks.{k}"))
-    callbacks.append(CheckpointOnSignal(os.path.join(ckptdir, "last.ckpt")))
+    callbacks.append(CheckpointOnSignal(str(RunDir(logdir).last)))
     if OmegaConf.select(callbacks_cfg, "checkpoint_callback.params.save_last", default=False):
-        callbacks.append(FinalCheckpoint(os.path.join(ckptdir, "last.ckpt")))  # only where last.ckpt is wanted
+        callbacks.append(FinalCheckpoint(str(RunDir(logdir).last)))  # only where last.ckpt is wanted
     if trainer_opts.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(bounded_progress_bar())  # an epoch total under max_steps / max_time too
     trainer_opts.update(logger=loggers, callbacks=callbacks, default_root_dir=logdir)
@@ -266,7 +266,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import pytorch_lightning as pl
 
-    logdir, ckptdir, cfgdir = run.logdir, os.path.join(run.logdir, "checkpoints"), os.path.join(run.logdir, "configs")
+    layout = RunDir(run.logdir)
+    logdir, ckptdir, cfgdir = run.logdir, str(layout.checkpoints), str(layout.configs)
     pl.seed_everything(opt.seed, workers=True)
     trainer = None
     try:
@@ -290,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     def save_on_exception() -> None:
         """Write last.ckpt when training stops on an exception, so no work is lost."""
         if trainer is not None and trainer.global_rank == 0 and trainer.global_step > 0:
-            path = os.path.join(ckptdir, "last.ckpt")
+            path = str(layout.last)
             print(f"Summoning checkpoint: saving {path}", file=sys.stderr)
             trainer.save_checkpoint(path)
 

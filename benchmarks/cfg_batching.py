@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.data.shapes import random_prompts  # noqa: E402
-from ldm.inference import load_for_sampling  # noqa: E402
+from ldm.runs import load_for_sampling# noqa: E402
 from ldm.sampling import CFGDenoiser, get_sigmas, sample_ddim  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from ldm.data.shapes import random_prompts
-from ldm.inference import load_for_sampling
+from ldm.runs import load_for_sampling
 
 RUNS = (("uniform", 50), ("trailing", 50), ("karras", 20))
 

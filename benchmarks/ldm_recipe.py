@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from ldm.data.latents import encode_dataset  # noqa: E402
 from ldm.data.shapes import ShapesTrain, random_prompts  # noqa: E402
 from ldm.eval.shapes_eval import score  # noqa: E402
-from ldm.inference import sample_prompts  # noqa: E402
+from ldm.generation import sample_prompts# noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 

@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.data.shapes import random_prompts  # noqa: E402
 from ldm.eval.shapes_eval import score  # noqa: E402
-from ldm.inference import load_for_sampling, sample_prompts  # noqa: E402
+from ldm.generation import sample_prompts# noqa: E402
+from ldm.runs import load_for_sampling# noqa: E402
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.data.inpainting import shapes_object_box  # noqa: E402
 from ldm.data.shapes import COLOR_NAMES, SHAPES, SIZE_NAMES, ShapesDataset, canonical_caption  # noqa: E402
 from ldm.eval.shapes_eval import score  # noqa: E402
-from ldm.inference import load_for_sampling  # noqa: E402
+from ldm.runs import load_for_sampling# noqa: E402
 from ldm.inpainting import inpaint  # noqa: E402
 
 CHANGED = ("shape", "color", "size")

@@ -25,7 +25,8 @@ from skimage.metrics import structural_similarity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.data.superres import SkimageSR  # noqa: E402
-from ldm.inference import load_for_sampling, to_uint8  # noqa: E402
+from ldm.files import to_uint8# noqa: E402
+from ldm.runs import load_for_sampling# noqa: E402
 from ldm.superres import upscale  # noqa: E402
 
 

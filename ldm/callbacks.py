@@ -19,6 +19,8 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.runs import RunDir
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,9 +38,10 @@ class SetupCallback(pl.Callback):
             return
         for d in (self.logdir, self.ckptdir, self.cfgdir):
             os.makedirs(d, exist_ok=True)
-        OmegaConf.save(self.config, os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
+        layout = RunDir(self.logdir)  # the file names of the layout, in the configured cfgdir
+        OmegaConf.save(self.config, os.path.join(self.cfgdir, layout.project_config(self.now).name))
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
-                       os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+                       os.path.join(self.cfgdir, layout.lightning_config(self.now).name))
 
 
 class ContinuedCSVWriter(ExperimentWriter):

@@ -75,14 +75,9 @@ def weights_kind(sd: Mapping[str, Any]) -> ModelKind:
 
 
 def target_kind(target: type) -> ModelKind:
-    """The kind of the model class a config's `model.target` names."""
-    from ldm.models.autoencoder import IdentityFirstStage, _FirstStageBase
-    from ldm.models.diffusion.ddpm import DDPM
-    if isinstance(target, type) and issubclass(target, DDPM):
-        return ModelKind.DIFFUSION
-    if isinstance(target, type) and issubclass(target, (_FirstStageBase, IdentityFirstStage)):
-        return ModelKind.AUTOENCODER
-    return ModelKind.OTHER
+    """The kind of the model class a config's `model.target` names: the class says (`model_kind`), else OTHER."""
+    kind = getattr(target, "model_kind", None) if isinstance(target, type) else None
+    return kind if isinstance(kind, ModelKind) else ModelKind.OTHER
 
 
 def _a(noun: str) -> str:

@@ -1,5 +1,5 @@
-"""What the sampling scripts share: the CompVis / Stable Diffusion flags, image sizes, per-image seeds, output
-numbering and grids.
+"""What the sampling scripts share: the CompVis / Stable Diffusion flags, the model flags (and loading the model they
+name), image sizes, output numbering and grids.
 
 Flags keep the names and meanings of CompVis/stable-diffusion (SD v1) and Stability-AI/stablediffusion (SD v2):
 `--ddim_steps` and `--steps` are one option, `--plms`, `--dpm_solver` and `--dpm` pick a sampler as there, and
@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
+from ldm.checkpoint import ModelKind
 from ldm.errors import InputError
-from ldm.inference import first_stage_factor
-from ldm.precision import Precision
+from ldm.files import save_png
+from ldm.generation import first_stage_factor
+from ldm.precision import Precision, WeightsDType
+from ldm.runs import load_for_sampling
 from ldm.sampling import SAMPLERS
 from ldm.sampling.spacing import Spacing
 
@@ -38,8 +40,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, n_samples: int, n_iter
     """Sampler, guidance, size, seed and batch flags of the CompVis / SD scripts, plus --sampler and --spacing."""
     g = p.add_argument_group("sampling (CompVis / Stable Diffusion flags)")
     add_sampler_choice(g, steps)
-    g.add_argument("--spacing", default=Spacing.UNIFORM.value, choices=[s.value for s in Spacing],
-                   help="how the sampling steps are spread over the noise levels")
+    add_generation_arguments(g)
     g.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     g.add_argument("--scale", type=float, default=scale,
                    help="classifier-free guidance scale (default: the config's guidance_scale, else 7.5)")
@@ -55,6 +56,28 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, n_samples: int, n_iter
     g.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (same as --precision bf16)")
     for flag, what in REFUSED.items():
         g.add_argument(f"--{flag}", action="store_true", help=f"not supported ({what}); refused with a message")
+
+
+def add_generation_arguments(p) -> None:
+    """--spacing and --guidance_rescale, which every task passes to `ldm.generation.generate`."""
+    p.add_argument("--spacing", default=Spacing.UNIFORM.value, choices=[s.value for s in Spacing],
+                   help="how the sampling steps are spread over the noise levels")
+    p.add_argument("--guidance_rescale", type=float, default=0.0,
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2023; 0.7 there): against over-exposure at high "
+                        "scales, with zero-terminal-SNR models")
+
+
+def add_folder_task_arguments(p: argparse.ArgumentParser, *, indir_help: str, steps: int) -> None:
+    """The flags of the folder tasks (inpaint.py, superres.py): --indir, --outdir, --overwrite, the sampler, --spacing,
+    --guidance_rescale, --prompt, --scale and --seed."""
+    p.add_argument("--indir", type=str, required=True, help=indir_help)
+    p.add_argument("--outdir", type=str, required=True, help="NAME.png results; never one of the inputs")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --outdir")
+    add_sampler_choice(p, steps)
+    add_generation_arguments(p)
+    p.add_argument("--prompt", type=str, default=None, help="text for text-conditioned models")
+    p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=42, help="image k of --indir (sorted) uses seed + k")
 
 
 def add_sampler_choice(p, steps: int) -> None:
@@ -86,10 +109,39 @@ def add_prompt_arguments(p: argparse.ArgumentParser, default: Optional[str], req
     p.add_argument("--repeat", type=int, default=1, help="repeat each prompt of --from-file this often (SD v2)")
 
 
+def add_model_arguments(parser, default_ckpt: Optional[str] = None, default_config: Optional[str] = None) -> None:
+    """The model flags of the task scripts: --config, --ckpt, --no-ema, --unsafe-load, --device, --precision, --dtype."""
+    hint = f", or {default_config} for the default checkpoint" if default_config else ""
+    parser.add_argument("--config", type=str, default=None, help=f"default: the run's configs/*-project.yaml{hint}")
+    parser.add_argument("--ckpt", type=str, default=default_ckpt, required=default_ckpt is None)
+    parser.add_argument("--no-ema", action="store_true", help="sample with the training weights, not the EMA ones")
+    parser.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the checkpoint")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add_precision_arguments(parser)
+
+
+def add_precision_arguments(parser) -> None:
+    """--precision (autocast) and --dtype (the weights' dtype): see ldm.precision."""
+    parser.add_argument("--precision", default="fp32", choices=[x.value for x in Precision],
+                        help="sampling precision (autocast: float16 on CUDA, bfloat16 on CPU; full = fp32)")
+    parser.add_argument("--dtype", default=WeightsDType.FP32.value, choices=[x.value for x in WeightsDType],
+                        help="dtype the weights are loaded in (fp16/bf16 halve the memory; auto: the checkpoint's "
+                             "own, e.g. an fp16 export stays fp16)")
+
+
+def load_from_arguments(opt, default_ckpt: Optional[str] = None, default_config: Optional[str] = None):
+    """The model of add_model_arguments' flags; the default checkpoint comes with its default config."""
+    config = opt.config
+    if config is None and default_ckpt is not None and opt.ckpt == default_ckpt:
+        config = default_config
+    return load_for_sampling(opt.ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
+                             dtype=getattr(opt, "dtype", None), kind=ModelKind.DIFFUSION)
+
+
 # Count flags of the scripts (by their argparse dest) that must be at least 1, and amounts that must not be negative.
 AT_LEAST_ONE = ("n_samples", "n_iter", "steps", "grid_upscale", "repeat", "batch_size", "custom_steps", "jump_length",
                 "jump_n_sample", "tile", "tile_batch", "n", "n_reference", "kid_subset_size")
-AT_LEAST_ZERO = ("ddim_eta", "eta", "overlap", "noise_level")
+AT_LEAST_ZERO = ("ddim_eta", "eta", "overlap", "noise_level", "guidance_rescale")
 
 
 def check_options(opt: argparse.Namespace) -> None:
@@ -176,18 +228,6 @@ def report_outputs(written: Sequence[str], skipped: Sequence[tuple[str, str]], o
     return 1 if skipped else 0
 
 
-def image_seeds(seed: int, first: int, n: int) -> list[int]:
-    """Per-image seeds: image k of a run uses seed + k, whatever the batch split (n_samples x n_iter)."""
-    return [seed + k for k in range(first, first + n)]
-
-
-def start_code(shape: Sequence[int], seeds: Sequence[int], device) -> torch.Tensor:
-    """A start code (B, C, h, w), image i drawn from its own seed (as the samplers draw it)."""
-    from ldm.sampling import randn_like
-    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    return randn_like(torch.empty((len(seeds), *shape), device=device), gens)
-
-
 def next_number(folder: Path, pattern: str) -> int:
     """One past the largest number among files named like `pattern` (a regex with one group): never overwrites."""
     rx = re.compile(pattern)
@@ -220,7 +260,6 @@ def grid_image(images: np.ndarray, nrow: int, upscale: int = 1, captions: Option
 def write_grid(out: Path, batches: Sequence[np.ndarray], captions: Sequence[str], opt: argparse.Namespace,
                meta: dict) -> Path:
     """The run's grid as <out>/grid-NNNN.png (next free number), with --n_rows, --grid_upscale, --grid_captions."""
-    from ldm.inference import save_png
     grid = grid_image(np.concatenate(list(batches)), opt.n_rows or opt.n_samples, opt.grid_upscale,
                       list(captions) if opt.grid_captions else None)
     number = next_number(out, r"grid-(\d+)\.png")

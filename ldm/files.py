@@ -1,14 +1,17 @@
-"""Files in and out: the one image reader of the project (bit depths, gray, palette, alpha, EXIF orientation) and
-outputs that never replace an input or an earlier result unless asked, written atomically."""
+"""Files in and out: the one image reader of the project (bit depths, gray, palette, alpha, EXIF orientation), PNGs
+with their settings as text chunks, and outputs that never replace an input or an earlier result unless asked,
+written atomically."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
 
 from ldm.errors import InputError, OutputConflict
 
@@ -136,3 +139,32 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# -- images as tensors, PNGs with metadata ----------------------------------------------------------------
+def load_image(path: Union[str, Path]) -> torch.Tensor:
+    """An image file as (1, 3, H, W) in [-1, 1], read by `ldm.files.read_image` (16-bit, gray, palette, EXIF)."""
+    return torch.from_numpy(read_image(path) * 2.0 - 1.0).permute(2, 0, 1)[None]
+
+
+def file_hash(path: Union[str, Path], n: int = 10) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return x
+
+
+def save_png(array: np.ndarray, path: Union[str, Path], meta: dict) -> None:
+    """Write a uint8 (H, W, C) array as a PNG with `meta` as text chunks, atomically (no half file on interruption)."""
+    info = PngImagePlugin.PngInfo()
+    for k, v in meta.items():
+        info.add_text(str(k), str(v))
+    with atomic_path(path) as tmp:
+        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(tmp, format="PNG", pnginfo=info)

@@ -10,7 +10,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ldm.inference import latest_run, sample_prompts, to_uint8
+from ldm import generation
+from ldm.files import to_uint8
+from ldm.generation import sample_prompts, sampling_scope
+from ldm.runs import RunDir, latest_run
 
 
 def find_checkpoint(explicit: Optional[Union[str, Path]], run_name: str, logdir: Union[str, Path] = "logs",
@@ -23,7 +26,7 @@ def find_checkpoint(explicit: Optional[Union[str, Path]], run_name: str, logdir:
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return path
     try:
-        return latest_run(logdir, run_name) / "checkpoints" / "last.ckpt"
+        return RunDir(latest_run(logdir, run_name)).last
     except FileNotFoundError:
         print(f"No trained run '*_{run_name}' under {logdir}/. {how_to_make}".strip())
         return None
@@ -63,13 +66,12 @@ def trajectory(model, prompt: str, steps: int = 20, sampler: str = "ddim", scale
         seen.append((int(info["i"]), info["denoised"].detach().clone()))
 
     g = torch.Generator(device=model.device).manual_seed(seed)
-    with model.ema_scope("trajectory"):
-        c = model.get_learned_conditioning([prompt])
-        uc = model.get_learned_conditioning([""]) if scale != 1.0 else None
-        model.sample(c, 1, steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=g,
-                     callback=record)
+    with sampling_scope(model, context="trajectory"):
+        cond = model.conditioning(prompts=[prompt], guidance=scale != 1.0)
+        generation.generate(model, cond, 1, steps=steps, sampler=sampler, scale=scale, generator=g, callback=record,
+                            decode=False)
         kept = [(i, z) for k, (i, z) in enumerate(seen) if k % every == 0 or k == len(seen) - 1]
-        decoded = torch.cat([model.decode_first_stage(z.float()).float() for _, z in kept])
+        decoded = torch.cat([generation.decode_latents(model, z) for _, z in kept])
     return [i for i, _ in kept], to_uint8(decoded)
 
 
@@ -109,4 +111,4 @@ def train_briefly(config: Union[str, Path], name: str, overrides: Sequence[str] 
     if done.returncode != 0:
         raise RuntimeError(f"training {config} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     print(f"trained in {time.perf_counter() - t0:.0f} s")
-    return latest_run(Path(root) / logdir, name) / "checkpoints" / "last.ckpt"
+    return RunDir(latest_run(Path(root) / logdir, name)).last

@@ -1,16 +1,22 @@
-"""A run directory of main.py before it is touched: the configs it saved, and the checks a new or resumed run must
-pass first (trainer keys, value types, model changes, whether it has finished)."""
+"""Runs of main.py: the layout of a run directory (the one place it is written down), the checks a new or resumed
+run must pass before it is touched (trainer keys, value types, model changes, whether it has finished), and loading
+a trained run for sampling."""
 from __future__ import annotations
 
 import difflib
 import glob
 import inspect
 import os
-from typing import Any, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.util import ConfigError
+from ldm.checkpoint import ModelKind, require_kind
+from ldm.precision import WeightsDType
+from ldm.util import ConfigError, get_obj_from_str, load_config, load_model_from_config
 
 # Model-section keys a resume may change without --allow-model-changes: the optimisation, not the network.
 RESUME_TUNABLE = ("model.base_learning_rate", "model.params.scheduler_config")
@@ -18,11 +24,48 @@ RESUME_TUNABLE = ("model.base_learning_rate", "model.params.scheduler_config")
 COMPVIS_TRAINER_KEYS = ("gpus",)
 
 
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory of main.py: logs/<time>_<name>/ with checkpoints/ (last.ckpt, ...) and configs/
+    (<time>-project.yaml and <time>-lightning.yaml, one pair per start)."""
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: Union[str, Path]) -> "RunDir":
+        """The run holding `ckpt` (<run>/checkpoints/x.ckpt)."""
+        return cls(Path(ckpt).resolve().parent.parent)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    def project_config(self, stamp: str) -> Path:
+        return self.configs / f"{stamp}-project.yaml"
+
+    def lightning_config(self, stamp: str) -> Path:
+        return self.configs / f"{stamp}-lightning.yaml"
+
+    def saved_configs(self, project_only: bool = False) -> list[str]:
+        """Every config the run saved, oldest first (as CompVis' main.py reloads them on resume)."""
+        kinds = ("project",) if project_only else ("project", "lightning")
+        return sorted(p for k in kinds for p in glob.glob(os.path.join(glob.escape(str(self.configs)), f"*-{k}.yaml")))
+
+
 def run_configs(logdir: str) -> list[str]:
     """Every config a run saved (configs/<time>-project.yaml and <time>-lightning.yaml), oldest first, as CompVis'
     main.py reloads them on resume."""
-    return sorted(glob.glob(os.path.join(glob.escape(logdir), "configs", "*-project.yaml"))
-                  + glob.glob(os.path.join(glob.escape(logdir), "configs", "*-lightning.yaml")))
+    return RunDir(logdir).saved_configs()
 
 
 def _flat(node: Any, prefix: str) -> dict[str, Any]:
@@ -96,3 +139,88 @@ def finished(ckpt: dict, trainer_cfg: DictConfig) -> Optional[str]:
             and (max_steps is None or int(max_steps) < 0):
         return f"it has completed {epochs} epochs, lightning.trainer.max_epochs is {max_epochs}"
     return None
+
+
+# -- trained runs for sampling ----------------------------------------------------------------------------
+def default_device() -> str:
+    """CUDA when available, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def find_run_config(ckpt: Union[str, Path], run: Optional[Union[str, Path]] = None) -> Path:
+    """The newest `configs/*-project.yaml` of the run directory `run`, by default the one holding `ckpt`
+    (logs/<run>/checkpoints/x.ckpt)."""
+    run = RunDir(run) if run is not None else RunDir.of_checkpoint(ckpt)
+    found = run.saved_configs(project_only=True)
+    if not found:
+        raise ConfigError(f"no --config given and no configs/*-project.yaml in the run directory {run.root}")
+    return Path(found[-1])
+
+
+def latest_run(logdir: Union[str, Path], name: str) -> Path:
+    """Newest `logs/<timestamp>_<name>` directory with a checkpoints/last.ckpt."""
+    runs = [Path(p) for p in sorted(glob.glob(str(Path(logdir) / f"*_{name}"))) if RunDir(p).last.is_file()]
+    if not runs:
+        raise FileNotFoundError(f"no finished run named '*_{name}' with checkpoints/last.ckpt under {logdir}")
+    return runs[-1]
+
+
+def resolve_resume(resume: Union[str, Path]) -> tuple[Path, Path, Path]:
+    """(checkpoint, config, log dir) for CompVis' `-r/--resume`: a checkpoint file or a log directory.
+
+    A directory holds `model.ckpt` + `config.yaml` (the CompVis model zoo) or `checkpoints/last.ckpt` +
+    `configs/*-project.yaml` (a run of main.py); a file takes the config next to it or of its run.
+    """
+    path = Path(resume)
+    if path.is_file():
+        ckpt = path
+        logdir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    elif path.is_dir():
+        logdir = path
+        candidates = [path / "model.ckpt", RunDir(path).last]
+        ckpt = next((c for c in candidates if c.is_file()), None)
+        if ckpt is None:
+            raise FileNotFoundError(f"-r {path}: no checkpoint in it (looked for {candidates[0]} and {candidates[1]})")
+    else:
+        raise FileNotFoundError(f"-r {path}: no such checkpoint file or log directory")
+    for cfg in (ckpt.parent / "config.yaml", logdir / "config.yaml"):
+        if cfg.is_file():
+            return ckpt, cfg, logdir
+    try:
+        return ckpt, find_run_config(ckpt, run=logdir), logdir
+    except ConfigError:
+        raise ConfigError(f"-r {path}: no config next to the checkpoint (looked for {logdir / 'config.yaml'} and "
+                          f"{logdir / 'configs'}/*-project.yaml); pass --config") from None
+
+
+def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]] = None, *, allow_pickle: bool = False,
+                      device: Optional[str] = None, overrides: Sequence[str] = (),
+                      dtype: Optional[Union[WeightsDType, str, torch.dtype]] = None,
+                      kind: Optional[ModelKind] = None) -> tuple[torch.nn.Module, DictConfig]:
+    """Model from a run checkpoint; sub-model `ckpt_path`s are dropped (the checkpoint holds all weights).
+
+    `overrides`: dot-list `key=value` settings merged over the config (as CompVis' scripts take them).
+    `dtype`: the networks' weights dtype (fp32, bf16, fp16, or auto: the checkpoint's); None keeps float32.
+    `kind`: refuse, before anything is built, a config whose model is of another kind (e.g. an autoencoder run
+    given to a text-to-image script).
+    """
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {ckpt}")
+    config = config if config is not None else find_run_config(ckpt)
+    cfg = load_config(config)
+    if kind is not None:
+        if "model" not in cfg or "target" not in cfg.model:
+            raise ConfigError(f"{config}: no model.target to build")
+        require_kind(get_obj_from_str(cfg.model.target, key="model.target"), kind,
+                     f"the checkpoint {ckpt} (config {config})")
+    if overrides:
+        bad = [o for o in overrides if "=" not in o or o.startswith("-")]
+        if bad:
+            raise ConfigError(f"unrecognized arguments: {' '.join(bad)} (config overrides are key=value)")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    for key in ("first_stage_config", "cond_stage_config", "unet_config"):
+        sub = OmegaConf.select(cfg, f"model.params.{key}.params")
+        if sub is not None and "ckpt_path" in sub.keys():
+            sub.ckpt_path = None
+    model = load_model_from_config(cfg, ckpt, allow_pickle=allow_pickle, device=device or default_device(), dtype=dtype)
+    return model, cfg

@@ -4,35 +4,27 @@ user-chosen noise level). Inputs larger than the model's size are processed in o
 weights that fall off towards each tile's edge, so memory stays bounded and no seams show."""
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from ldm import generation
 from ldm.errors import InputError
-from ldm.inference import first_stage_factor, size_multiple, uses_text
-from ldm.precision import Precision, precision_scope
-from ldm.sampling import CFGDenoiser, get_sigmas, randn_like, sample
-
-
-def _is_upscaler(model) -> bool:
-    from ldm.models.diffusion.upscale import LatentUpscaleDiffusion
-
-    return isinstance(model, LatentUpscaleDiffusion)
-
-
-# cond_stage_key of the paper's super-resolution LDMs (the low-resolution image concatenated to the latent)
-LOW_RES_KEYS = ("LR_image", "lr")
+from ldm.generation import first_stage_factor, reads, sampling_scope, size_multiple
+from ldm.modules.model_inputs import ConditionInput
+from ldm.precision import Precision
+from ldm.sampling import Spacing
 
 
 def check_superres_model(model) -> None:
-    """Refuse a model that does not upscale: neither an x4 upscaler nor a concat model of a low-resolution image."""
-    concat_lr = (model.model.conditioning_key == "concat" and getattr(model, "cond_stage_key", None) in LOW_RES_KEYS)
-    if not (_is_upscaler(model) or concat_lr):
-        raise InputError(f"this {type(model).__name__} (conditioning '{model.model.conditioning_key}', cond_stage_key "
+    """Refuse a model that does not upscale (one that reads no low-resolution image): neither an x4 upscaler nor a
+    paper LDM-SR / BSR model."""
+    if not reads(model, ConditionInput.LOW_RES):
+        key = getattr(getattr(model, "model", None), "conditioning_key", None)
+        raise InputError(f"this {type(model).__name__} (conditioning '{getattr(key, 'value', key)}', cond_stage_key "
                          f"'{getattr(model, 'cond_stage_key', None)}') is not a super-resolution model: give an x4 "
-                         f"upscaler (LatentUpscaleDiffusion) or a paper LDM-SR / BSR model (cond_stage_key "
-                         f"{' or '.join(LOW_RES_KEYS)})")
+                         f"upscaler (LatentUpscaleDiffusion) or a paper LDM-SR / BSR model (concat conditioning on "
+                         f"cond_stage_key LR_image or lr)")
 
 
 def upscale_factor(model) -> int:
@@ -61,33 +53,13 @@ def blend_weights(h: int, w: int, ramp: int, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def upscale_tile(model, lr: torch.Tensor, *, steps: int, sampler: str, generator, prompts: Optional[Sequence[str]],
-                 scale: float, noise_level: Optional[int], **sampler_options) -> torch.Tensor:
+                 scale: float, noise_level: Optional[int], spacing: Union[Spacing, str] = Spacing.UNIFORM,
+                 rescale: float = 0.0, **sampler_options) -> torch.Tensor:
     """One batch of low-resolution tiles (B, 3, h, w in [-1, 1]) -> decoded images (B, 3, f h, f w)."""
-    n = lr.shape[0]
-    c = uc = None
-    if uses_text(model):
-        c = model.get_learned_conditioning(list(prompts))
-        uc = model.get_learned_conditioning([""] * n) if scale != 1.0 else None
-    if _is_upscaler(model):
-        level = None if noise_level is None else torch.full((n,), int(noise_level), device=lr.device, dtype=torch.long)
-        if isinstance(generator, list):  # each tile's augmentation noise from its own generator
-            parts = [model.low_scale_conditioning(lr[j:j + 1], level[j:j + 1] if level is not None else None,
-                                                  generator=g) for j, g in enumerate(generator)]
-            zx, level = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        else:
-            zx, level = model.low_scale_conditioning(lr, level, generator=generator)
-        cond = model._conds(c, zx, level)
-        uncond = {**cond, "c_crossattn": [uc]} if uc is not None else None
-    else:
-        cond, uncond = model.get_learned_conditioning(lr), None
-    shape = (n, model.channels, *lr.shape[-2:])
-    x_T = randn_like(torch.empty(shape, device=lr.device), generator)
-    den = model.denoiser()
-    sigmas = get_sigmas(den.schedule, steps, "uniform").to(lr.device)
-    extra = {"cond": {"c": cond}} | ({"uncond": {"c": uncond}} if uncond is not None else {})
-    z = sample(CFGDenoiser(den, scale=scale), x_T, sigmas, sampler, generator=generator, extra_args=extra,
-               **sampler_options)
-    return model.decode_first_stage(z.float()).float()
+    cond = model.conditioning(prompts=None if prompts is None else list(prompts), low_res=lr, noise_level=noise_level,
+                              guidance=scale != 1.0, generator=generator)
+    return generation.generate(model, cond, lr.shape[0], steps=steps, sampler=sampler, scale=scale, rescale=rescale,
+                               spacing=spacing, generator=generator, **sampler_options)
 
 
 def _tiles(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[int, int]]:
@@ -100,7 +72,8 @@ def _tiles(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[int, int]]
 def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *, steps: int = 50,
             sampler: str = "ddim", seed: int = 0, scale: Optional[float] = None, noise_level: Optional[int] = None,
             tile: Optional[int] = None, overlap: Optional[int] = None, tile_batch: int = 8, use_ema: bool = True,
-            precision: Union[Precision, str] = Precision.FP32, **sampler_options) -> torch.Tensor:
+            precision: Union[Precision, str] = Precision.FP32, spacing: Union[Spacing, str] = Spacing.UNIFORM,
+            rescale: float = 0.0, **sampler_options) -> torch.Tensor:
     """Upscale `lr` (B, 3, h, w in [-1, 1]) by the model's factor, tile by tile where it exceeds `tile` (low-resolution
     pixels; default: the model's latent size), tiles overlapping by `overlap` (default tile // 4).
 
@@ -109,7 +82,7 @@ def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
     the augmentation level of an x4 upscaler (LatentUpscaleDiffusion); required there.
     """
     check_superres_model(model)
-    if _is_upscaler(model) and noise_level is None:
+    if reads(model, ConditionInput.NOISE_LEVEL) and noise_level is None:
         raise InputError("this model is noise-augmented (LatentUpscaleDiffusion): give a noise_level "
                          f"(0 to {model.low_scale_model.max_noise_level - 1}; Stable Diffusion 2 suggests 20)")
     device, f = model.device, upscale_factor(model)
@@ -126,8 +99,7 @@ def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
     out = torch.zeros(b, 3, h * f, w * f, device=device)
     norm = torch.zeros(1, 1, h * f, w * f, device=device)
     places = list(_tiles(h, w, tile, overlap))
-    ctx = model.ema_scope("superres") if use_ema else contextlib.nullcontext()
-    with ctx, precision_scope(precision, device):
+    with sampling_scope(model, use_ema, precision, "superres"):
         jobs = [(i, k, top, left) for i in range(b) for k, (top, left) in enumerate(places)]
         for start in range(0, len(jobs), tile_batch):
             chunk = jobs[start:start + tile_batch]
@@ -135,7 +107,7 @@ def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
             gens = [torch.Generator(device=device).manual_seed(seed + i * len(places) + k) for i, k, _, _ in chunk]
             texts = [prompts[i] for i, _, _, _ in chunk] if prompts is not None else None
             hr = upscale_tile(model, crops, steps=steps, sampler=sampler, generator=gens, prompts=texts, scale=scale,
-                              noise_level=noise_level, **sampler_options)
+                              noise_level=noise_level, spacing=spacing, rescale=rescale, **sampler_options)
             for (i, _, top, left), img in zip(chunk, hr):
                 th, tw = img.shape[-2:]
                 wgt = blend_weights(th, tw, overlap * f, device) if len(places) > 1 else torch.ones(1, 1, th, tw,

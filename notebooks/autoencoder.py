@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from ldm.data.shapes import ShapesValidation
-from ldm.inference import load_for_sampling, to_uint8
+from ldm.files import to_uint8
 from ldm.metrics import reconstruction_metrics
 from ldm.notebook import find_checkpoint, show, train_briefly
+from ldm.runs import load_for_sampling
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 CKPT = find_checkpoint(os.environ.get("LDM_AE_CKPT"), "quickstart_ae")

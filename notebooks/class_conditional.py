@@ -14,8 +14,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from ldm.data.bundled import MNIST5k
-from ldm.inference import load_for_sampling, to_uint8
+from ldm.files import to_uint8
+from ldm.generation import generate, generators, sampling_scope
 from ldm.notebook import find_checkpoint, show, train_briefly
+from ldm.runs import load_for_sampling
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 AE_STEPS, LDM_STEPS = int(os.environ.get("LDM_NB_AE_STEPS", 600)), int(os.environ.get("LDM_NB_LDM_STEPS", 1500))
@@ -33,13 +35,11 @@ print(f"{CKPT}: {sum(p.numel() for p in model.model.parameters()) / 1e6:.2f} M U
 def sample_classes(labels, scale, steps=20, seed=0):
     """Decoded samples (uint8) for class `labels`, per-image seeds seed + k."""
     labels = torch.as_tensor(labels)
-    gens = [torch.Generator().manual_seed(seed + k) for k in range(len(labels))]
-    with torch.no_grad(), model.ema_scope():
-        c = model.get_learned_conditioning(labels)
-        uc = model.get_unconditional_conditioning(labels)
-        z = model.sample(c, len(labels), steps=steps, sampler="dpmpp_2m", guidance_scale=scale, uncond=uc,
-                         generator=gens)
-        return to_uint8(model.decode_first_stage(z).float())
+    gens = generators([seed + k for k in range(len(labels))], model.device)
+    with sampling_scope(model):
+        cond = model.conditioning(labels=labels, guidance=scale != 1.0)
+        return to_uint8(generate(model, cond, len(labels), steps=steps, sampler="dpmpp_2m", scale=scale,
+                                 generator=gens))
 
 
 # %% [markdown]

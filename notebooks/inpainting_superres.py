@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from ldm.data.inpainting import shapes_object_box
 from ldm.data.shapes import ShapesValidation
-from ldm.inference import load_for_sampling, to_uint8
+from ldm.files import to_uint8
 from ldm.inpainting import inpaint, inpaint_mode
 from ldm.metrics import reconstruction_metrics
 from ldm.notebook import find_checkpoint, show
+from ldm.runs import load_for_sampling
 from ldm.superres import upscale
 from ldm.util import instantiate_from_config
 

@@ -12,8 +12,9 @@ import time
 import numpy as np
 import torch
 
-from ldm.inference import load_for_sampling
+from ldm.generation import generate, sampling_scope
 from ldm.notebook import find_checkpoint, sample_settings, show, trajectory
+from ldm.runs import load_for_sampling
 from ldm.sampling import EVALS_PER_STEP
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -80,11 +81,10 @@ if READY:
 
 # %%
 if READY:
-    with torch.no_grad(), model.ema_scope():
-        c = model.get_learned_conditioning([PROMPTS[2]])
-        uc = model.get_learned_conditioning([""])
-        z = model.sample(c, 1, steps=20, sampler="dpmpp_2m", guidance_scale=3.0, uncond=uc,
-                         generator=torch.Generator().manual_seed(0))
+    with sampling_scope(model):
+        cond = model.conditioning(prompts=[PROMPTS[2]])
+        z = generate(model, cond, 1, steps=20, sampler="dpmpp_2m", scale=3.0, generator=torch.Generator().manual_seed(0),
+                     decode=False)
     lat = z[0].cpu()
     print("per-channel mean", [round(float(v), 3) for v in lat.mean((1, 2))],
           "std", [round(float(v), 3) for v in lat.std((1, 2))], "scale_factor", float(model.scale_factor))

@@ -31,7 +31,8 @@ from ldm.eval.evaluator import METRICS, Evaluator
 from ldm.eval.generate import conditions_for
 from ldm.eval.grid import grid, run_grid
 from ldm.eval.reference import dataset_config
-from ldm.inference import default_device, file_hash, load_for_sampling, resolve_resume
+from ldm.files import file_hash
+from ldm.runs import default_device, load_for_sampling, resolve_resume
 from ldm.precision import WeightsDType
 from ldm.sampling import SAMPLERS
 from ldm.util import instantiate_from_config

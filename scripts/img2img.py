@@ -18,14 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ldm.cli import (UsageError, add_output_arguments, add_prompt_arguments, add_sampling_arguments, check_options,
-                     guidance_scale, image_seeds, latent_shape, next_number, precision, prompt_batches, sampler_name,
-                     write_grid)
+from ldm.cli import (UsageError, add_model_arguments, add_output_arguments, add_prompt_arguments,
+                     add_sampling_arguments, check_options, guidance_scale, latent_shape, load_from_arguments,
+                     next_number, precision, prompt_batches, sampler_name, write_grid)
 from ldm.errors import entry_point
-from ldm.files import check_output_folder
+from ldm.files import check_output_folder, file_hash, load_image, save_png, to_uint8
+from ldm.generation import first_stage_factor, image_seeds, img2img
 from ldm.sampling.registry import eta_option
-from ldm.inference import (add_model_arguments, file_hash, first_stage_factor, img2img, load_from_arguments, load_image,
-                           save_png, to_uint8)
 
 SD_V1_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 SD_V1_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -84,7 +83,8 @@ def main(argv=None) -> int:
         seeds = image_seeds(opt.seed, 0 if opt.fixed_code else k, len(prompts))
         batch = to_uint8(img2img(model, x.repeat(len(prompts), 1, 1, 1), prompts, strength=opt.strength,
                                  steps=opt.steps, sampler=sampler, scale=scale, seed=seeds, use_ema=not opt.no_ema,
-                                 precision=prec, eta=opt.ddim_eta, spacing=opt.spacing))
+                                 precision=prec, eta=opt.ddim_eta, spacing=opt.spacing,
+                                 rescale=opt.guidance_rescale))
         for i, a in enumerate(batch):
             if not opt.skip_save:
                 save_png(a, samples_dir / f"{count:05}.png",

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ldm.cli import UsageError, add_sampler_choice, check_options, report_outputs, sampler_name
+from ldm.cli import (UsageError, add_folder_task_arguments, add_model_arguments, check_options, load_from_arguments,
+                     report_outputs, sampler_name)
 from ldm.errors import entry_point
-from ldm.files import ImageReadError, check_outputs
-from ldm.inference import add_model_arguments, file_hash, load_from_arguments, load_image, save_png, to_uint8, uses_text
-from ldm.inpainting import InpaintMode, inpaint_any_size, inpaint_mode
+from ldm.files import ImageReadError, check_outputs, file_hash, load_image, save_png, to_uint8
+from ldm.generation import reads
+from ldm.inpainting import inpaint_any_size, inpaint_mode
+from ldm.modules.model_inputs import ConditionInput, InpaintMode
 
 COMPVIS_CONFIG = "models/ldm/inpainting_big/config.yaml"
 COMPVIS_CKPT = "models/ldm/inpainting_big/last.ckpt"
@@ -31,13 +33,7 @@ COMPVIS_CKPT = "models/ldm/inpainting_big/last.ckpt"
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--indir", type=str, required=True, help="NAME.png + NAME_mask.png pairs")
-    p.add_argument("--outdir", type=str, required=True, help="NAME.png results; never one of the inputs")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --outdir")
-    add_sampler_choice(p, steps=50)  # --steps / --ddim_steps, --plms, --dpm_solver / --dpm, --sampler
-    p.add_argument("--prompt", type=str, default=None, help="text for text-conditioned models")
-    p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=42)
+    add_folder_task_arguments(p, indir_help="NAME.png + NAME_mask.png pairs", steps=50)
     p.add_argument("--mode", type=str, default=None, choices=[m.value for m in InpaintMode],
                    help="default: the model's own (replace for models without inpainting inputs)")
     p.add_argument("--jump_length", type=int, default=1, help="RePaint block length (with --mode replace)")
@@ -73,7 +69,7 @@ def main(argv=None) -> int:
                   flag="--outdir")
     model, _ = load_from_arguments(opt, COMPVIS_CKPT, COMPVIS_CONFIG)
     mode = InpaintMode(opt.mode) if opt.mode else inpaint_mode(model)
-    text = uses_text(model)
+    text = reads(model, ConditionInput.PROMPTS)
     if text and opt.prompt is None:
         raise UsageError("this model is text-conditioned: give --prompt")
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +89,8 @@ def main(argv=None) -> int:
         result = inpaint_any_size(model, image, mask.float(), [opt.prompt] if text else None, steps=opt.steps,
                                   sampler=sampler, scale=opt.scale, seed=opt.seed + k, mode=mode,
                                   jump_length=opt.jump_length, jump_n_sample=opt.jump_n_sample,
-                                  use_ema=not opt.no_ema, precision=opt.precision)
+                                  use_ema=not opt.no_ema, precision=opt.precision, spacing=opt.spacing,
+                                  rescale=opt.guidance_rescale)
         save_png(to_uint8(result)[0], out / img_path.name,
                  {"image": str(img_path), "mask": str(mask_path), "prompt": opt.prompt or "", "mode": mode.value,
                   "seed": opt.seed + k, "sampler": sampler, "steps": opt.steps, "ckpt_sha256": h})

@@ -35,7 +35,7 @@ def main() -> int:
     p.add_argument("--logdir", default="logs")
     p.add_argument("--outdir", default="outputs/quickstart")
     args = p.parse_args()
-    from ldm.inference import latest_run
+    from ldm.runs import RunDir, latest_run
 
     py = sys.executable
     t0 = time.time()
@@ -43,7 +43,7 @@ def main() -> int:
          f"lightning.trainer.max_steps={args.ae_steps}",
          f"model.params.scheduler_config.params.max_decay_steps={args.ae_steps}",
          "lightning.trainer.enable_progress_bar=false"])
-    ae = latest_run(args.logdir, "quickstart_ae") / "checkpoints" / "last.ckpt"
+    ae = RunDir(latest_run(args.logdir, "quickstart_ae")).last
     t1 = time.time()
     if args.ldm_minutes is not None:
         secs = int(args.ldm_minutes * 60)
@@ -59,7 +59,7 @@ def main() -> int:
          f"lightning.trainer.max_time={{minutes: {secs // 60}, seconds: {secs % 60}}}",
          f"data.params.train.params.cache_dir={Path(args.logdir) / 'latent_cache'}",
          "lightning.trainer.enable_progress_bar=false"])
-    ldm = latest_run(args.logdir, "quickstart_txt2img") / "checkpoints" / "last.ckpt"
+    ldm = RunDir(latest_run(args.logdir, "quickstart_txt2img")).last
     t2 = time.time()
     # 16 prompts in batches of 8, a 4-wide grid enlarged 4x with each prompt written under its image
     run([py, "scripts/txt2img.py", "--ckpt", str(ldm), "--from-file", "data/quickstart_prompts.txt", "--n_samples", "8",

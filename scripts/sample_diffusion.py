@@ -22,14 +22,16 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from ldm import generation
 from ldm.checkpoint import ModelKind
-from ldm.cli import UsageError, check_options, image_seeds, latent_shape, precision
+from ldm.cli import UsageError, add_generation_arguments, add_precision_arguments, check_options, latent_shape, precision
 from ldm.errors import entry_point
-from ldm.inference import add_precision_arguments, file_hash, load_for_sampling, resolve_resume, save_png, to_uint8
-from ldm.precision import precision_scope
+from ldm.files import file_hash, save_png, to_uint8
+from ldm.generation import generators, image_seeds, reads, sampling_scope
+from ldm.modules.model_inputs import ConditionInput
+from ldm.runs import load_for_sampling, resolve_resume
 from ldm.sampling import SAMPLERS
 from ldm.sampling.registry import sampler_info
-from ldm.sampling.spacing import Spacing
 
 COMPVIS_ETA = 1.0  # CompVis' default DDIM eta for this script (stochastic DDIM)
 
@@ -55,7 +57,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=10)
     ours = p.add_argument_group("sampling (this framework)")
     ours.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: ddim (ddpm with -v)")
-    ours.add_argument("--spacing", default=Spacing.UNIFORM.value, choices=[s.value for s in Spacing])
+    add_generation_arguments(ours)  # --spacing, --guidance_rescale
     ours.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     ours.add_argument("--class_label", type=int, default=None,
                       help="class-conditional models: this class (default: classes in turn, balanced)")
@@ -108,8 +110,8 @@ def main(argv=None) -> int:
     sampler, steps, options = sampler_and_steps(opt, model)
     shape = latent_shape(model, opt.H, opt.W)
     prec = precision(opt)
-    conditional = model.model.conditioning_key is not None
-    if conditional and not hasattr(model.cond_stage_model, "n_classes"):
+    conditional = bool(model.condition_inputs)
+    if conditional and not reads(model, ConditionInput.LABELS):
         raise UsageError("this model is neither unconditional nor class-conditional; use scripts/txt2img.py")
     scale = (model.guidance_scale if opt.scale is None else opt.scale) if conditional else 1.0
     run_dir = output_dirs(logdir, opt, getattr(model, "ckpt_global_step", None))
@@ -126,18 +128,16 @@ def main(argv=None) -> int:
         while done < opt.n_samples:
             bs = min(opt.batch_size, opt.n_samples - done)
             seeds = image_seeds(opt.seed, done, bs)
-            gens = [torch.Generator(device=model.device).manual_seed(s) for s in seeds]
-            c = uc = labels = None
+            labels = None
             if conditional:
                 n_cls = model.cond_stage_model.n_classes
                 labels = (torch.full((bs,), opt.class_label) if opt.class_label is not None
                           else torch.arange(done, done + bs) % n_cls).to(model.device)
-                c = model.get_learned_conditioning(labels)
-                uc = model.get_unconditional_conditioning(labels) if scale != 1.0 else None
-            with torch.no_grad(), model.ema_scope("sampling"), precision_scope(prec, model.device):
-                z = model.sample(c, bs, steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=gens,
-                                 shape=shape, spacing=opt.spacing, **options)
-                imgs = to_uint8(model.decode_first_stage(z.float()).float())
+            with sampling_scope(model, True, prec):
+                cond = model.conditioning(labels=labels, guidance=scale != 1.0)
+                imgs = to_uint8(generation.generate(model, cond, bs, steps=steps, sampler=sampler, scale=scale,
+                                                    generator=generators(seeds, model.device), shape=shape,
+                                                    spacing=opt.spacing, rescale=opt.guidance_rescale, **options))
             for i, a in enumerate(imgs):
                 meta = {"seed": seeds[i], "sampler": sampler, "steps": steps, "scale": scale, "ckpt_sha256": h}
                 if labels is not None:

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     state_path = out / "state.json"
     state = load_state(state_path)
     py = sys.executable
-    from ldm.inference import latest_run
+    from ldm.runs import RunDir, latest_run
 
     # 1. the autoencoder (given, or trained once and remembered)
     ae = opt.ae or state.get("ae")
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         run([py, "main.py", "--base", str(AE_CONFIG), "-t", "-n", "scaling_ae", "-l", opt.logdir,
              f"lightning.trainer.max_steps={opt.ae_steps}", "lightning.trainer.enable_progress_bar=false"])
-        ae = str(latest_run(opt.logdir, "scaling_ae") / "checkpoints" / "last.ckpt")
+        ae = str(RunDir(latest_run(opt.logdir, "scaling_ae")).last)
         state["ae"], state["ae_seconds"] = ae, round(time.time() - t0, 1)
         save_state(state, state_path)
     if not Path(ae).is_file():
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
              f"model.params.unet_config.params.model_channels={w}",
              f"lightning.trainer.max_steps={train_steps[w]}",
              f"data.params.train.params.cache_dir={Path(opt.logdir) / 'latent_cache'}"])
-        state["trained"][key] = {"ckpt": str(latest_run(opt.logdir, name) / "checkpoints" / "last.ckpt"),
+        state["trained"][key] = {"ckpt": str(RunDir(latest_run(opt.logdir, name)).last),
                                  "steps": train_steps[w], "seconds": round(time.time() - t0, 1),
                                  "unet_gflops_per_forward": flops[w] / 1e9, "train_flops": train_flops[w]}
         save_state(state, state_path)
@@ -189,7 +189,8 @@ def main(argv=None) -> int:
     from ldm.eval.evaluator import Evaluator
     from ldm.eval.generate import conditions_for
     from ldm.eval.grid import grid, run_grid
-    from ldm.inference import default_device, file_hash, load_for_sampling
+    from ldm.files import file_hash
+    from ldm.runs import default_device, load_for_sampling
     device = opt.device or default_device()
     ref = OmegaConf.to_container(base.data.params.validation, resolve=True)
     evaluator = Evaluator(["domain_fid", "adherence"], reference=ref, domain_classifier=clf,

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ldm.cli import UsageError, add_sampler_choice, check_options, report_outputs, sampler_name
+from ldm.cli import (UsageError, add_folder_task_arguments, add_model_arguments, check_options, load_from_arguments,
+                     report_outputs, sampler_name)
 from ldm.data.folder import IMAGE_EXTENSIONS
 from ldm.errors import entry_point
-from ldm.files import ImageReadError, check_outputs
-from ldm.inference import add_model_arguments, file_hash, load_from_arguments, load_image, save_png, to_uint8
+from ldm.files import ImageReadError, check_outputs, file_hash, load_image, save_png, to_uint8
 from ldm.superres import check_superres_model, upscale, upscale_factor
 
 COMPVIS_CONFIG = "models/ldm/bsr_sr/config.yaml"
@@ -31,15 +31,9 @@ COMPVIS_CKPT = "models/ldm/bsr_sr/model.ckpt"
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--indir", type=str, required=True)
-    p.add_argument("--outdir", type=str, required=True, help="NAME.png results; never one of the inputs")
-    p.add_argument("--overwrite", action="store_true", help="replace results already in --outdir")
-    add_sampler_choice(p, steps=100)  # --steps / --ddim_steps, --plms, --dpm_solver / --dpm, --sampler
+    add_folder_task_arguments(p, indir_help="low-resolution images", steps=100)
     p.add_argument("--noise_level", type=int, default=None,
                    help="augmentation noise level of a noise-augmented upscaler (SD2 x4: 0-350, 20 is typical)")
-    p.add_argument("--prompt", type=str, default="", help="text for text-conditioned upscalers")
-    p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--tile", type=int, default=None, help="tile side in input pixels (default: the model's size)")
     p.add_argument("--overlap", type=int, default=None, help="tile overlap in input pixels (default: tile / 4)")
     p.add_argument("--tile_batch", type=int, default=8, help="tiles sampled at once (bounds memory)")
@@ -71,12 +65,13 @@ def main(argv=None) -> int:
         except ImageReadError as e:
             skipped.append((path.name, str(e)))
             continue
-        hr = upscale(model, lr, [opt.prompt], steps=opt.steps, sampler=sampler, seed=opt.seed + k,
+        hr = upscale(model, lr, [opt.prompt or ""], steps=opt.steps, sampler=sampler, seed=opt.seed + k,
                      scale=opt.scale, noise_level=opt.noise_level, tile=opt.tile, overlap=opt.overlap,
-                     tile_batch=opt.tile_batch, use_ema=not opt.no_ema, precision=opt.precision)
+                     tile_batch=opt.tile_batch, use_ema=not opt.no_ema, precision=opt.precision, spacing=opt.spacing,
+                     rescale=opt.guidance_rescale)
         save_png(to_uint8(hr)[0], out / (path.stem + ".png"),
                  {"input": str(path), "factor": f, "steps": opt.steps, "sampler": sampler, "seed": opt.seed + k,
-                  "noise_level": opt.noise_level, "prompt": opt.prompt, "ckpt_sha256": h})
+                  "noise_level": opt.noise_level, "prompt": opt.prompt or "", "ckpt_sha256": h})
         written.append(path.name)
     print(f"({f}x)")
     return report_outputs(written, skipped, out)

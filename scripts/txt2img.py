@@ -17,13 +17,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ldm.cli import (add_output_arguments, add_prompt_arguments, add_sampling_arguments, check_options, guidance_scale,
-                     image_seeds, latent_shape, next_number, precision, prompt_batches, sampler_name, start_code,
-                     write_grid)
+from ldm.cli import (add_model_arguments, add_output_arguments, add_prompt_arguments, add_sampling_arguments,
+                     check_options, guidance_scale, latent_shape, load_from_arguments, next_number, precision,
+                     prompt_batches, sampler_name, write_grid)
 from ldm.errors import entry_point
-from ldm.files import check_output_folder
+from ldm.files import check_output_folder, file_hash, save_png, to_uint8
+from ldm.generation import generators, image_seeds, sample_prompts, start_noise
 from ldm.sampling.registry import eta_option
-from ldm.inference import add_model_arguments, file_hash, load_from_arguments, sample_prompts, save_png, to_uint8
 
 SD_V1_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 SD_V1_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     samples_dir.mkdir(parents=True, exist_ok=True)
     count = next_number(samples_dir, r"(\d+)\.png")
     ckpt_hash = file_hash(opt.ckpt)
-    fixed = start_code(shape, image_seeds(opt.seed, 0, opt.n_samples), model.device) if opt.fixed_code else None
+    fixed = (start_noise(opt.n_samples, shape, model.device, generators(image_seeds(opt.seed, 0, opt.n_samples),
+                                                                         model.device)) if opt.fixed_code else None)
     images, captions, k = [], [], 0
     jobs = [prompts for _ in range(opt.n_iter) for prompts in batches]
     for prompts in tqdm(jobs, desc="sampling"):
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         x_T = fixed[: len(prompts)] if fixed is not None else None
         batch = to_uint8(sample_prompts(model, prompts, steps=opt.steps, sampler=sampler, scale=scale, seed=seeds,
                                         eta=opt.ddim_eta, use_ema=not opt.no_ema, precision=prec, shape=shape,
-                                        x_T=x_T, spacing=opt.spacing))
+                                        x_T=x_T, spacing=opt.spacing, rescale=opt.guidance_rescale))
         for i, arr in enumerate(batch):
             if not opt.skip_save:
                 save_png(arr, samples_dir / f"{count:05}.png",

@@ -53,3 +53,29 @@ def perturb(module, seed: int = 0, scale: float = 0.05) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.add_((torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype))
+
+
+def tiny_sd2(name: str):
+    """An SD2 config at tiny width; the OpenCLIP text encoder replaced by an identity over given token states."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ldm.util import load_config
+    cfg = load_config(Path(__file__).resolve().parents[1] / f"configs/stable-diffusion/{name}.yaml")
+    p = cfg.model.params
+    u = p.unet_config.params
+    u.model_channels, u.context_dim, u.use_checkpoint = 32, 16, False
+    u.channel_mult = [1, 2]
+    u.attention_resolutions = [1, 2]
+    u.num_res_blocks = 1
+    if "disable_self_attentions" in u:
+        u.disable_self_attentions = [True, False]
+    if u.get("num_head_channels", -1) not in (-1, None):
+        u.num_head_channels = 16
+    else:
+        u.num_heads = 2
+    fs = p.first_stage_config.params.ddconfig
+    fs.ch, fs.num_res_blocks, fs.resolution = 16, 1, 32
+    p.cond_stage_config = OmegaConf.create({"target": "ldm.modules.encoders.modules.IdentityEncoder"})
+    return cfg

@@ -149,7 +149,7 @@ def test_abbreviated_flags_are_refused(tmp_path, capsys):
 
 
 def test_save_png_leaves_no_half_file(tmp_path, monkeypatch):
-    from ldm.inference import save_png
+    from ldm.files import save_png
     real_save = Image.Image.save
 
     def interrupted(self, fp, *args, **kwargs):

@@ -173,7 +173,7 @@ def test_sd_v1_pipeline_folder_loads_in_diffusers_and_samples_the_same(tiny_sd_v
     from diffusers import StableDiffusionPipeline
 
     from ldm.convert.diffusers_pipeline import from_diffusers_pipeline, to_diffusers_pipeline
-    from ldm.inference import sample_prompts
+    from ldm.generation import sample_prompts
     model, cfg = tiny_sd_v1
     folder = to_diffusers_pipeline(model, cfg, tmp_path / "pipe")
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
@@ -273,7 +273,7 @@ def test_sd_v2_pipeline_folder_samples_the_same_in_diffusers(name, tmp_path, mon
     from diffusers import StableDiffusionPipeline
 
     from ldm.convert.diffusers_pipeline import from_diffusers_pipeline, to_diffusers_pipeline
-    from ldm.inference import sample_prompts
+    from ldm.generation import sample_prompts
     model, cfg = _tiny_sd2(tmp_path, monkeypatch, name)
     folder = to_diffusers_pipeline(model, cfg, tmp_path / "pipe")
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)

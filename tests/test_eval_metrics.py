@@ -113,7 +113,7 @@ def test_psnr_of_a_known_perturbation_and_ssim_of_identical_images():
 
 
 def test_uint8_quantization_is_the_png_writer_s(tmp_path):
-    from ldm.inference import save_png, to_uint8
+    from ldm.files import save_png, to_uint8
     x = torch.rand(3, 3, 8, 8) * 2 - 1
     for i, a in enumerate(to_uint8(x)):
         save_png(a, tmp_path / f"{i}.png", {})

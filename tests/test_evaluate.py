@@ -25,7 +25,7 @@ def shapes_classifier(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_run):
-    from ldm.inference import load_for_sampling
+    from ldm.runs import load_for_sampling
     model, _ = load_for_sampling(tiny_run / "checkpoints" / "last.ckpt", device="cpu")
     with torch.no_grad():  # away from initialisation: a fresh UNet's output layer is zero
         g = torch.Generator().manual_seed(1)
@@ -58,9 +58,11 @@ def test_per_image_seeds_give_the_same_images_at_batch_sizes_1_and_4(tiny_model)
 
 def test_class_conditional_conditions_are_balanced():
     from ldm.eval.generate import conditions_for
+    from ldm.modules.model_inputs import ConditionInput
 
-    class Model:
+    class Model:  # a model kind answers what it reads
         cond_stage_key = "class_label"
+        condition_inputs = frozenset({ConditionInput.LABELS})
 
         class cond_stage_model:
             n_classes = 10

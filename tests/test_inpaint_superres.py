@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from _helpers import perturb, tiny_sd2
 from ldm.util import instantiate_from_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,34 +156,6 @@ def test_superres_datasets(tmp_path):
 
 
 # -- models ----------------------------------------------------------------------------------------------
-def perturb(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def tiny_sd2(name: str):
-    """An SD2 config at tiny width; the OpenCLIP text encoder replaced by an identity over given token states."""
-    cfg = load_config(ROOT / f"configs/stable-diffusion/{name}.yaml")
-    p = cfg.model.params
-    u = p.unet_config.params
-    u.model_channels, u.context_dim, u.use_checkpoint = 32, 16, False
-    u.channel_mult = [1, 2]
-    u.attention_resolutions = [1, 2]
-    u.num_res_blocks = 1
-    if "disable_self_attentions" in u:
-        u.disable_self_attentions = [True, False]
-    if u.get("num_head_channels", -1) not in (-1, None):
-        u.num_head_channels = 16
-    else:
-        u.num_heads = 2
-    fs = p.first_stage_config.params.ddconfig
-    fs.ch, fs.num_res_blocks, fs.resolution = 16, 1, 32
-    p.cond_stage_config = OmegaConf.create({"target": "ldm.modules.encoders.modules.IdentityEncoder"})
-    return cfg
-
-
 def test_sd2_inpainting_layout_loads_strictly_and_widens_from_txt2img(tmp_path):
     from safetensors.torch import save_file
     from ldm.models.diffusion.ddpm import LatentInpaintDiffusion
@@ -346,7 +319,7 @@ def test_shapes_inpainting_config_fine_tunes_and_inpaints(ae_ckpt, tmp_path):
     with pytest.raises(ValueError, match="paper"):
         inpaint(model, img, mask, list(batch["caption"][:2]), steps=3, mode="paper")
     # img2img (SDEdit) with an inpainting model: nothing known, the text and the init image guide it
-    from ldm.inference import img2img
+    from ldm.generation import img2img
     res = img2img(model, img, list(batch["caption"][:2]), strength=0.5, steps=4, sampler="ddim", scale=3.0, seed=0)
     assert res.shape == img.shape and torch.isfinite(res).all()
 

@@ -151,7 +151,7 @@ def tiny_sd_v1(tmp_path, monkeypatch, device):
 
 
 def _sample(model, steps: int = 4):
-    from ldm.inference import sample_prompts
+    from ldm.generation import sample_prompts
     return sample_prompts(model, ["a red circle", "a blue square"], steps=steps, sampler="ddim", scale=3.0,
                           seed=[1, 2], use_ema=False, shape=(4, 8, 8))
 

@@ -126,7 +126,7 @@ def to_diffusers_pipeline(model, config: Mapping[str, Any], folder: Union[str, P
     """Write an SD-v1-layout LatentDiffusion (CLIP text encoder) as a StableDiffusionPipeline folder; `config` is
     the model's config (its `model:` section or the whole file)."""
     import diffusers
-    from ldm.models.diffusion.upscale import LatentUpscaleDiffusion
+    from ldm.models.diffusion.superres import LatentUpscaleDiffusion
     from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
     folder = Path(folder)
     encoder = model.cond_stage_model

@@ -19,7 +19,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", "
 MAX_SKIPS = 50  # consecutive unreadable files tolerated before giving up on an item
 
 
-def _check_root(root: Union[str, Path], what: str) -> Path:
+def check_root(root: Union[str, Path], what: str) -> Path:
     if root is None or str(root) in ("", "???"):
         raise ValueError(f"{what}: `root` is not set; point it at a directory of images")
     path = Path(root).expanduser()
@@ -75,7 +75,7 @@ def first_readable(files: Sequence[Path], bad: set, i: int, read: Callable[[int]
                        f"(first: {files[i % n]}); check the data directory")
 
 
-def _scan(root: Path, extensions: Sequence[str]) -> list[Path]:
+def scan_images(root: Path, extensions: Sequence[str]) -> list[Path]:
     exts = tuple(e.lower() for e in extensions)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
 
@@ -86,8 +86,8 @@ class ImageFolder(_FileImages):
     def __init__(self, root: Union[str, Path], size: Optional[int] = 256, crop: Crop = "center", flip: bool = False,
                  class_subfolders: bool = False, extensions: Sequence[str] = IMAGE_EXTENSIONS,
                  seed: Optional[int] = None):
-        root = _check_root(root, "ImageFolder")
-        files = _scan(root, extensions)
+        root = check_root(root, "ImageFolder")
+        files = scan_images(root, extensions)
         if not files:
             raise FileNotFoundError(f"ImageFolder: no images with extensions {list(extensions)} under {root}")
         super().__init__(files, size, crop, flip, seed)
@@ -113,7 +113,7 @@ class ImageCaptionFolder(_FileImages):
     def __init__(self, root: Union[str, Path], size: Optional[int] = 256, crop: Crop = "center", flip: bool = False,
                  manifest: Optional[Union[str, Path]] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
                  seed: Optional[int] = None):
-        root = _check_root(root, "ImageCaptionFolder")
+        root = check_root(root, "ImageCaptionFolder")
         pairs = self._from_manifest(root, Path(manifest)) if manifest else self._from_txt(root, extensions)
         if not pairs:
             raise FileNotFoundError(f"ImageCaptionFolder: no captioned images under {root}"
@@ -124,7 +124,7 @@ class ImageCaptionFolder(_FileImages):
     @staticmethod
     def _from_txt(root: Path, extensions: Sequence[str]) -> list[tuple[Path, str]]:
         pairs, missing = [], 0
-        for f in _scan(root, extensions):
+        for f in scan_images(root, extensions):
             txt = f.with_suffix(".txt")
             if txt.is_file():
                 pairs.append((f, txt.read_text(encoding="utf-8", errors="replace").strip()))

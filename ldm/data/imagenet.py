@@ -17,7 +17,7 @@ import numpy as np
 
 from ldm.data.folder import first_readable
 from ldm.data.local import DatasetNotFound, FileListDataset, dataset_root, load_rgb
-from ldm.data.superres import _SRBase
+from ldm.data.superres import SRBase
 from ldm.data.transforms import resize_crop
 from ldm.files import read_rgb8
 
@@ -131,7 +131,7 @@ class ImageNetValidation(ImageNetBase):
     SPLIT = "validation"
 
 
-class _ImageNetSR(_SRBase):
+class _ImageNetSR(SRBase):
     """ImageNet super-resolution pairs: `image` and its degraded `LR_image` (ldm.data.superres)."""
 
     SPLIT = "train"

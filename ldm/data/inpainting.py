@@ -1,46 +1,19 @@
 """Inpainting data: any dataset with masks added (image, mask, masked_image), and the shapes inpainting task.
 
-Two input conventions exist in published models and both are kept:
-- `sd` (Stable Diffusion 2 `LatentInpaintDiffusion`, `ldm.data.laion.AddMask`): mask in {0, 1}, the
-  masked image is the image with the hole set to 0 (mid-gray in [-1, 1]).
-- `compvis` (the paper's LDM inpainting model, CompVis `scripts/inpaint.py`): mask in {-1, 1}, the
-  hole set to -1 (black).
+The mask conventions (`sd`, `compvis`) and `masked_inputs` are the models' inputs, defined in
+ldm.modules.model_inputs (imported here under their former names).
 """
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from ldm.data.masks import MaskGenerator, object_box_mask
 from ldm.data.shapes import JITTER, POSITIONS, SIZES, ShapesDataset
+from ldm.modules.model_inputs import MaskConvention, masked_inputs  # (also imported from here: former path)
 from ldm.util import instantiate_from_config
-
-ArrayLike = Union[np.ndarray, torch.Tensor]
-
-
-class MaskConvention(str, Enum):
-    """How mask and masked image are presented to an inpainting model (see the module docstring)."""
-    SD = "sd"
-    COMPVIS = "compvis"
-
-
-def masked_inputs(image: ArrayLike, mask: ArrayLike, convention: Union[MaskConvention, str] = MaskConvention.SD
-                  ) -> tuple[ArrayLike, ArrayLike]:
-    """(mask as the model reads it, masked image) from an image in [-1, 1] and a {0, 1} mask (1 = fill).
-
-    Works on numpy arrays or tensors of matching layout (mask broadcastable against the image).
-    """
-    convention = MaskConvention(convention)
-    hole = mask > 0.5
-    keep = 1.0 - hole.astype(image.dtype) if isinstance(hole, np.ndarray) else (~hole).to(image.dtype)
-    if convention is MaskConvention.SD:
-        return hole * 1.0, image * keep
-    return hole * 2.0 - 1.0, image * keep - (1.0 - keep)
-
 
 def _mask_generator(masks: Union[None, Mapping, MaskGenerator], seed: int) -> MaskGenerator:
     if isinstance(masks, MaskGenerator):

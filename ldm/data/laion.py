@@ -9,9 +9,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ldm.data.inpainting import MaskConvention, masked_inputs
 from ldm.data.masks import MaskGenerator
 from ldm.data.webdata import WebDataModuleFromConfig  # noqa: F401  (SD2 import path)
+from ldm.modules.model_inputs import MaskConvention, masked_inputs
 
 # SD2's mode names mapped onto our presets (sizes are scaled to the image side by the generator)
 MASK_MODES: dict[str, dict[str, float]] = {

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ldm.modules.model_inputs import LATENT_KEY
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-LATENT_KEY = "latent_moments"  # batch key LatentDiffusion.get_input reads in place of the image
 _FORMAT = 1
 
 

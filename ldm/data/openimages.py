@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from PIL import Image
 
-from ldm.data.folder import IMAGE_EXTENSIONS, _scan
+from ldm.data.folder import IMAGE_EXTENSIONS, scan_images
 from ldm.data.local import DatasetNotFound, FileListDataset, dataset_root
 from ldm.data.superres import SuperresFolder
 from ldm.data.transforms import resize_crop, to_model_range
@@ -54,7 +54,7 @@ class FullOpenImagesBase(FileListDataset):
             raise ValueError(f"{what}: interpolation must be one of {sorted(RESAMPLE)}, got '{interpolation}'")
         split_dir = dataset_root(Path(root) / self.SPLIT if root else None, ENV, DEFAULT_ROOT / self.SPLIT, what,
                                  key="root")
-        super().__init__(_scan(split_dir, IMAGE_EXTENSIONS))
+        super().__init__(scan_images(split_dir, IMAGE_EXTENSIONS))
         if not self.files:
             raise DatasetNotFound(f"{what}: no images under {split_dir}")
         self.size, self.crop_size, self.random_crop, self.seed = size, crop_size, random_crop, seed
@@ -144,7 +144,7 @@ class OpenImagesBBoxBase(FileListDataset):
             rows = rows[1:]
         self.class_names = [r[1] if len(r) > 1 else r[0] for r in rows]
         class_index = {r[0]: i for i, r in enumerate(rows)}
-        images = {p.stem: p for p in _scan(image_dir, IMAGE_EXTENSIONS)}
+        images = {p.stem: p for p in scan_images(image_dir, IMAGE_EXTENSIONS)}
         boxes = read_boxes(root / BOX_FILE.format(split=split), class_index, set(images))
         ids = sorted(i for i in images if len(boxes.get(i, [])) >= min_objects_per_image)
         if no_max_samples > 0:

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ldm.data.folder import IMAGE_EXTENSIONS, _check_root, first_readable
+from ldm.data.folder import IMAGE_EXTENSIONS, check_root, first_readable
 from ldm.data.local import load_rgb
 from ldm.data.transforms import to_model_range
 from ldm.files import read_rgb8
@@ -53,7 +53,7 @@ def sr_pair(photo: np.ndarray, size: int, downscale_f: int, degradation: str, mi
     return {"image": to_model_range(hr), "LR_image": to_model_range(lr), "degradation": json.dumps(params)}
 
 
-class _SRBase(Dataset):
+class SRBase(Dataset):
     """Checks the CompVis SR parameters; subclasses provide `photo(i)` (uint8 HWC) and `__len__`."""
 
     def __init__(self, size: int, degradation: str = "bsrgan_light", downscale_f: int = 4, min_crop_f: float = 0.5,
@@ -76,13 +76,13 @@ class _SRBase(Dataset):
                        self.random_crop, self.rng(i))
 
 
-class SuperresFolder(_SRBase):
+class SuperresFolder(SRBase):
     """SR pairs from any folder of images (searched recursively), or from a text file list of paths relative to it."""
 
     def __init__(self, root: Union[str, Path], size: int = 256, file_list: Optional[Union[str, Path]] = None,
                  **kwargs: Any):
         super().__init__(size, **kwargs)
-        self.root = _check_root(root, type(self).__name__)
+        self.root = check_root(root, type(self).__name__)
         if file_list is not None:
             lines = Path(file_list).read_text().splitlines()
             self.files = [self.root / ln.strip() for ln in lines if ln.strip()]
@@ -105,7 +105,7 @@ class SuperresFolder(_SRBase):
             self.random_crop, rng))
 
 
-class SkimageSR(_SRBase):
+class SkimageSR(SRBase):
     """SR pairs from the photos bundled with scikit-image (train: all but coffee.png; validation: coffee.png)."""
 
     def __init__(self, split: str = "train", size: int = 32, num_samples: int = 10000,

@@ -11,7 +11,7 @@ import torch
 
 from ldm.eval.domain import load_domain_classifier
 from ldm.eval.images import resize_bicubic
-from ldm.inference import file_hash
+from ldm.files import file_hash
 from ldm.pretrained import resolve_torch_hub_file
 
 # The FID Inception: TensorFlow's 2015-12-05 graph (pool3 features, 1008 logits) ported to PyTorch by torch-fidelity.

@@ -5,16 +5,16 @@ noise), so a rerun, a resumed run or another batch size gives the same image k.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from ldm.cli import image_seeds
+from ldm import generation
 from ldm.errors import InputError
 from ldm.eval.images import to_uint8_rgb
-from ldm.inference import generators
+from ldm.generation import generators, image_seeds, reads, sampling_scope
+from ldm.modules.model_inputs import ConditionInput
 
 
 @dataclass
@@ -29,11 +29,11 @@ class Conditions:
 
 def model_condition_kind(model) -> str:
     """"class" for a class-label conditioner, "text" for one that reads strings, "none" for unconditional."""
-    if getattr(model, "cond_stage_model", None) is None or getattr(model, "cond_stage_key", None) is None:
+    if not getattr(model, "condition_inputs", None):
         return "none"
-    if getattr(model.cond_stage_model, "n_classes", None) is not None:
+    if reads(model, ConditionInput.LABELS):
         return "class"
-    if model.cond_stage_key in ("caption", "txt", "text"):
+    if reads(model, ConditionInput.PROMPTS):
         return "text"
     raise InputError(f"evaluation samples class-conditional, text-conditional or unconditional models; this one is "
                      f"conditioned on '{model.cond_stage_key}' ({type(model.cond_stage_model).__name__})")
@@ -64,17 +64,14 @@ def generate(model, n: int, conditions: Conditions, *, sampler: str, steps: int,
              batch_size: int, start: int = 0, use_ema: bool = True,
              sampler_options: Optional[dict[str, Any]] = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Samples start..n-1 as uint8 (B, 3, H, W) batches, yielded with their first index; image k uses seed + k."""
-    ctx = model.ema_scope("evaluation") if use_ema and getattr(model, "use_ema", False) else contextlib.nullcontext()
-    with ctx:
+    with sampling_scope(model, use_ema, context="evaluation"):
         for first in range(start, n, batch_size):
             last = min(first + batch_size, n)
             bs = last - first
             g = generators(image_seeds(seed, first, bs), model.device)
             raw = conditions.batch(first, last)
-            if conditions.kind == "class":
-                raw = torch.tensor(raw, device=model.device)
-            c = model.get_learned_conditioning(raw) if raw is not None else None
-            uc = model.get_unconditional_conditioning(raw) if raw is not None and scale != 1.0 else None
-            z = model.sample(c, bs, steps=steps, sampler=sampler, guidance_scale=scale, uncond=uc, generator=g,
-                             **(sampler_options or {}))
-            yield first, to_uint8_rgb(model.decode_first_stage(z.float()).float())
+            cond = model.conditioning(prompts=raw if conditions.kind == "text" else None,
+                                      labels=raw if conditions.kind == "class" else None, guidance=scale != 1.0)
+            images = generation.generate(model, cond, bs, steps=steps, sampler=sampler, scale=scale, generator=g,
+                                         **(sampler_options or {}))
+            yield first, to_uint8_rgb(images)

@@ -1,7 +1,7 @@
 """Images as evaluators read them: uint8 RGB tensors, quantized exactly as a saved PNG, PIL-bicubic resizing.
 
 Two pitfalls of FID-style metrics are settled here, once:
-- Samples are quantized to uint8 the way `ldm.inference.to_uint8` writes them to PNG, so in-memory
+- Samples are quantized to uint8 the way `ldm.files.to_uint8` writes them to PNG, so in-memory
   evaluation and evaluation of the saved PNG folder give the same numbers. Floats are never passed to an
   evaluator that expects bytes (torchmetrics' FID reads floats in [0, 1] only with `normalize=True`, and
   CLIP processors rescale by 1/255 whatever the dtype).
@@ -31,7 +31,7 @@ def to_uint8_rgb(images: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
     elif images.is_floating_point():
         if images.shape[1] not in (1, 3):
             raise InputError(f"float images must be (B, C, H, W) with C 1 or 3, got {tuple(images.shape)}")
-        # the PNG writer's quantization (ldm.inference.to_uint8): [-1, 1] -> round((x + 1) * 127.5)
+        # the PNG writer's quantization (ldm.files.to_uint8): [-1, 1] -> round((x + 1) * 127.5)
         images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     else:
         raise TypeError(f"images must be float in [-1, 1] or uint8, got {images.dtype}")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import init_from_ckpt
+from ldm.checkpoint import ModelKind, init_from_ckpt
 from ldm.metrics import reconstruction_metrics
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -27,6 +27,8 @@ RESIZE_WARMUP_BATCHES = 4
 
 class _FirstStageBase(pl.LightningModule):
     """Shared glue: input handling, two-optimizer GAN training step, validation metrics, image logging."""
+
+    model_kind = ModelKind.AUTOENCODER  # what the scripts call it (ldm.checkpoint.target_kind)
 
     # The discriminator takes no part in the loss before disc_start, so DDP must allow unused parameters.
     ddp_find_unused_parameters = True
@@ -358,6 +360,8 @@ class VQModelInterface(VQModel):
 
 class IdentityFirstStage(nn.Module):
     """No first stage: diffusion directly in pixel space (encode/decode are the identity)."""
+
+    model_kind = ModelKind.AUTOENCODER
 
     def __init__(self, *args: Any, vq_interface: bool = False, **kwargs: Any):
         super().__init__()

@@ -7,7 +7,8 @@ from ldm.modules.diffusionmodules.denoiser_scaling import EpsScaling, VScaling, 
 from ldm.modules.diffusionmodules.parameterization import Parameterization
 from ldm.sampling.compvis import ApplyModelNetwork, CompVisDenoiser
 from ldm.sampling.entry import sample, vp_scale
-from ldm.sampling.guidance import CFGDenoiser, MaskedDenoiser, ThresholdedDenoiser, ThresholdMode, img2img_start
+from ldm.sampling.guidance import (CFGDenoiser, Conditioning, MaskedDenoiser, ThresholdedDenoiser, ThresholdMode,
+                                   img2img_start)
 from ldm.sampling.inpainting import KnownRegionDenoiser, inpaint_sample, renoise, repaint_schedule
 from ldm.sampling.registry import EVALS_PER_STEP, SAMPLERS, STOCHASTIC, get_sampler
 from ldm.sampling.samplers import (randn_like, sample_ddim, sample_ddpm, sample_dpm_solver_1, sample_dpmpp_2m,
@@ -17,6 +18,6 @@ from ldm.sampling.spacing import Spacing, check_sigmas, get_sigmas, karras_sigma
 
 __all__ = ["sample", "vp_scale", "randn_like", "SAMPLERS", "STOCHASTIC", "EVALS_PER_STEP", "get_sampler",
            "Denoiser", "DiscreteSchedule", "CompVisDenoiser", "ApplyModelNetwork", "Parameterization", "EpsScaling",
-           "X0Scaling", "VScaling", "scaling_for", "CFGDenoiser", "MaskedDenoiser", "ThresholdedDenoiser",
+           "X0Scaling", "VScaling", "scaling_for", "CFGDenoiser", "Conditioning", "MaskedDenoiser", "ThresholdedDenoiser",
            "ThresholdMode", "img2img_start", "KnownRegionDenoiser", "inpaint_sample", "renoise", "repaint_schedule", "Spacing", "check_sigmas", "get_sigmas", "karras_sigmas",
            ] + [f.__name__ for f in SAMPLERS.values()]

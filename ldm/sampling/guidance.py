@@ -1,6 +1,7 @@
 """Denoiser wrappers: classifier-free guidance (batched), guidance rescale, thresholding, inpainting masks, img2img."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Optional, Union
 
@@ -30,6 +31,45 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
     dims = list(range(1, guided.dim()))
     rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
     return phi * rescaled + (1 - phi) * guided
+
+
+@dataclass
+class Conditioning:
+    """A model's conditioning for one batch: `cond`, and `uncond` for classifier-free guidance (None: unguided).
+
+    Model kinds build it (`conditioning()`); for a dict conditioning the unconditional branch is `cond` with
+    only the model's guided keys replaced by their null form (sgm's `Guider.prepare_inputs`: which keys
+    guidance nulls is data of the model kind), the rest shared.
+    """
+    cond: Any = None
+    uncond: Any = None
+
+    @classmethod
+    def guided(cls, cond: Any, null: Optional[dict] = None) -> "Conditioning":
+        """`cond` with its unconditional twin: `null`'s keys replaced (None or {}: no guidance possible)."""
+        if not null:
+            return cls(cond, None)
+        return cls(cond, {**cond, **null})
+
+    def extra_args(self, scale: float) -> dict:
+        """The `extra_args` of a sampler run on a CFGDenoiser: the unconditional branch only when guiding."""
+        extra: dict = {"cond": {"c": self.cond}}
+        if self.uncond is not None and scale != 1.0:
+            extra["uncond"] = {"c": self.uncond}
+        return extra
+
+    @property
+    def latent_size(self) -> Optional[tuple[int, int]]:
+        """The spatial size the concatenated inputs fix for the sample (None when nothing is concatenated)."""
+        concat = self.cond.get("c_concat") if isinstance(self.cond, dict) else None
+        return tuple(concat[0].shape[-2:]) if concat else None
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        """The batch size of the conditioning's tensors (None for an unconditional model)."""
+        first = next(iter(self.cond.values())) if isinstance(self.cond, dict) and self.cond else self.cond
+        first = first[0] if isinstance(first, (list, tuple)) else first
+        return int(first.shape[0]) if isinstance(first, torch.Tensor) else None
 
 
 class CFGDenoiser(nn.Module):

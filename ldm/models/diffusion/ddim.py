@@ -8,13 +8,14 @@ norm thresholding of the x0 estimate, with the step's direction still taken from
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
+from ldm import generation
 from ldm.sampling.compvis import CompVisDenoiser
-from ldm.sampling.entry import sample, vp_scale
-from ldm.sampling.guidance import CFGDenoiser, ThresholdMode, threshold_x0
+from ldm.sampling.entry import vp_scale
+from ldm.sampling.guidance import CFGDenoiser, Conditioning, ThresholdMode, threshold_x0
 from ldm.sampling.samplers import Generator, ddim_step, randn_like, to_d
 from ldm.sampling.spacing import Spacing, compvis_ddim_timesteps, get_sigmas
 
@@ -52,9 +53,7 @@ class CompVisSamplerBase:
 
     def _denoiser(self, conditioning, unconditional_guidance_scale: float, unconditional_conditioning):
         den = CompVisDenoiser(self.model, quantize=True)  # CompVis samplers pass integer timesteps
-        extra: dict = {"cond": {"c": conditioning}}
-        if unconditional_conditioning is not None and unconditional_guidance_scale != 1.0:
-            extra["uncond"] = {"c": unconditional_conditioning}
+        extra = Conditioning(conditioning, unconditional_conditioning).extra_args(unconditional_guidance_scale)
         return den, CFGDenoiser(den, scale=unconditional_guidance_scale), extra
 
     def _step(self, model: Callable, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
@@ -131,10 +130,12 @@ class CompVisSamplerBase:
         if use_original_steps:
             raise NotImplementedError("decode(use_original_steps=True) is not provided")
         n = len(self.ddim_timesteps)
-        den, model, extra = self._denoiser(cond, unconditional_guidance_scale, unconditional_conditioning)
-        sigmas = get_sigmas(den.schedule, n, Spacing.UNIFORM).to(x_latent.device)[n - t_start:]
-        return sample(model, x_latent, sigmas, self.name, extra_args=extra,
-                      callback=None if callback is None else (lambda info: callback(info["i"])))
+        den = CompVisDenoiser(self.model, quantize=True)
+        sigmas = get_sigmas(den.schedule, n, Spacing.UNIFORM)[n - t_start:]
+        return generation.generate(self.model, Conditioning(cond, unconditional_conditioning), sigmas=sigmas,
+                                   x_T=x_latent, sampler=self.name, scale=unconditional_guidance_scale,
+                                   quantize=True, threshold=False, decode=False,
+                                   callback=None if callback is None else (lambda info: callback(info["i"])))
 
 
 class DDIMSampler(CompVisSamplerBase):

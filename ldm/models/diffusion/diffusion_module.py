@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from enum import Enum
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -16,20 +17,56 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ldm.checkpoint import init_from_ckpt
+from ldm.checkpoint import ModelKind, init_from_ckpt
 from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
 from ldm.modules.diffusionmodules.loss import DiffusionLoss, SimpleWeighting, UniformTimesteps, vlb_weights
 from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_tensor, make_beta_schedule, \
     rescale_zero_terminal_snr
 from ldm.modules.ema import LitEma
-from ldm.sampling import CFGDenoiser, CompVisDenoiser, ThresholdedDenoiser, ThresholdMode, get_sigmas, randn_like
-from ldm.sampling import sample as run_sampler
+from ldm import generation
+from ldm.modules.model_inputs import ConditionInput, InpaintMode
+from ldm.sampling import CompVisDenoiser, Conditioning
 from ldm.sampling.samplers import Generator
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
+
+
+class ConditioningKey(str, Enum):
+    """How DiffusionWrapper routes the conditioning into the UNet (CompVis `conditioning_key`). A str enum: configs
+    and users' code that compare it with the strings keep working."""
+    CONCAT = "concat"          # c_concat channels concatenated to x
+    CROSSATTN = "crossattn"    # c_crossattn as the cross-attention context
+    HYBRID = "hybrid"          # both
+    ADM = "adm"                # c_crossattn[0] as the class / vector label y
+    HYBRID_ADM = "hybrid-adm"  # concat + cross-attention + c_adm as y (SD2 x4 upscaler)
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the UNet has a cross-attention context."""
+        return self in (ConditioningKey.CROSSATTN, ConditioningKey.HYBRID, ConditioningKey.HYBRID_ADM)
+
+    @property
+    def concatenates(self) -> bool:
+        """Whether channels are concatenated to the UNet's input."""
+        return self in (ConditioningKey.CONCAT, ConditioningKey.HYBRID, ConditioningKey.HYBRID_ADM)
+
+    @property
+    def plain_key(self) -> str:
+        """The key a bare (non-dict) conditioning goes under: c_concat for concat, else c_crossattn (adm reads it)."""
+        return "c_concat" if self is ConditioningKey.CONCAT else "c_crossattn"
+
+    @classmethod
+    def parse(cls, key: Optional[str]) -> Optional["ConditioningKey"]:
+        """None (unconditional) or the enum member of `key`; an unknown key is an error naming the known ones."""
+        if key is None:
+            return None
+        try:
+            return cls(key)
+        except ValueError:
+            raise ValueError(f"conditioning_key '{key}' unknown: use {', '.join(k.value for k in cls)}") from None
 
 
 def _fused_ok(params: Sequence[torch.Tensor]) -> bool:
@@ -50,30 +87,27 @@ class DiffusionWrapper(nn.Module):
     def __init__(self, diff_model_config, conditioning_key: Optional[str]):
         super().__init__()
         self.diffusion_model = instantiate_from_config(diff_model_config, key="model.params.unet_config")
-        if conditioning_key not in (None, "concat", "crossattn", "hybrid", "adm", "hybrid-adm"):
-            raise ValueError(f"conditioning_key '{conditioning_key}' unknown: use concat, crossattn, hybrid, adm "
-                             "or hybrid-adm")
-        self.conditioning_key = conditioning_key
+        self.conditioning_key = ConditioningKey.parse(conditioning_key)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
                 c_crossattn: Optional[list] = None, c_adm: Optional[torch.Tensor] = None) -> torch.Tensor:
         key = self.conditioning_key
         if key is None:
             return self.diffusion_model(x, t)
-        if key == "concat":
-            return self.diffusion_model(torch.cat([x] + list(c_concat), dim=1), t)
-        if key == "crossattn":
-            return self.diffusion_model(x, t, context=torch.cat(list(c_crossattn), 1))
-        if key == "hybrid":
-            return self.diffusion_model(torch.cat([x] + list(c_concat), dim=1), t, context=torch.cat(list(c_crossattn), 1))
-        if key == "hybrid-adm":
-            return self.diffusion_model(torch.cat([x] + list(c_concat), dim=1), t,
-                                        context=torch.cat(list(c_crossattn), 1), y=c_adm)
-        return self.diffusion_model(x, t, y=c_crossattn[0])  # adm: class / vector conditioning
+        if key is ConditioningKey.ADM:  # class / vector conditioning
+            return self.diffusion_model(x, t, y=c_crossattn[0])
+        if key.concatenates:
+            x = torch.cat([x] + list(c_concat), dim=1)
+        context = torch.cat(list(c_crossattn), 1) if key.reads_text else None
+        if key is ConditioningKey.HYBRID_ADM:
+            return self.diffusion_model(x, t, context=context, y=c_adm)
+        return self.diffusion_model(x, t) if context is None else self.diffusion_model(x, t, context=context)
 
 
 class DDPM(pl.LightningModule):
     """Denoising diffusion in pixel (or, subclassed, latent) space with the CompVis config keys."""
+
+    model_kind = ModelKind.DIFFUSION  # what the scripts call it (ldm.checkpoint.target_kind)
 
     def __init__(self, unet_config, timesteps: int = 1000, beta_schedule: str = "linear", loss_type: str = "l2",
                  ckpt_path: Optional[str] = None, ignore_keys: Sequence[str] = (), load_only_unet: bool = False,
@@ -272,31 +306,34 @@ class DDPM(pl.LightningModule):
         """D(x, sigma) of this model for ldm.sampling, the network told the fractional timestep of sigma."""
         return CompVisDenoiser(self, quantize=quantize)
 
+    @property
+    def condition_inputs(self) -> frozenset[ConditionInput]:
+        """What `conditioning()` reads: nothing (a pixel-space DDPM is unconditional); LatentDiffusion answers its own."""
+        return frozenset()
+
+    @property
+    def inpaint_mode(self) -> InpaintMode:
+        """How this model inpaints: known-region replacement."""
+        return InpaintMode.REPLACE
+
+    def conditioning(self, **inputs: Any) -> Conditioning:
+        """No conditioning (see LatentDiffusion.conditioning for the inputs a conditional model reads)."""
+        return Conditioning()
+
     @torch.no_grad()
     def sample(self, cond: Any, batch_size: int, steps: Optional[int] = None, sampler: Optional[str] = None,
                guidance_scale: Optional[float] = None, uncond: Any = None, x_T: Optional[torch.Tensor] = None,
                spacing: str = "uniform", generator: Generator = None, callback=None, guidance_rescale: float = 0.0,
                shape: Optional[tuple[int, ...]] = None, **sampler_options) -> torch.Tensor:
-        """Sample latents (VP scale) with a registry sampler and classifier-free guidance.
+        """Sample latents (VP scale) with a registry sampler and classifier-free guidance: `generation.generate`.
 
         `generator`: one torch.Generator, or one per image (each image then reproduces from its own seed).
         `shape`: (C, H, W) of a sample, default (channels, image_size, image_size).
         """
-        steps, sampler = steps or self.sample_steps, sampler or self.sampler_name
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        shape = (self.channels, self.image_size, self.image_size) if shape is None else tuple(shape)
-        if x_T is None:
-            x_T = randn_like(torch.empty((batch_size, *shape), device=self.device), generator)
-        den = self.denoiser()
-        sigmas = get_sigmas(den.schedule, steps, spacing).to(self.device)
-        model = CFGDenoiser(den, scale=scale, rescale=guidance_rescale)
-        if self.clip_denoised:  # pixel-space DDPM: x0 estimates clipped to the data range [-1, 1]
-            model = ThresholdedDenoiser(model, mode=ThresholdMode.STATIC)
-        extra = {"cond": {"c": cond}}
-        if uncond is not None and scale != 1.0:
-            extra["uncond"] = {"c": uncond}
-        return run_sampler(model, x_T, sigmas, sampler, generator=generator, extra_args=extra, callback=callback,
-                           **sampler_options)
+        return generation.generate(self, Conditioning(cond, uncond), batch_size, steps=steps, sampler=sampler,
+                                   scale=guidance_scale, rescale=guidance_rescale, spacing=spacing,
+                                   generator=generator, x_T=x_T, shape=shape, callback=callback, decode=False,
+                                   **sampler_options)
 
 
 # Half-precision copies of the schedule must agree with the float32 one to this tolerance (bf16 keeps 8 bits).

@@ -12,8 +12,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ldm.data.inpainting import MaskConvention
-from ldm.models.diffusion.latent import LatentDiffusion, resize_mask
+from ldm.models.diffusion.diffusion_module import ConditioningKey
+from ldm.models.diffusion.latent import LatentDiffusion
+from ldm.modules.model_inputs import ConditionInput, InpaintMode, MaskConvention, masked_inputs, resize_mask
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ class LatentInpaintDiffusion(LatentDiffusion):
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
         super().__init__(*args, **kwargs)
-        if self.model.conditioning_key not in ("concat", "hybrid"):
+        if self.model.conditioning_key not in (ConditioningKey.CONCAT, ConditioningKey.HYBRID):
             raise ValueError(f"LatentInpaintDiffusion: conditioning_key must be 'hybrid' (text + concat) or 'concat', "
-                             f"got '{self.model.conditioning_key}'")
+                             f"got '{getattr(self.model.conditioning_key, 'value', None)}'")
         self.concat_keys, self.masked_image_key = tuple(concat_keys), masked_image_key
         self.finetune_keys = tuple(finetune_keys or ())
         self.keep_finetune_dims = keep_finetune_dims
@@ -88,15 +89,40 @@ class LatentInpaintDiffusion(LatentDiffusion):
         return torch.cat(parts, dim=1)
 
     def _with_concat(self, c: Any, c_cat: torch.Tensor) -> dict:
-        if self.model.conditioning_key == "concat":
+        if self.model.conditioning_key is ConditioningKey.CONCAT:
             return {"c_concat": [c_cat]}
         return {"c_concat": [c_cat], "c_crossattn": [c]}
+
+    # -- conditioning for sampling --------------------------------------------------------------
+    @property
+    def condition_inputs(self) -> frozenset[ConditionInput]:
+        """An image and its mask, and the prompts when the UNet reads text (`hybrid`)."""
+        text = {ConditionInput.PROMPTS} if self.model.conditioning_key.reads_text else set()
+        return frozenset({ConditionInput.MASK, *text})
+
+    @property
+    def inpaint_mode(self) -> InpaintMode:
+        return InpaintMode.MODEL
+
+    def condition_parts(self, *, prompts, labels, image, mask, low_res, noise_level, raw, guidance: bool,
+                        generator) -> tuple[dict, dict]:
+        """The mask and the masked image's latent (mode) in `concat_keys` order and this model's mask convention,
+        plus the text; guidance nulls the text only."""
+        mask_in, masked = masked_inputs(image, self._fill_all(image) if mask is None else mask, self.mask_convention)
+        latent = self.encode_latents(masked)
+        parts = [latent if k == self.masked_image_key else resize_mask(mask_in, latent.shape[-2:])
+                 for k in self.concat_keys]
+        c = uc = None
+        if ConditionInput.PROMPTS in self.condition_inputs:
+            c, uc = self.guidance_pair(list(prompts), guidance)
+        cond = self._with_concat(c, torch.cat(parts, 1))
+        return cond, ({"c_crossattn": [uc]} if uc is not None else {})
 
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
                   cond_key: Optional[str] = None, return_original_cond: bool = False, bs: Optional[int] = None,
                   drop_cond: float = 0.0):
-        if self.model.conditioning_key == "concat":  # no text: the concat inputs are the whole condition
+        if self.model.conditioning_key is ConditioningKey.CONCAT:  # no text: the concat inputs are the whole condition
             z = self.get_first_stage_encoding(self.encode_batch(batch, k, bs)).detach()
             out = [z, None]
             if return_first_stage_outputs:
@@ -117,12 +143,6 @@ class LatentInpaintDiffusion(LatentDiffusion):
             with torch.enable_grad():
                 c["c_crossattn"] = [self.get_learned_conditioning(c["c_crossattn"][0])]
         return self.p_losses(z, c)
-
-    def unconditional_like(self, c: dict, c_raw: Any) -> dict:
-        """Guidance drops the text only; mask and masked image stay."""
-        if "c_crossattn" not in c:
-            return c
-        return {"c_concat": c["c_concat"], "c_crossattn": [self.get_unconditional_conditioning(c_raw)]}
 
     # -- images ---------------------------------------------------------------------------------
     @torch.no_grad()

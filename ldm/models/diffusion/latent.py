@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import logging
-from enum import Enum
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ldm.data.latents import LATENT_KEY
-from ldm.models.diffusion.diffusion_module import DDPM, disabled_train
+from ldm import generation
+from ldm.errors import InputError
+from ldm.generation import first_stage_factor
+from ldm.models.diffusion.diffusion_module import DDPM, ConditioningKey, disabled_train
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.model_inputs import (LATENT_KEY, ConditionInput, Encoding, InpaintMode, MaskConvention,  # noqa: F401
+                                      masked_inputs, resize_mask, unscaled_latents)  # (Encoding: former import path)
+from ldm.sampling import Conditioning
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -18,24 +22,12 @@ logger = logging.getLogger(__name__)
 
 # condition keys passed through as they are (CompVis `get_input`): text, boxes and class labels
 UNPERMUTED_COND_KEYS = ("caption", "txt", "coordinates_bbox", "class_label", "cls")
-
-
-class Encoding(str, Enum):
-    """How an image's first-stage encoding becomes latents: a posterior sample (training, as CompVis trains) or the
-    posterior's mode (tasks on a given image: img2img, inpainting; deterministic). A VQ or identity first stage
-    returns a tensor, which both policies take as it is."""
-    SAMPLE = "sample"
-    MODE = "mode"
-
-
-def unscaled_latents(encoder_posterior, encoding: Encoding = Encoding.SAMPLE) -> torch.Tensor:
-    """The first stage's latents under `encoding`: for a KL autoencoder a posterior sample or its mode, for any
-    other first stage the tensor itself."""
-    if isinstance(encoder_posterior, DiagonalGaussianDistribution):
-        return encoder_posterior.mode() if Encoding(encoding) is Encoding.MODE else encoder_posterior.sample()
-    if isinstance(encoder_posterior, torch.Tensor):
-        return encoder_posterior
-    raise TypeError(f"encoder output of type '{type(encoder_posterior).__name__}' not understood")
+# cond_stage_key of the paper's super-resolution LDMs (the low-resolution image concatenated to the latent)
+LOW_RES_KEYS = ("LR_image", "lr")
+# cond_stage_key of the paper's inpainting LDM (CompVis inpainting_big: masked-image latent + mask, concatenated)
+MASKED_IMAGE_KEY = "masked_image"
+# cond_stage_keys of cross-attention models whose conditioner does not read text (layouts, images)
+NON_TEXT_KEYS = ("coordinates_bbox", "image", "segmentation")
 
 
 def null_condition_like(c: Any, key: str, null_label: Optional[int] = None) -> Any:
@@ -59,11 +51,6 @@ def drop_conditions(c: Any, p: float, null: Any) -> Any:
         return torch.where(drop.view(-1, *([1] * (c.dim() - 1))), null, c)
     drop = torch.rand(len(c)) < p
     return [nl if d else x for x, nl, d in zip(c, null, drop.tolist())]
-
-
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A (B, 1, H, W) mask at the latent size by nearest-neighbour resampling (CompVis and SD2 inpainting)."""
-    return torch.nn.functional.interpolate(mask.float(), size=tuple(size), mode="nearest")
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -216,9 +203,105 @@ class LatentDiffusion(DDPM):
     def get_unconditional_conditioning(self, c_raw: Any) -> Any:
         return self.get_learned_conditioning(self.null_condition(c_raw))
 
+    # keys of a dict conditioning that classifier-free guidance replaces by their null form (the rest is shared)
+    guided_keys: tuple[str, ...] = ("c_crossattn",)
+
     def unconditional_like(self, c: Any, c_raw: Any) -> Any:
-        """The guidance's unconditional input matching the conditioning `c` (of the raw condition `c_raw`)."""
-        return self.get_unconditional_conditioning(c_raw)
+        """The guidance's unconditional input matching the conditioning `c` (of the raw condition `c_raw`): its
+        guided keys nulled, the rest (mask, low-resolution image, noise level) shared."""
+        if not isinstance(c, dict):
+            return self.get_unconditional_conditioning(c_raw)
+        guided = [k for k in self.guided_keys if k in c]
+        if not guided:
+            return c
+        null = self.get_unconditional_conditioning(c_raw)
+        return {**c, **{k: [null] for k in guided}}
+
+    # -- conditioning for sampling: the model kind answers what it reads and how -----------------------
+    @property
+    def condition_inputs(self) -> frozenset[ConditionInput]:
+        """What `conditioning()` needs: prompts, class labels, a low-resolution image, an image and mask, or the
+        raw condition; nothing for an unconditional model."""
+        key = self.model.conditioning_key
+        if key is None or self.cond_stage_model is None:
+            return frozenset()
+        if (key is ConditioningKey.CONCAT and self.cond_stage_key == MASKED_IMAGE_KEY
+                and self.cond_stage_model is self.first_stage_model):
+            return frozenset({ConditionInput.MASK})
+        if key is ConditioningKey.CONCAT and self.cond_stage_key in LOW_RES_KEYS:
+            return frozenset({ConditionInput.LOW_RES})
+        if getattr(self.cond_stage_model, "n_classes", None) is not None:
+            return frozenset({ConditionInput.LABELS})
+        if key.reads_text and self.cond_stage_key not in NON_TEXT_KEYS:
+            return frozenset({ConditionInput.PROMPTS})
+        return frozenset({ConditionInput.RAW})
+
+    @property
+    def inpaint_mode(self) -> InpaintMode:
+        """How this model inpaints: the paper's concat model reads image and mask, any other LDM by known-region
+        replacement."""
+        return InpaintMode.PAPER if ConditionInput.MASK in self.condition_inputs else InpaintMode.REPLACE
+
+    def conditioning(self, *, prompts: Optional[Sequence[str]] = None, labels: Any = None,
+                     image: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                     low_res: Optional[torch.Tensor] = None, noise_level: Any = None, raw: Any = None,
+                     guidance: bool = True, generator: Any = None) -> Conditioning:
+        """(cond, uncond) for sampling this model; it reads what `condition_inputs` names and ignores the rest.
+
+        `image` (B, C, H, W in [-1, 1]) with `mask` (B, 1, H, W, 1 = fill; default: everything) for
+        inpainting models; `low_res` (or `image`, downscaled by the first stage's factor) for
+        super-resolution models; `guidance`: also build the unconditional branch (null prompts/labels).
+        `generator`: the noise of an upscaler's augmentation (one, or one per image).
+        """
+        given = {ConditionInput.PROMPTS: prompts, ConditionInput.LABELS: labels, ConditionInput.RAW: raw,
+                 ConditionInput.LOW_RES: low_res if low_res is not None else image, ConditionInput.MASK: image,
+                 ConditionInput.NOISE_LEVEL: noise_level}
+        missing = sorted(x.value for x in self.condition_inputs if given[x] is None)
+        if missing:
+            raise InputError(f"this {type(self).__name__} (cond_stage_key '{self.cond_stage_key}') is conditioned on "
+                             f"{', '.join(sorted(x.value for x in self.condition_inputs))}: give {', '.join(missing)}"
+                             + (" (the image to fill)" if "mask" in missing else ""))
+        if low_res is None and image is not None and ConditionInput.LOW_RES in self.condition_inputs:
+            f = first_stage_factor(self)
+            low_res = torch.nn.functional.interpolate(image.float(), scale_factor=1 / f, mode="area")
+        cond, null = self.condition_parts(prompts=prompts, labels=labels, image=image, mask=mask, low_res=low_res,
+                                          noise_level=noise_level, raw=raw, guidance=guidance, generator=generator)
+        return Conditioning.guided(cond or None, {k: v for k, v in null.items() if k in self.guided_keys})
+
+    def guidance_pair(self, raw: Any, guidance: bool) -> tuple[Any, Any]:
+        """(the learned condition of `raw` prompts or labels, its null twin when guiding, else None)."""
+        c = self.get_learned_conditioning(raw)
+        return c, (self.get_unconditional_conditioning(raw) if guidance else None)
+
+    def condition_parts(self, *, prompts, labels, image, mask, low_res, noise_level, raw, guidance: bool,
+                        generator) -> tuple[dict, dict]:
+        """(the UNet's conditioning keys, their null forms for guidance) of this model kind's inputs."""
+        needs = self.condition_inputs
+        if not needs:
+            return {}, {}
+        key = self.model.conditioning_key.plain_key
+        if ConditionInput.MASK in needs:  # the paper's inpainting model: no guidance (nothing to null)
+            mask_in, masked = masked_inputs(image, self._fill_all(image) if mask is None else mask,
+                                            MaskConvention.COMPVIS)
+            return {key: [self.with_mask(self.get_learned_conditioning(masked), mask_in)]}, {}
+        if ConditionInput.LOW_RES in needs:
+            return {key: [self.get_learned_conditioning(low_res)]}, {}
+        if ConditionInput.RAW in needs:
+            return {key: [self.get_learned_conditioning(raw)]}, {}
+        if ConditionInput.PROMPTS in needs:
+            c, uc = self.guidance_pair(list(prompts), guidance)
+        else:
+            c, uc = self.guidance_pair(torch.as_tensor(labels, device=self.device).long(), guidance)
+        return {key: [c]}, ({key: [uc]} if uc is not None else {})
+
+    @staticmethod
+    def _fill_all(image: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(image[:, :1])
+
+    @staticmethod
+    def with_mask(c: torch.Tensor, mask_in: torch.Tensor) -> torch.Tensor:
+        """The paper's inpainting input: the masked image's latent, then the mask at its size, on channels."""
+        return torch.cat([c, resize_mask(mask_in.to(c.device), c.shape[-2:])], 1)
 
     def raw_condition(self, batch: dict, bs: Optional[int] = None) -> Any:
         key = self.cond_stage_key
@@ -244,8 +327,8 @@ class LatentDiffusion(DDPM):
             c = self.drop_condition(xc, drop_cond)
             if not self.cond_stage_trainable or force_c_encode:
                 c = self.get_learned_conditioning(c)
-                if self._paper_inpainting(batch):  # the LDM inpainting layout: masked-image latent + mask
-                    c = torch.cat([c, resize_mask(super().get_input(batch, "mask").to(c.device)[:bs], c.shape[-2:])], 1)
+                if self.inpaint_mode is InpaintMode.PAPER and "mask" in batch:  # the paper's inpainting model
+                    c = self.with_mask(c, super().get_input(batch, "mask")[:bs])
         out = [z, c]
         if return_first_stage_outputs:
             xrec = self.decode_first_stage(z)
@@ -254,11 +337,6 @@ class LatentDiffusion(DDPM):
         if return_original_cond:
             out.append(xc)
         return out
-
-    def _paper_inpainting(self, batch: dict) -> bool:
-        """The paper's inpainting model (CompVis inpainting_big): concat of the encoded `masked_image` and the `mask`."""
-        return (self.model.conditioning_key == "concat" and self.cond_stage_key == "masked_image"
-                and self.cond_stage_model is self.first_stage_model and "mask" in batch)
 
     def shared_step(self, batch: dict):
         z, c = self.get_input(batch, self.first_stage_key, drop_cond=self.ucg_rate if self.training else 0.0)
@@ -271,8 +349,7 @@ class LatentDiffusion(DDPM):
         if cond is None:
             return self.model(x_noisy, t)
         if not isinstance(cond, dict):
-            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
-            cond = {key: cond if isinstance(cond, list) else [cond]}
+            cond = {self.model.conditioning_key.plain_key: cond if isinstance(cond, list) else [cond]}
         return self.model(x_noisy, t, **cond)
 
     # -- images -----------------------------------------------------------------------------------
@@ -295,15 +372,13 @@ class LatentDiffusion(DDPM):
                 rows.append(self.decode_first_stage(self.q_sample(z[:n_row], tt)))
             log["diffusion_row"] = torch.cat(rows)
         if sample:
-            g = torch.Generator(device=self.device).manual_seed(0)
+            scale = self.guidance_scale if unconditional_guidance_scale is None else unconditional_guidance_scale
+            runs = {"samples": Conditioning(c)}
+            if scale != 1.0 and xc is not None:
+                runs[f"samples_cfg_scale_{scale:.2f}"] = Conditioning(c, self.unconditional_like(c, xc))
             with self.ema_scope("sampling"):
-                log["samples"] = self.decode_first_stage(
-                    self.sample(c, n, steps=ddim_steps, sampler=sampler, guidance_scale=1.0, generator=g))
-                scale = self.guidance_scale if unconditional_guidance_scale is None else unconditional_guidance_scale
-                if scale != 1.0 and xc is not None:
-                    uc = self.unconditional_like(c, xc)
-                    g = torch.Generator(device=self.device).manual_seed(0)
-                    log[f"samples_cfg_scale_{scale:.2f}"] = self.decode_first_stage(
-                        self.sample(c, n, steps=ddim_steps, sampler=sampler, guidance_scale=scale, uncond=uc,
-                                    generator=g))
+                for name, cond in runs.items():
+                    log[name] = generation.generate(self, cond, n, steps=ddim_steps, sampler=sampler,
+                                                    scale=1.0 if cond.uncond is None else scale,
+                                                    generator=torch.Generator(device=self.device).manual_seed(0))
         return log

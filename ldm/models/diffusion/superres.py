@@ -7,7 +7,9 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ldm.errors import InputError
 from ldm.models.diffusion.latent import LatentDiffusion
+from ldm.modules.model_inputs import ConditionInput
 from ldm.util import instantiate_from_config
 
 
@@ -37,9 +39,36 @@ class LatentUpscaleDiffusion(LatentDiffusion):
 
     def _conds(self, c: Any, zx: torch.Tensor, noise_level: torch.Tensor) -> dict:
         conds: dict = {"c_concat": [zx], "c_adm": noise_level}
-        if self.model.conditioning_key in ("hybrid", "hybrid-adm", "crossattn"):
+        if self.model.conditioning_key.reads_text:
             conds["c_crossattn"] = [c]
         return conds
+
+    # -- conditioning for sampling --------------------------------------------------------------
+    @property
+    def condition_inputs(self) -> frozenset[ConditionInput]:
+        """The low-resolution image and its augmentation level, and the prompts when the UNet reads text."""
+        text = {ConditionInput.PROMPTS} if self.model.conditioning_key.reads_text else set()
+        return frozenset({ConditionInput.LOW_RES, ConditionInput.NOISE_LEVEL, *text})
+
+    def condition_parts(self, *, prompts, labels, image, mask, low_res, noise_level, raw, guidance: bool,
+                        generator) -> tuple[dict, dict]:
+        """The low-resolution image noise-augmented to `noise_level` (each image from its own generator when a list
+        is given) and the level as the UNet's class label, plus the text; guidance nulls the text only."""
+        n = low_res.shape[0]
+        top = self.low_scale_model.max_noise_level
+        if not 0 <= int(noise_level) < top:
+            raise InputError(f"noise_level {noise_level} must lie in [0, {top - 1}] (Stable Diffusion 2 suggests 20)")
+        level = torch.full((n,), int(noise_level), device=low_res.device, dtype=torch.long)
+        if isinstance(generator, (list, tuple)):  # each image's augmentation noise from its own generator
+            parts = [self.low_scale_conditioning(low_res[j:j + 1], level[j:j + 1], generator=g)
+                     for j, g in enumerate(generator)]
+            zx, level = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
+            zx, level = self.low_scale_conditioning(low_res, level, generator=generator)
+        c = uc = None
+        if ConditionInput.PROMPTS in self.condition_inputs:
+            c, uc = self.guidance_pair(list(prompts), guidance)
+        return self._conds(c, zx, level), ({"c_crossattn": [uc]} if uc is not None else {})
 
     @torch.no_grad()
     def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
@@ -57,12 +86,6 @@ class LatentUpscaleDiffusion(LatentDiffusion):
         zx, noise_level = self.low_scale_conditioning(x_low, level)
         out[1] = self._conds(out[1], zx, noise_level)
         return out
-
-    def unconditional_like(self, c: dict, c_raw: Any) -> dict:
-        """Guidance drops the text only; the low-resolution image and its noise level stay."""
-        if "c_crossattn" not in c:
-            return c
-        return {**c, "c_crossattn": [self.get_unconditional_conditioning(c_raw)]}
 
     @torch.no_grad()
     def log_images(self, batch: dict, N: int = 8, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
