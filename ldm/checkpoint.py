@@ -149,6 +149,8 @@ def load_state_dict_checked(module: torch.nn.Module, ckpt_or_sd: Mapping[str, An
                               + "; ".join(shape_mismatch[:8]) + _kind_hint(module, sd))
     result = module.load_state_dict(sd, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing and hasattr(module, "missing_after_base"):  # a LoRA run's checkpoint: the base supplies the rest
+        missing = module.missing_after_base(ckpt_or_sd, missing, source)
     if strict and (missing or unexpected):
         msg = [f"{source}: state dict does not match {module.__class__.__name__}."]
         if missing:

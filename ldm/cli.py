@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ldm.checkpoint import ModelKind
+from ldm.convert.lora import merge_lora_files, parse_lora_spec
 from ldm.errors import InputError
 from ldm.files import save_png
 from ldm.generation import first_stage_factor
@@ -110,14 +111,37 @@ def add_prompt_arguments(p: argparse.ArgumentParser, default: Optional[str], req
 
 
 def add_model_arguments(parser, default_ckpt: Optional[str] = None, default_config: Optional[str] = None) -> None:
-    """The model flags of the task scripts: --config, --ckpt, --no-ema, --unsafe-load, --device, --precision, --dtype."""
+    """The model flags of the task scripts: --config, --ckpt, --lora, --no-ema, --unsafe-load, --device, --precision,
+    --dtype."""
     hint = f", or {default_config} for the default checkpoint" if default_config else ""
     parser.add_argument("--config", type=str, default=None, help=f"default: the run's configs/*-project.yaml{hint}")
     parser.add_argument("--ckpt", type=str, default=default_ckpt, required=default_ckpt is None)
+    add_lora_argument(parser)
     parser.add_argument("--no-ema", action="store_true", help="sample with the training weights, not the EMA ones")
     parser.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the checkpoint")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     add_precision_arguments(parser)
+
+
+def add_lora_argument(parser) -> None:
+    """--lora FILE[:SCALE], repeatable (see `apply_loras`)."""
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA adapter (.safetensors: this framework's, diffusers' or kohya's layout) "
+                             "into the UNet with SCALE (default 1); repeat for several")
+
+
+def check_lora_files(specs) -> None:
+    """Refuse, before the model is loaded, a --lora file that does not exist."""
+    for spec in specs or ():
+        path, _ = parse_lora_spec(spec)
+        if not path.is_file():
+            raise UsageError(f"--lora {spec}: no such file {path}")
+
+
+def apply_loras(model, specs) -> None:
+    """Merge the --lora adapters into the loaded model, saying what was merged."""
+    for path, scale, layers in merge_lora_files(model, specs or ()):
+        print(f"merged LoRA {path} (scale {scale:g}) into {layers} UNet layers")
 
 
 def add_precision_arguments(parser) -> None:
@@ -134,8 +158,11 @@ def load_from_arguments(opt, default_ckpt: Optional[str] = None, default_config:
     config = opt.config
     if config is None and default_ckpt is not None and opt.ckpt == default_ckpt:
         config = default_config
-    return load_for_sampling(opt.ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
-                             dtype=getattr(opt, "dtype", None), kind=ModelKind.DIFFUSION)
+    check_lora_files(getattr(opt, "lora", None))
+    model, cfg = load_for_sampling(opt.ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
+                                   dtype=getattr(opt, "dtype", None), kind=ModelKind.DIFFUSION)
+    apply_loras(model, getattr(opt, "lora", None))
+    return model, cfg
 
 
 # Count flags of the scripts (by their argparse dest) that must be at least 1, and amounts that must not be negative.

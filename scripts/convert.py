@@ -6,6 +6,8 @@ without the training-only parts), and Stable Diffusion v1 layouts to and from di
     python scripts/convert.py --ckpt sd-v1-4.ckpt --config configs/stable-diffusion/v1-inference.yaml --to-diffusers out/
     python scripts/convert.py --from-diffusers sd-folder/ --config configs/stable-diffusion/v1-inference.yaml --out sd.safetensors
     python scripts/convert.py --ckpt vq-f4.ckpt --config configs/autoencoder/autoencoder_vq_f4.yaml --to-diffusers vq-f4/
+    python scripts/convert.py --ckpt sd.ckpt --config v1-inference.yaml --merge-lora style.safetensors:0.8 --out sd-style.safetensors
+    python scripts/convert.py --ckpt logs/<lora run>/checkpoints/last.ckpt --lora-out style.safetensors --lora-layout kohya
 
 The result loads wherever a checkpoint does (ldm.util.load_model_from_config, --ckpt of the scripts, ckpt_path).
 """
@@ -15,7 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from ldm.cli import apply_loras, check_lora_files
 from ldm.convert.export import ExportDType, export_checkpoint
+from ldm.convert.lora import LoraLayout, parse_lora_spec, save_adapter
 from ldm.errors import InputError, entry_point
 from ldm.files import check_output_dir, check_outputs
 
@@ -35,6 +41,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-only", action="store_true", help="the EMA weights in place of the training weights")
     p.add_argument("--strip-training", action="store_true", help="drop the training-only parts (loss.*)")
     p.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the input checkpoint")
+    p.add_argument("--merge-lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge LoRA adapters (any layout) into the UNet and EMA weights before writing (needs --config); "
+                        "repeat for several")
+    p.add_argument("--lora-out", metavar="FILE",
+                   help="write the LoRA adapters of a LoRA run's --ckpt (its EMA weights unless --no-ema) as .safetensors")
+    p.add_argument("--lora-layout", default=LoraLayout.DIFFUSERS.value, choices=[x.value for x in LoraLayout],
+                   help="--lora-out's key names: diffusers (pipeline.load_lora_weights), kohya, or ldm (this framework)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out file or write into a non-empty --to-diffusers folder (never the input)")
     return p
@@ -45,13 +58,37 @@ def check_paths(opt: argparse.Namespace) -> None:
     for flag, path in (("--ckpt", opt.ckpt), ("--config", opt.config)):
         if path and not Path(path).is_file():
             raise InputError(f"{flag} {path}: no such file")
+    check_lora_files(opt.merge_lora)
+    if opt.merge_lora and not (opt.config and opt.ckpt):
+        raise InputError("--merge-lora needs the model's --ckpt and --config")
     if opt.from_diffusers and not Path(opt.from_diffusers).is_dir():
         raise InputError(f"--from-diffusers {opt.from_diffusers}: no such folder")
-    inputs = [p for p in (opt.ckpt, opt.config, opt.from_diffusers) if p]
+    inputs = [p for p in (opt.ckpt, opt.config, opt.from_diffusers) if p] + [str(parse_lora_spec(s)[0])
+                                                                           for s in opt.merge_lora]
     if opt.out:
         check_outputs([opt.out], inputs, overwrite=opt.overwrite, flag="--out")
     if opt.to_diffusers:
         check_output_dir(opt.to_diffusers, inputs, overwrite=opt.overwrite, flag="--to-diffusers")
+    if opt.lora_out:
+        check_outputs([opt.lora_out], inputs, overwrite=opt.overwrite, flag="--lora-out")
+
+
+def export_lora(opt: argparse.Namespace) -> Path:
+    """--lora-out: the adapters of a LoRA run (its config: --config, else the run's own) in --lora-layout."""
+    from ldm.lora import Adapter, lora_state_dict
+    from ldm.runs import find_run_config
+    from ldm.util import load_config, load_model_from_config
+    if not opt.ckpt:
+        raise InputError("--lora-out needs the LoRA run's --ckpt")
+    cfg = load_config(opt.config or find_run_config(opt.ckpt))
+    model = load_model_from_config(cfg, opt.ckpt, allow_pickle=opt.unsafe_load)
+    if getattr(model, "finetuning", None) is None:
+        raise InputError(f"--lora-out: {opt.ckpt} is not a LoRA run (its config has no model.params.lora_config)")
+    with (model.ema_scope("export") if model.use_ema and not opt.no_ema else torch.no_grad()):
+        sd = lora_state_dict(model.model.diffusion_model)
+    adapter = Adapter.from_state_dict(sd, model.finetuning.settings.scaling)
+    return save_adapter(opt.lora_out, adapter, model.model.diffusion_model, opt.lora_layout,
+                        metadata={"ldm.base_sha256": model.finetuning.base["sha256"]})
 
 
 def diffusers_conversion(opt: argparse.Namespace):
@@ -65,6 +102,7 @@ def diffusers_conversion(opt: argparse.Namespace):
         if not opt.ckpt:
             raise InputError("--to-diffusers needs --ckpt")
         model = load_model_from_config(cfg, opt.ckpt, allow_pickle=opt.unsafe_load)
+        apply_loras(model, opt.merge_lora)
         if "ddconfig" in cfg.model.get("params", {}):  # a first stage: AutoencoderKL or VQModel folder
             from ldm.convert.diffusers_vae import save_diffusers_autoencoder
             return save_diffusers_autoencoder(model, cfg.model.params, opt.to_diffusers)
@@ -80,12 +118,19 @@ def diffusers_conversion(opt: argparse.Namespace):
 def main(argv=None) -> int:
     opt = get_parser().parse_args(argv)
     check_paths(opt)
-    if opt.to_diffusers or opt.from_diffusers:
+    if opt.lora_out:
+        path = export_lora(opt)
+    elif opt.to_diffusers or opt.from_diffusers:
         path = diffusers_conversion(opt)
     else:
         if not (opt.ckpt and opt.out):
             raise InputError("give --ckpt and --out (or --to-diffusers / --from-diffusers with --config)")
-        path = export_checkpoint(opt.ckpt, opt.out, dtype=opt.dtype, ema_only=opt.ema_only,
+        source = opt.ckpt
+        if opt.merge_lora:  # the model with the adapters merged is what is written
+            from ldm.util import load_config, load_model_from_config
+            source = load_model_from_config(load_config(opt.config), opt.ckpt, allow_pickle=opt.unsafe_load)
+            apply_loras(source, opt.merge_lora)
+        path = export_checkpoint(source, opt.out, dtype=opt.dtype, ema_only=opt.ema_only,
                                  strip_training=opt.strip_training, allow_pickle=opt.unsafe_load,
                                  overwrite=opt.overwrite)
     print(f"wrote {path}")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import ModelKind, init_from_ckpt
+from ldm.lora import LoraFineTuning, LoraSettings
 from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
 from ldm.modules.diffusionmodules.loss import DiffusionLoss, SimpleWeighting, UniformTimesteps, vlb_weights
 from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_tensor, make_beta_schedule, \
@@ -27,7 +28,7 @@ from ldm import generation
 from ldm.modules.model_inputs import ConditionInput, InpaintMode
 from ldm.sampling import CompVisDenoiser, Conditioning
 from ldm.sampling.samplers import Generator
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ class DDPM(pl.LightningModule):
                  scheduler_config=None, use_positional_encodings: bool = False, learn_logvar: bool = False,
                  logvar_init: float = 0.0, zero_terminal_snr: bool = False, offset_noise: float = 0.0,
                  loss_weighting=None, timestep_sampler=None, ema_decay: float = 0.9999, ucg_rate: float = 0.0,
-                 sample_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0, **unused: Any):
+                 sample_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0, lora_config=None,
+                 **unused: Any):
         super().__init__()
         if unused:
             logger.warning("DDPM: ignoring unsupported config keys: %s", ", ".join(sorted(unused)))
@@ -162,6 +164,8 @@ class DDPM(pl.LightningModule):
             self.register_buffer("logvar", logvar, persistent=False)
         self.learning_rate = 1e-4
         self.restarted_from_ckpt = False
+        # LoRA fine-tuning (ldm.lora): the adapters are added when the base weights are loaded (init_from_ckpt)
+        self.finetuning = LoraFineTuning(LoraSettings(**lora_config)) if lora_config else None
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
 
@@ -228,6 +232,18 @@ class DDPM(pl.LightningModule):
         init_from_ckpt(self.model if only_model else self, path, ignore_keys=ignore_keys,
                        prefix="model." if only_model else None, tolerate_prefixes=("model_ema.",),
                        transform=lambda sd: self.adapt_loaded_state_dict(sd, str(path)))
+        if self.finetuning is not None and not self.finetuning.applied:
+            self.finetuning.apply(self, path)
+
+    def missing_after_base(self, ckpt, missing: Sequence[str], source: str) -> list[str]:
+        """Keys a checkpoint may lack because the base weights supply them (a LoRA run's checkpoints)."""
+        if self.finetuning is None or not self.finetuning.applied:
+            return list(missing)
+        return self.finetuning.missing_after_base(self, ckpt, missing, source)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.finetuning is not None and self.finetuning.applied:  # the adapters only; the base by path and hash
+            self.finetuning.prune(self, checkpoint)
 
     def adapt_loaded_state_dict(self, sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         """Hook for subclasses: a checkpoint's state dict (full key names) made to fit this model before loading."""
@@ -235,6 +251,13 @@ class DDPM(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.restarted_from_ckpt = True
+        if self.finetuning is not None and self.finetuning.applied:  # Lightning loads non-strictly: check here
+            own = set(self.state_dict())
+            still = self.missing_after_base(checkpoint, sorted(own - set(checkpoint.get("state_dict", {}))),
+                                            "the checkpoint to resume")
+            if still:
+                from ldm.checkpoint import CheckpointError
+                raise CheckpointError(f"the checkpoint to resume lacks {len(still)} keys: {still[:3]}")
 
     # -- diffusion math glue --------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -287,7 +310,10 @@ class DDPM(pl.LightningModule):
             self.log_dict({k + "_ema": v for k, v in log_ema.items()}, sync_dist=True, batch_size=self._bs(batch))
 
     def trainable_parameters(self) -> list:
-        params = list(self.model.parameters())
+        if self.finetuning is not None and not self.finetuning.applied:
+            raise ConfigError("model.params.lora_config: LoRA fine-tunes a trained model; give its weights as "
+                              "model.params.ckpt_path")
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if self.learn_logvar:
             params.append(self.logvar)
         return params
