@@ -164,3 +164,16 @@ def test_caption_folder_txt_jsonl_csv(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json}\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         ImageCaptionFolder(tmp_path, manifest="bad.jsonl")
+
+
+def test_a_data_module_without_a_validation_split_validates_nothing_instead_of_crashing():
+    """A train-only data config (DreamBooth, users' own): no validation loader, not a KeyError from inside Lightning."""
+    from ldm.data.datamodule import DataModuleFromConfig
+    from ldm.util import ConfigError
+    dm = DataModuleFromConfig(batch_size=2, num_workers=0, train={"target": "ldm.data.shapes.ShapesValidation",
+                                                                  "params": {"size": 16, "num_samples": 4}})
+    dm.setup()
+    assert dm.val_dataloader() == [] and dm.test_dataloader() == []
+    assert len(next(iter(dm.train_dataloader()))["image"]) == 2
+    with pytest.raises(ConfigError, match="data.params.train"):
+        DataModuleFromConfig(batch_size=2, num_workers=0).train_dataloader()

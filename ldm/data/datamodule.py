@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 
 class WrappedDataset(Dataset):
@@ -65,7 +65,13 @@ class DataModuleFromConfig(pl.LightningDataModule):
                 ds = instantiate_from_config(cfg, key=f"data.params.{k}")
                 self.datasets[k] = WrappedDataset(ds) if self.wrap else ds
 
-    def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool, batch_size: int) -> Union[DataLoader, list]:
+        if name not in self.dataset_configs:  # no such split configured: nothing to validate / test / predict
+            if name == "train":
+                raise ConfigError("data.params.train is not set: training needs a train dataset config")
+            return []
+        if name not in self.datasets:
+            self.setup()
         ds = self.datasets[name]
         iterable = isinstance(ds, IterableDataset)
         return DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers,

@@ -12,7 +12,7 @@ import datasets. Two inpainting input conventions exist in published models and 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 LATENT_KEY = "latent_moments"  # batch key of a cached first-stage encoding, read by LatentDiffusion in place of the image
+PRIOR_PREFIX = "prior_"  # DreamBooth: batch keys of the class items paired with the instance items (prior_image, ...)
+PRIOR_FLAG = "is_prior_"  # the merged batch's marker of its class items
 
 
 class Encoding(str, Enum):
@@ -88,3 +90,38 @@ def resize_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 def latent_known_region(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """1 where a latent pixel sees no masked pixel at all (area downsampling), so every hole pixel is regenerated."""
     return (F.interpolate(mask.float(), size=tuple(size), mode="area") <= 0).float()
+
+
+def with_prior(batch: dict) -> dict:
+    """A DreamBooth batch (instance items and their `prior_*` class items) as one batch of both, its class items
+    marked by a PRIOR_FLAG entry; a batch without class items is returned as it is."""
+    prior = {k[len(PRIOR_PREFIX):]: v for k, v in batch.items() if k.startswith(PRIOR_PREFIX)}
+    if not prior:
+        return batch
+    merged = {k: v for k, v in batch.items() if not k.startswith(PRIOR_PREFIX)}
+    sizes = set()
+    device = None
+    for key, extra in prior.items():
+        if key not in merged:
+            raise KeyError(f"batch has {PRIOR_PREFIX}{key} but no {key}; keys: {sorted(batch)}")
+        own = merged[key]
+        sizes.add((len(own), len(extra)))
+        if isinstance(own, torch.Tensor):
+            merged[key], device = torch.cat([own, extra.to(own.device, own.dtype)]), own.device
+        else:
+            merged[key] = list(own) + list(extra)
+    if len(sizes) != 1:
+        raise ValueError(f"DreamBooth batch: instance and class entries of different sizes {sorted(sizes)}")
+    n, n_prior = sizes.pop()
+    merged[PRIOR_FLAG] = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n_prior, dtype=torch.bool)]).to(device)
+    return merged
+
+
+def prior_weights(batch: dict, weight: float) -> Optional[torch.Tensor]:
+    """Per-item loss weights of a merged DreamBooth batch: the sum of weight_i * loss_i is the instance items' mean
+    loss plus `weight` times the class items' mean (Ruiz et al. 2023, eq. 2); None for an ordinary batch."""
+    flag = batch.get(PRIOR_FLAG)
+    if flag is None:
+        return None
+    n_prior, n = int(flag.sum()), int((~flag).sum())
+    return torch.where(flag, weight / max(n_prior, 1), 1.0 / max(n, 1)).float()

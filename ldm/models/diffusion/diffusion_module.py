@@ -25,7 +25,7 @@ from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_ten
     rescale_zero_terminal_snr
 from ldm.modules.ema import LitEma
 from ldm import generation
-from ldm.modules.model_inputs import ConditionInput, InpaintMode
+from ldm.modules.model_inputs import ConditionInput, InpaintMode, prior_weights, with_prior
 from ldm.sampling import CompVisDenoiser, Conditioning
 from ldm.sampling.samplers import Generator
 from ldm.util import ConfigError, instantiate_from_config
@@ -121,7 +121,7 @@ class DDPM(pl.LightningModule):
                  logvar_init: float = 0.0, zero_terminal_snr: bool = False, offset_noise: float = 0.0,
                  loss_weighting=None, timestep_sampler=None, ema_decay: float = 0.9999, ucg_rate: float = 0.0,
                  sample_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0, lora_config=None,
-                 **unused: Any):
+                 prior_loss_weight: float = 1.0, **unused: Any):
         super().__init__()
         if unused:
             logger.warning("DDPM: ignoring unsupported config keys: %s", ", ".join(sorted(unused)))
@@ -141,6 +141,7 @@ class DDPM(pl.LightningModule):
         self.v_posterior, self.original_elbo_weight, self.l_simple_weight = v_posterior, original_elbo_weight, l_simple_weight
         self.loss_type = loss_type
         self.ucg_rate = ucg_rate
+        self.prior_loss_weight = float(prior_loss_weight)  # DreamBooth batches (ldm.data.dreambooth) only
         self.sample_steps, self.sampler_name, self.guidance_scale = sample_steps, sampler, guidance_scale
         if monitor is not None:
             self.monitor = monitor
@@ -270,12 +271,12 @@ class DDPM(pl.LightningModule):
         return self.model(x_noisy, t)
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: Optional[torch.Tensor] = None,
-                 noise: Optional[torch.Tensor] = None):
+                 noise: Optional[torch.Tensor] = None, sample_weights: Optional[torch.Tensor] = None):
         """The denoising loss at timesteps t (drawn when None): one call of `self.loss_fn`."""
         return self.loss_fn(self.apply_model, x_start, cond, self.sqrt_alphas_cumprod,
                             self.sqrt_one_minus_alphas_cumprod, t=t, noise=noise, logvar=self.logvar,
                             vlb_weights=getattr(self, "lvlb_weights", None),
-                            prefix="train" if self.training else "val")
+                            prefix="train" if self.training else "val", sample_weights=sample_weights)
 
     def get_input(self, batch: dict, k: str) -> torch.Tensor:
         x = batch[k]
@@ -284,9 +285,15 @@ class DDPM(pl.LightningModule):
         return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
 
     def shared_step(self, batch: dict):
-        return self.p_losses(self.get_input(batch, self.first_stage_key), None)
+        return self.p_losses(self.get_input(batch, self.first_stage_key), None, sample_weights=self.item_weights(batch))
+
+    def item_weights(self, batch: dict) -> Optional[torch.Tensor]:
+        """The loss weights of a DreamBooth batch's items (instance mean + prior_loss_weight x class mean), else None."""
+        weights = prior_weights(batch, self.prior_loss_weight)
+        return None if weights is None else weights.to(self.device)
 
     def training_step(self, batch, batch_idx):
+        batch = with_prior(batch)
         loss, log = self.shared_step(batch)
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=self._bs(batch))
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=self._bs(batch))
@@ -302,6 +309,7 @@ class DDPM(pl.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx):
+        batch = with_prior(batch)
         _, log = self.shared_step(batch)
         self.log_dict(log, sync_dist=True, batch_size=self._bs(batch))
         if self.use_ema:

@@ -142,7 +142,7 @@ class LatentInpaintDiffusion(LatentDiffusion):
         if self.cond_stage_trainable and "c_crossattn" in c:
             with torch.enable_grad():
                 c["c_crossattn"] = [self.get_learned_conditioning(c["c_crossattn"][0])]
-        return self.p_losses(z, c)
+        return self.p_losses(z, c, sample_weights=self.item_weights(batch))
 
     # -- images ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -343,7 +343,7 @@ class LatentDiffusion(DDPM):
         if self.cond_stage_trainable and c is not None:
             with torch.enable_grad():
                 c = self.get_learned_conditioning(c)
-        return self.p_losses(z, c)
+        return self.p_losses(z, c, sample_weights=self.item_weights(batch))
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False):
         if cond is None:

@@ -102,8 +102,11 @@ class DiffusionLoss:
     def __call__(self, net: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Any, alphas: torch.Tensor,
                  sigmas: torch.Tensor, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
                  logvar: Optional[torch.Tensor] = None, vlb_weights: Optional[torch.Tensor] = None,
-                 prefix: str = "train") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`alphas`, `sigmas`: the schedule's sqrt(a_t) and sqrt(1 - a_t) tables; `vlb_weights` when the VLB term is on."""
+                 prefix: str = "train", sample_weights: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`alphas`, `sigmas`: the schedule's sqrt(a_t) and sqrt(1 - a_t) tables; `vlb_weights` when the VLB term is on;
+        `sample_weights`: the items' weights, summing the weighted losses in place of their mean (DreamBooth's
+        prior preservation)."""
         t = self.timestep_sampler(x0.shape[0], x0.device) if t is None else t
         noise = self.make_noise(x0) if noise is None else noise
         shape = (-1,) + (1,) * (x0.dim() - 1)
@@ -116,7 +119,7 @@ class DiffusionLoss:
         if logvar is not None:
             logvar_t = logvar[t]
             loss = loss / torch.exp(logvar_t) + logvar_t
-        total = self.l_simple_weight * loss.mean()
+        total = self.l_simple_weight * (loss.mean() if sample_weights is None else (sample_weights * loss).sum())
         log = {f"{prefix}/loss_simple": loss_simple.mean()}
         if self.original_elbo_weight:
             loss_vlb = (vlb_weights[t] * loss_simple).mean()
