@@ -94,6 +94,17 @@ def decode_latents(model, z: torch.Tensor) -> torch.Tensor:
 
 
 # -- the recipe -------------------------------------------------------------------------------------------
+def model_device(model) -> torch.device:
+    """Where `model` lives: its `device` (Lightning modules), else its first parameter's or buffer's."""
+    device = getattr(model, "device", None)
+    if device is not None:
+        return torch.device(device)
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _batch_size(n: Optional[int], conditioning: Conditioning, *tensors: Optional[torch.Tensor]) -> int:
     if n is not None:
         return int(n)
@@ -141,11 +152,16 @@ def generate(model, conditioning: Optional[Conditioning] = None, n: Optional[int
     integer timesteps (the CompVis shells).
     """
     conditioning = conditioning if conditioning is not None else Conditioning()
-    device = model.device
-    steps, sampler = steps or model.sample_steps, sampler or model.sampler_name
-    scale = model.guidance_scale if scale is None else scale
+    device = model_device(model)  # a CompVis-like model (the DDIM / PLMS shells') has only what they read
+    sampler = sampler or getattr(model, "sampler_name", "ddim")
+    scale = getattr(model, "guidance_scale", 1.0) if scale is None else scale
     den = model.denoiser(quantize=quantize) if hasattr(model, "denoiser") else CompVisDenoiser(model, quantize=quantize)
-    sigmas = (get_sigmas(den.schedule, steps, spacing) if sigmas is None else sigmas).to(device)
+    if sigmas is None:
+        steps = steps or getattr(model, "sample_steps", None)
+        if not steps:
+            raise ValueError("generate: give the number of steps (or sigmas)")
+        sigmas = get_sigmas(den.schedule, steps, spacing)
+    sigmas = sigmas.to(device)
     guided = CFGDenoiser(den, scale=scale, rescale=rescale)
     if getattr(model, "clip_denoised", False) if threshold is None else threshold:
         guided = ThresholdedDenoiser(guided, mode=ThresholdMode.STATIC)  # pixel space: x0 within the data range

@@ -393,3 +393,16 @@ def test_the_registry_describes_each_sampler_as_its_signature_is():
     assert eta_option("ddim", 0.5) == {"eta": 0.5} and eta_option("euler", 0.0) == {}
     with pytest.raises(ValueError, match="sampler 'heun' has no eta"):
         eta_option("heun", 0.3)
+
+
+def test_compvis_ddim_shell_decode_runs_any_compvis_like_model_as_its_sample_does():
+    """decode (img2img's second half) goes through ldm.generation.generate, which must not ask a CompVis-like model
+    for more than the shells read (no .device, no sampling defaults)."""
+    model = _CompVisLike()
+    g = torch.Generator().manual_seed(7)
+    x_T, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    sampler = DDIMSampler(model)
+    sampled, _ = sampler.sample(10, 2, (4, 8, 8), conditioning=c, x_T=x_T, verbose=False)
+    decoded = sampler.decode(x_T, c, t_start=len(sampler.ddim_timesteps))
+    assert decoded.shape == sampled.shape and torch.allclose(decoded, sampled, atol=1e-4), \
+        (decoded - sampled).abs().max()
