@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 if sys.argv[1] == "--compare":
     a, b = torch.load(sys.argv[2]), torch.load(sys.argv[3])
@@ -21,7 +20,10 @@ if sys.argv[1] == "--compare":
     sys.exit(0)
 repo = Path(sys.argv[1]).resolve()
 sys.path.insert(0, str(repo))
-from ldm.util import instantiate_from_config, load_config  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))
+from _helpers import perturb, tiny_sd2  # noqa: E402
 
 try:
     from ldm.generation import img2img, sample_prompts
@@ -33,26 +35,11 @@ from ldm.eval.generate import conditions_for, generate  # noqa: E402
 
 
 def tiny(name):
-    cfg = load_config(repo / f"configs/stable-diffusion/{name}.yaml")
-    p = cfg.model.params
-    u = p.unet_config.params
-    u.model_channels, u.context_dim, u.use_checkpoint = 32, 16, False
-    u.channel_mult, u.attention_resolutions, u.num_res_blocks = [1, 2], [1, 2], 1
-    if "disable_self_attentions" in u:
-        u.disable_self_attentions = [True, False]
-    if u.get("num_head_channels", -1) not in (-1, None):
-        u.num_head_channels = 16
-    else:
-        u.num_heads = 2
-    fs = p.first_stage_config.params.ddconfig
-    fs.ch, fs.num_res_blocks, fs.resolution = 16, 1, 32
-    p.cond_stage_config = OmegaConf.create({"target": "ldm.modules.encoders.modules.IdentityEncoder"})
+    """A tiny SD2 model of the checkout under test (tests/_helpers of this script's own checkout builds the config),
+    perturbed, with a stand-in text encoder."""
     torch.manual_seed(0)
-    m = instantiate_from_config(cfg.model).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for q in m.parameters():
-            q.add_(torch.randn(q.shape, generator=g) * 0.05)
+    m = instantiate_from_config(tiny_sd2(name).model).eval()
+    perturb(m, seed=1)
     m.get_learned_conditioning = lambda texts: torch.stack([torch.full((3, 16), len(t) / 10) for t in texts])
     return m
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm.cli import UsageError, add_sampler_choice, check_options, sampler_name  # noqa: E402
-from ldm.data.folder import IMAGE_EXTENSIONS  # noqa: E402
+from ldm.data.folder import IMAGE_EXTENSIONS, scan_images  # noqa: E402
 from ldm.errors import entry_point  # noqa: E402
 from ldm.files import save_png, to_uint8  # noqa: E402
 from ldm.generation import image_seeds, sample_prompts  # noqa: E402
@@ -59,7 +59,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def class_images(folder: Path) -> list[Path]:
-    return sorted(q for q in folder.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+    return scan_images(folder, IMAGE_EXTENSIONS) if folder.is_dir() else []
 
 
 def make_class_images(opt, config: Path) -> int:

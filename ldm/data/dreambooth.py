@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 from torch.utils.data import Dataset
 
-from ldm.data.folder import IMAGE_EXTENSIONS, ImageFolder
+from ldm.data.folder import IMAGE_EXTENSIONS, ImageFolder, scan_images
 from ldm.errors import InputError
 from ldm.modules.model_inputs import PRIOR_PREFIX
 
@@ -37,7 +37,7 @@ class DreamBoothDataset(Dataset):
             if not class_prompt:
                 raise InputError("DreamBoothDataset: class_dir is given without class_prompt")
             folder = Path(class_dir)
-            found = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() else []
+            found = scan_images(folder, IMAGE_EXTENSIONS) if folder.is_dir() else []
             if len(found) < min_class_images:
                 raise InputError(f"DreamBoothDataset: {folder} has {len(found)} class images, {min_class_images} "
                                  f"wanted; make them with scripts/dreambooth.py (it generates the missing ones "
