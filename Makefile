@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 NB_STAMP := $(VENV)/.notebook-installed
 
-.PHONY: quickstart test notebooks install clean-venv
+.PHONY: quickstart test test-slow notebooks install clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# the tests marked slow (torch.compile forward + backward on the CPU, a few minutes); CI runs them after `make test`
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -m slow
 
 $(NB_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install -c constraints.txt -e ".[notebook]"

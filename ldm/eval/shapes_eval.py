@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ldm.errors import InputError
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, parse_caption, shape_coverage
+from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, color_rgb, parse_caption, shape_coverage
 
 ATTRIBUTES = ("shape", "color", "size", "position")
 # A pixel belongs to the object where it is at least this far (fraction) from background to object color.
@@ -51,8 +51,14 @@ def _to_uint8_hwc(img: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
     return np.clip((img.astype(np.float64) + 1.0) * 127.5, 0, 255)
 
 
-def read_image(img: Union[np.ndarray, torch.Tensor]) -> Reading:
-    """Segment the object from the (gray, flat) background and classify its attributes."""
+def palette(colors: Optional[Sequence[str]] = None) -> dict[str, tuple[int, int, int]]:
+    """Name -> RGB of the colours the evaluator tells apart: the training grammar's, or `colors` (may name NEW_COLORS)."""
+    return dict(COLORS) if colors is None else {name: color_rgb(name) for name in colors}
+
+
+def read_image(img: Union[np.ndarray, torch.Tensor], colors: Optional[Mapping[str, Sequence[int]]] = None) -> Reading:
+    """Segment the object from the (gray, flat) background and classify its attributes; the colour is the nearest
+    of `colors` (name -> RGB; default the training grammar's six)."""
     x = _to_uint8_hwc(img)
     side = x.shape[0]
     border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
@@ -78,8 +84,9 @@ def read_image(img: Union[np.ndarray, torch.Tensor]) -> Reading:
     col_occ, row_occ = box.max(axis=0), box.max(axis=1)
     w, h = col_occ.sum(), row_occ.sum()
     shape = _classify_shape(soft, mask)
-    palette = np.array(list(COLORS.values()), dtype=np.float64)
-    color = list(COLORS)[int(np.argmin(np.linalg.norm(palette - obj_color, axis=1)))]
+    colors = COLORS if colors is None else colors
+    rgb = np.array(list(colors.values()), dtype=np.float64)
+    color = list(colors)[int(np.argmin(np.linalg.norm(rgb - obj_color, axis=1)))]
     extent = max(h, w) / side
     small, large = 2 * SIZES["small"], 2 * SIZES["large"]
     size = "small" if extent < (small + large) / 2 else "large"
@@ -137,13 +144,15 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
-def score(images: Iterable, prompts: Sequence[Union[str, dict]]) -> dict:
-    """Per-attribute accuracy and the all-four rate of `images` against their prompts (captions or dicts)."""
+def score(images: Iterable, prompts: Sequence[Union[str, dict]], colors: Optional[Sequence[str]] = None) -> dict:
+    """Per-attribute accuracy and the all-four rate of `images` against their prompts (captions or dicts). `colors`:
+    the colour names read and told apart (default the training grammar's six; add NEW_COLORS to score a new word)."""
+    table = palette(colors)
     hits = {a: 0 for a in ATTRIBUTES}
     all_ok, n = 0, 0
     for img, prompt in zip(images, prompts):
-        want = parse_caption(prompt) if isinstance(prompt, str) else prompt
-        got = read_image(img).as_dict()
+        want = parse_caption(prompt, colors=tuple(table)) if isinstance(prompt, str) else prompt
+        got = read_image(img, table).as_dict()
         ok = [got[a] == want[a] for a in ATTRIBUTES]
         for a, o in zip(ATTRIBUTES, ok):
             hits[a] += int(o)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ldm.checkpoint import ModelKind, init_from_ckpt
+from ldm.compile import CompileSettings, compile_networks
 from ldm.lora import LoraFineTuning, LoraSettings
 from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
 from ldm.modules.diffusionmodules.loss import DiffusionLoss, SimpleWeighting, UniformTimesteps, vlb_weights
@@ -121,7 +122,7 @@ class DDPM(pl.LightningModule):
                  logvar_init: float = 0.0, zero_terminal_snr: bool = False, offset_noise: float = 0.0,
                  loss_weighting=None, timestep_sampler=None, ema_decay: float = 0.9999, ucg_rate: float = 0.0,
                  sample_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0, lora_config=None,
-                 prior_loss_weight: float = 1.0, **unused: Any):
+                 prior_loss_weight: float = 1.0, compile: Any = None, **unused: Any):
         super().__init__()
         if unused:
             logger.warning("DDPM: ignoring unsupported config keys: %s", ", ".join(sorted(unused)))
@@ -167,6 +168,8 @@ class DDPM(pl.LightningModule):
         self.restarted_from_ckpt = False
         # LoRA fine-tuning (ldm.lora): the adapters are added when the base weights are loaded (init_from_ckpt)
         self.finetuning = LoraFineTuning(LoraSettings(**lora_config)) if lora_config else None
+        # opt-in torch.compile (ldm.compile), applied when a Trainer sets the model up (configure_model)
+        self.compile_settings = CompileSettings.parse(compile)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
 
@@ -206,6 +209,16 @@ class DDPM(pl.LightningModule):
         if self.use_ema:
             self.model_ema.decay = self.model_ema.decay.float()
         return self
+
+    # -- compilation ----------------------------------------------------------------------------
+    def compile_networks(self, settings: Optional[CompileSettings] = None) -> list[str]:
+        """torch.compile the UNet (and the decoder, if asked) in place: `settings`, else the config's `compile`."""
+        settings = settings or self.compile_settings
+        return compile_networks(self, settings) if settings is not None else []
+
+    def configure_model(self) -> None:
+        """Lightning's set-up hook (fit, validate, test, predict): compiles what `model.params.compile` names."""
+        self.compile_networks()
 
     # -- EMA ------------------------------------------------------------------------------------
     @contextmanager

@@ -1,0 +1,144 @@
+"""Benchmark: main.py's training step against a bare PyTorch loop on the same model, data and optimizer (issue 25).
+
+    python benchmarks/train_step_overhead.py [--which ldm ae] [--steps 300] [--warmup 50] [--rounds 2] [--compile]
+
+For each model (the shapes text-to-image LDM of the quickstart, batch 64 of cached 8x8x4 latents; the shapes
+KL-f4 autoencoder, batch 16 of 32x32 images), in alternating rounds:
+- main.py trains `--steps` steps with its default callbacks (checkpointing, image logging, CSV logging, progress
+  off) and `ldm.callbacks.StepTimer` times the steps after `--warmup`;
+- a bare loop in this process builds the same model from the same config, takes batches from the same data
+  module, and runs the module's own loss (`shared_step`; the autoencoder's reconstruction loss), backward, the
+  optimizer and scheduler steps and the EMA update, timed over the same steps.
+Prints the mean ms per step (main.py's validation, checkpoints and image logging included, when they fall in the
+timed steps) and the median (the step itself) of each, and the ratios main.py / bare (<= 1.10 is the goal). The LDM's autoencoder is a
+random-weights checkpoint written once (the step's cost does not depend on the weights). `--compile` sets
+model.params.compile (ldm.compile) in both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ldm.util import instantiate_from_config, load_config  # noqa: E402
+
+CONFIGS = {"ldm": "configs/ldm/shapes_txt2img.yaml", "ae": "configs/autoencoder/shapes_kl_f4.yaml"}
+
+
+def random_autoencoder(workdir: Path) -> Path:
+    """A checkpoint of the shapes autoencoder at initialisation (the LDM config needs one for its latents)."""
+    path = workdir / "ae_init.ckpt"
+    if not path.exists():
+        torch.manual_seed(0)
+        ae = instantiate_from_config(load_config(ROOT / CONFIGS["ae"]).model)
+        torch.save({"state_dict": ae.state_dict()}, path)
+    return path
+
+
+def overrides(which: str, workdir: Path, steps: int, compile_: bool) -> list[str]:
+    out = [f"lightning.trainer.max_steps={steps}", "lightning.trainer.enable_progress_bar=false"]
+    if which == "ldm":
+        out += [f"model.params.first_stage_config.params.ckpt_path={random_autoencoder(workdir)}",
+                f"data.params.train.params.cache_dir={workdir / 'latents'}"]
+    if compile_:
+        out.append("model.params.compile=true")
+    return out
+
+
+def run_main(which: str, workdir: Path, steps: int, warmup: int, compile_: bool) -> tuple[float, float]:
+    """Mean and median ms per step of main.py after `warmup` steps (StepTimer)."""
+    out = workdir / f"step_time_{which}.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "main.py", "--base", CONFIGS[which], "-t", "-n", f"overhead_{which}", "-l",
+           str(workdir / "logs"), *overrides(which, workdir, steps, compile_),
+           "lightning.callbacks.step_timer.target=ldm.callbacks.StepTimer",
+           f"lightning.callbacks.step_timer.params.warmup={warmup}", f"lightning.callbacks.step_timer.params.out={out}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = json.loads(out.read_text())
+    return result["ms_per_step"], result["median_ms"]
+
+
+def run_bare(which: str, workdir: Path, steps: int, warmup: int, compile_: bool) -> tuple[float, float]:
+    """Mean and median ms per step of a plain loop over the same model, data module and optimizer (the modules'
+    train / eval modes left as built, as Lightning leaves them)."""
+    cfg = OmegaConf.merge(load_config(ROOT / CONFIGS[which]),
+                          OmegaConf.from_dotlist(overrides(which, workdir, steps, compile_)))
+    torch.manual_seed(23)
+    model = instantiate_from_config(cfg.model)
+    model.configure_model()
+    data = instantiate_from_config(cfg.data)
+    data.prepare_data()
+    data.setup("fit")
+    model.learning_rate = cfg.model.base_learning_rate * cfg.data.params.batch_size  # main.py's --scale_lr, 1 device
+    optimizers = model.configure_optimizers()
+    if isinstance(optimizers, tuple) or (isinstance(optimizers, list) and isinstance(optimizers[0], list)):
+        opts, scheds = optimizers[0], [s["scheduler"] if isinstance(s, dict) else s for s in optimizers[1]]
+    else:
+        opts, scheds = (optimizers if isinstance(optimizers, list) else [optimizers]), []
+    opt = opts[0]
+    step, times = 0, []
+    while step < steps:
+        for batch in data.train_dataloader():
+            if which == "ldm":
+                if step == 0:
+                    model.on_train_batch_start(batch, 0)
+                loss, _ = model.shared_step(batch)
+            else:
+                x = model.get_input(batch)
+                rec, aux = model._forward_train(x)
+                loss, _ = model._loss_call(x, rec, aux, 0, "train", step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for s in scheds:
+                s.step()
+            if getattr(model, "use_ema", False):
+                model.model_ema(model.model)
+            step += 1
+            if step >= warmup:
+                times.append(time.perf_counter())
+            if step >= steps:
+                break
+    gaps = [1000 * (b - a) for a, b in zip(times, times[1:])]
+    return statistics.mean(gaps), statistics.median(gaps)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--which", nargs="*", default=["ldm", "ae"], choices=list(CONFIGS))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=2, help="alternating main.py / bare rounds; medians reported")
+    p.add_argument("--compile", action="store_true", help="model.params.compile=true in both")
+    p.add_argument("--workdir", default=None, help="default: a temporary folder")
+    args = p.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ldm_overhead_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps, timed after "
+          f"{args.warmup}; compile {args.compile}")
+    print("| model | main.py ms/step: mean / median | bare loop: mean / median | main.py / bare: mean / median |")
+    print("| --- | ---: | ---: | ---: |")
+    for which in args.which:
+        runs = []
+        for _ in range(args.rounds):
+            runs.append(run_main(which, workdir, args.steps, args.warmup, args.compile)
+                        + run_bare(which, workdir, args.steps, args.warmup, args.compile))
+        mm, md, bm, bd = (statistics.median(r[k] for r in runs) for k in range(4))
+        rounds = "; ".join("/".join(f"{v:.1f}" for v in r) for r in runs)
+        print(f"| {which} | {mm:.1f} / {md:.1f} | {bm:.1f} / {bd:.1f} | **{mm / bm:.3f}** / **{md / bd:.3f}** "
+              f"(rounds, main mean/median/bare mean/median: {rounds}) |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
