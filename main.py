@@ -20,7 +20,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.callbacks import ImageLogger, SetupCallback  # noqa: F401  (CompVis import paths: main.ImageLogger, ...)
+from ldm.callbacks import ImageLogger, RankSeed, SetupCallback  # noqa: F401  (CompVis paths: main.ImageLogger, ...)
 from ldm.checkpoint import load_checkpoint, load_state_dict_checked
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401  (CompVis import path)
 from ldm.errors import USER_ERRORS, report
@@ -214,15 +214,16 @@ def set_learning_rate(model, config: DictConfig, trainer, scale_lr: bool) -> Non
     base_lr = float(config.model.get("base_learning_rate", 1e-4))
     bs = int(config.data.params.batch_size) if "params" in config.data else 1
     accumulate = int(trainer.accumulate_grad_batches)
-    ndev = int(trainer.num_devices) * int(trainer.num_nodes)
+    nodes, devices = int(trainer.num_nodes), int(trainer.num_devices)
+    say = print if trainer.global_rank == 0 else (lambda *a, **k: None)  # once per run, not once per process
     if scale_lr:
-        model.learning_rate = accumulate * ndev * bs * base_lr
-        print(f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * "
-              f"{ndev} (num devices) * {bs} (batchsize) * {base_lr:.2e} (base_lr)")
+        model.learning_rate = accumulate * nodes * devices * bs * base_lr
+        say(f"Setting learning rate to {model.learning_rate:.2e} = {accumulate} (accumulate_grad_batches) * "
+            f"{nodes} (num_nodes) * {devices} (devices per node) * {bs} (batchsize) * {base_lr:.2e} (base_lr)")
     else:
         model.learning_rate = base_lr
-        print(f"++++ NOT USING LR SCALING (--scale_lr false) ++++\nSetting learning rate to {model.learning_rate:.2e} "
-              f"= {base_lr:.2e} (base_lr)")
+        say(f"++++ NOT USING LR SCALING (--scale_lr false) ++++\nSetting learning rate to {model.learning_rate:.2e} "
+            f"= {base_lr:.2e} (base_lr)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -282,6 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{k:<10} {ds.__class__.__name__:<24} {len(ds)} items")
         trainer_kwargs = build_trainer_kwargs(lightning_config, config, model, logdir, ckptdir, cfgdir, now,
                                               resume=bool(run.ckpt))
+        trainer_kwargs["callbacks"] = list(trainer_kwargs.get("callbacks") or []) + [RankSeed(opt.seed)]
         trainer = pl.Trainer(**trainer_kwargs)
         set_learning_rate(model, config, trainer, opt.scale_lr)
     except USER_ERRORS as e:

@@ -203,6 +203,25 @@ class FinalCheckpoint(pl.Callback):
             logger.info("training ended at step %d: checkpoint written to %s", trainer.global_step, self.ckpt_path)
 
 
+class RankSeed(pl.Callback):
+    """Per-rank seeding: every rank builds the model under `seed` (the same initial weights); once training starts
+    (after Lightning's DDP set-up has re-seeded every rank with `seed`), rank r draws its noise, timesteps and
+    condition dropout under seed + r, so that ranks do not repeat each other's noise. The data order is left alone:
+    Lightning seeds its DistributedSampler from the run's seed, the same on every rank."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = int(seed)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank:
+            import random
+            seed = self.seed + trainer.global_rank
+            random.seed(seed)
+            np.random.seed(seed % 2 ** 32)
+            torch.manual_seed(seed)
+
+
 class StepTimer(pl.Callback):
     """Wall time per optimizer step after `warmup` steps (start-up and first-batch compilation excluded): the mean
     (validation, checkpoints and image logging included) and the median (the step itself). Logged at the end of

@@ -79,3 +79,23 @@ def tiny_sd2(name: str):
     fs.ch, fs.num_res_blocks, fs.resolution = 16, 1, 32
     p.cond_stage_config = OmegaConf.create({"target": "ldm.modules.encoders.modules.IdentityEncoder"})
     return cfg
+
+
+class SeedProbe:
+    """A Lightning callback (main.py config target) writing each rank's training seed, checkpoint
+    folder and data-order seed to OUT/rank<r>.json."""
+
+    def __new__(cls, out: str):
+        import json
+        from pathlib import Path
+
+        import pytorch_lightning as pl
+        import torch
+
+        class _Probe(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                Path(out).mkdir(parents=True, exist_ok=True)
+                (Path(out) / f"rank{trainer.global_rank}.json").write_text(json.dumps({"seed": torch.initial_seed(), "ckpt_dir": str(trainer.checkpoint_callback.dirpath),
+                                "data_seed": trainer.train_dataloader.sampler.seed}))
+
+        return _Probe()

@@ -17,9 +17,10 @@ def _perturbed_tiny_ldm():
     return model, torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 5, 16)
 
 
+@pytest.mark.slow
 def test_compiled_unet_agrees_with_eager_when_sampling_and_keeps_its_keys():
     """Inductor on the CPU: the UNet's no-grad output (what samplers call) equals eager's within float tolerance;
-    the state-dict keys do not change (no `_orig_mod.`)."""
+    the state-dict keys do not change (no `_orig_mod.`). About a minute on 2 cores: `make test-slow`."""
     model, x, t, context = _perturbed_tiny_ldm()
     unet = model.model.diffusion_model
     keys = list(model.state_dict())

@@ -52,6 +52,31 @@ def test_train_then_resume_continues_at_saved_step(tmp_path):
     assert "ch: 8" in sorted((rd / "configs").glob("*-project.yaml"))[-1].read_text()
 
 
+def test_two_ddp_processes_print_the_lr_line_once_and_draw_noise_under_their_own_seeds(tmp_path):
+    """main.py on 2 CPU processes (DDP, gloo): the learning-rate line, with both devices in it, is printed by rank 0
+    only; every rank trains under seed + rank (the model is built under --seed before that)."""
+    import json
+    import subprocess
+    import sys
+    probe = tmp_path / "probe"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), str(ROOT / "tests"),
+                                                                   os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "main.py"), "--base", CFG, "-t", "-n", "ddp", "-l", str(tmp_path), "-s", "7",
+           "lightning.trainer.max_steps=2", "lightning.trainer.accelerator=cpu", "lightning.trainer.devices=2",
+           "lightning.trainer.strategy=ddp", "lightning.callbacks.probe.target=_helpers.SeedProbe",
+           f"lightning.callbacks.probe.params.out={probe}"] + TINY
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Setting learning rate") == 1
+    assert "1 (num_nodes) * 2 (devices per node) * 4 (batchsize)" in proc.stdout
+    seen = {r: json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)}
+    assert seen[0]["seed"] == 7 and seen[1]["seed"] == 8
+    assert seen[0]["data_seed"] == seen[1]["data_seed"] == 7  # one data order: the ranks read disjoint parts of it
+    # one run directory; Lightning hands rank 0's checkpoint folder to rank 1
+    assert seen[0]["ckpt_dir"] == seen[1]["ckpt_dir"] and len(glob.glob(str(tmp_path / "*_ddp"))) == 1
+
+
 def test_bad_yaml_and_missing_keys_exit_cleanly(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  target: [unclosed\n")
@@ -111,7 +136,8 @@ def test_scale_lr_is_on_by_default_and_prints_formula(tmp_path, capsys):
     """CompVis scales by default (the paper configs' base_learning_rate assume it); old code did not."""
     assert run(["--base", CFG, "-n", "lr", "model.base_learning_rate=2e-3"] + TINY, tmp_path) == 0
     out = capsys.readouterr().out
-    assert "Setting learning rate to 8.00e-03 = 1 (accumulate_grad_batches) * 1 (num devices) * 4 (batchsize)" in out
+    assert ("Setting learning rate to 8.00e-03 = 1 (accumulate_grad_batches) * 1 (num_nodes) * 1 (devices per node) * "
+            "4 (batchsize)") in out
     assert run(["--base", CFG, "-n", "lr2", "--scale_lr", "false", "model.base_learning_rate=2e-3"] + TINY, tmp_path) == 0
     out = capsys.readouterr().out
     assert "NOT USING LR SCALING" in out and "Setting learning rate to 2.00e-03" in out

@@ -14,6 +14,7 @@ Images come out HWC in [-1, 1] under `image_key`; captions under `txt`.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -25,7 +26,8 @@ import pytorch_lightning as pl
 import torch
 
 from ldm.data.local import DatasetNotFound
-from ldm.util import instantiate_from_config, report_once
+from ldm.data.shards import ResumableShards
+from ldm.util import ConfigError, instantiate_from_config, report_once
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +108,34 @@ class ImageToModelRange:
         return torch.from_numpy(arr / 127.5 - 1.0)
 
 
+class RawFilter:
+    """SampleFilter on a raw tar sample, decoding only its metadata and caption (cheap, for skipped samples too)."""
+
+    def __init__(self, image_key: str, sample_filter: SampleFilter):
+        self.image_key, self.sample_filter = image_key, sample_filter
+
+    def __call__(self, raw: Mapping[str, Any]) -> bool:
+        sample = {"json": json.loads(raw["json"]) if "json" in raw else {},
+                  "txt": raw["txt"].decode("utf-8") if isinstance(raw.get("txt"), bytes) else raw.get("txt", "")}
+        if self.image_key in raw:
+            sample[self.image_key] = raw[self.image_key]
+        return self.sample_filter(sample)
+
+
+class RawDecoder:
+    """A raw tar sample decoded as the streamed pipeline decodes it (images through the transforms, postprocess)."""
+
+    def __init__(self, image_key: str, transforms: Sequence[Callable], postprocess: Optional[Callable]):
+        import webdataset as wds
+        self.decoder = wds.autodecode.Decoder([wds.autodecode.imagehandler("pil")])
+        self.image_key, self.to_image, self.postprocess = image_key, ImageToModelRange(transforms), postprocess
+
+    def __call__(self, raw: Mapping[str, Any]) -> dict:
+        sample = self.decoder(dict(raw))
+        sample[self.image_key] = self.to_image(sample[self.image_key])
+        return self.postprocess(sample) if self.postprocess is not None else sample
+
+
 class WebDataModuleFromConfig(pl.LightningDataModule):
     """SD2's WebDataset data module over local tar shards (see the module docstring)."""
 
@@ -136,19 +166,54 @@ class WebDataModuleFromConfig(pl.LightningDataModule):
                       for t in (cfg.get("image_transforms") or [])]
         shuffle = int(cfg.get("shuffle", 0) or 0)
         nodesplitter = wds.shardlists.split_by_node if self.multinode else wds.shardlists.single_node_only
+        sample_filter = SampleFilter(image_key, **self.filters)
+        self.sample_filters[split] = sample_filter
+        postprocess = (instantiate_from_config(cfg["postprocess"], key=f"data.params.{split}.postprocess")
+                       if cfg.get("postprocess") is not None else None)
+        if cfg.get("resumable", False) and train:
+            if shuffle:
+                report_once("WebDataModuleFromConfig: `resumable` streams ignore `shuffle` (the shard order is "
+                            "permuted per epoch; shuffle samples when writing the shards)")
+            return ResumableShards(urls, self.batch_size, decode=RawDecoder(image_key, transforms, postprocess),
+                                   collate=dict_collation, keep=RawFilter(image_key, sample_filter),
+                                   seed=int(cfg.get("seed", 0)), start=self.batches_done())
         ds = wds.WebDataset(urls, nodesplitter=nodesplitter, shardshuffle=shuffle if shuffle > 0 else False,
                             handler=wds.warn_and_continue, empty_check=False)
         if cfg.get("repeat", train):
             ds = ds.repeat()
         if shuffle > 0:
             ds = ds.shuffle(shuffle)
-        sample_filter = SampleFilter(image_key, **self.filters)
-        self.sample_filters[split] = sample_filter
         ds = ds.decode("pil", handler=wds.warn_and_continue).select(sample_filter)
         ds = ds.map_dict(**{image_key: ImageToModelRange(transforms)}, handler=wds.warn_and_continue)
-        if cfg.get("postprocess") is not None:
-            ds = ds.map(instantiate_from_config(cfg["postprocess"], key=f"data.params.{split}.postprocess"))
+        if postprocess is not None:
+            ds = ds.map(postprocess)
         return ds.batched(self.batch_size, partial=not train, collation_fn=dict_collation)
+
+    def state_dict(self) -> dict:
+        """What a resumable stream's position depends on besides the step: saved in the run's checkpoints."""
+        from ldm.data.shards import rank_and_world
+        cfg = self.configs.get("train") or {}
+        if not cfg.get("resumable", False):
+            return {}
+        return {"num_workers": self.num_workers, "world_size": rank_and_world()[1], "seed": int(cfg.get("seed", 0)),
+                "shards": len(expand_shards(self.tar_base, cfg["shards"]))}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Refuse to resume a resumable stream with other workers, ranks, seed or shards (the position would be
+        another one)."""
+        now = self.state_dict()
+        changed = {k: (state[k], now[k]) for k in state if k in now and state[k] != now[k]}
+        if changed:
+            raise ConfigError("WebDataModuleFromConfig: the resumable stream was saved with "
+                              + ", ".join(f"{k}={old} (now {new})" for k, (old, new) in changed.items())
+                              + "; resume with the same settings, or start a new run from the checkpoint")
+
+    def batches_done(self) -> int:
+        """Training batches this rank has consumed: a resumed run's restored count (0 for a new run)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
 
     def _loader(self, split: str):
         import webdataset as wds

@@ -15,11 +15,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ldm.checkpoint import ModelKind, init_from_ckpt
 from ldm.compile import CompileSettings, compile_networks
 from ldm.lora import LoraFineTuning, LoraSettings
+from ldm.modules.diffusionmodules.batch_random import GlobalBatchRandom
 from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
 from ldm.modules.diffusionmodules.loss import DiffusionLoss, SimpleWeighting, UniformTimesteps, vlb_weights
 from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_tensor, make_beta_schedule, \
@@ -122,7 +124,8 @@ class DDPM(pl.LightningModule):
                  logvar_init: float = 0.0, zero_terminal_snr: bool = False, offset_noise: float = 0.0,
                  loss_weighting=None, timestep_sampler=None, ema_decay: float = 0.9999, ucg_rate: float = 0.0,
                  sample_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0, lora_config=None,
-                 prior_loss_weight: float = 1.0, compile: Any = None, **unused: Any):
+                 prior_loss_weight: float = 1.0, compile: Any = None, noise_seed: Optional[int] = None,
+                 **unused: Any):
         super().__init__()
         if unused:
             logger.warning("DDPM: ignoring unsupported config keys: %s", ", ".join(sorted(unused)))
@@ -170,6 +173,10 @@ class DDPM(pl.LightningModule):
         self.finetuning = LoraFineTuning(LoraSettings(**lora_config)) if lora_config else None
         # opt-in torch.compile (ldm.compile), applied when a Trainer sets the model up (configure_model)
         self.compile_settings = CompileSettings.parse(compile)
+        # noise_seed: training draws made for the global batch from (noise_seed, batch number), the same on every
+        # rank (ldm.modules.diffusionmodules.batch_random): a run then does not depend on how its batch is split
+        self.noise_seed = noise_seed
+        self.batch_random: Optional[GlobalBatchRandom] = None
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, only_model=load_only_unet)
 
@@ -289,7 +296,8 @@ class DDPM(pl.LightningModule):
         return self.loss_fn(self.apply_model, x_start, cond, self.sqrt_alphas_cumprod,
                             self.sqrt_one_minus_alphas_cumprod, t=t, noise=noise, logvar=self.logvar,
                             vlb_weights=getattr(self, "lvlb_weights", None),
-                            prefix="train" if self.training else "val", sample_weights=sample_weights)
+                            prefix="train" if self.training else "val", sample_weights=sample_weights,
+                            rng=self.batch_random)
 
     def get_input(self, batch: dict, k: str) -> torch.Tensor:
         x = batch[k]
@@ -305,9 +313,22 @@ class DDPM(pl.LightningModule):
         weights = prior_weights(batch, self.prior_loss_weight)
         return None if weights is None else weights.to(self.device)
 
+    def global_batch_random(self, stream: int = 0) -> Optional[GlobalBatchRandom]:
+        """This training batch's draws for the global batch (with `noise_seed`), else None (each rank's own RNG)."""
+        if self.noise_seed is None:
+            return None
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        batch = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer is not None else 0
+        return GlobalBatchRandom(self.noise_seed, batch, rank, world, self.device, stream=stream)
+
     def training_step(self, batch, batch_idx):
         batch = with_prior(batch)
-        loss, log = self.shared_step(batch)
+        self.batch_random = self.global_batch_random()
+        try:
+            loss, log = self.shared_step(batch)
+        finally:
+            self.batch_random = None
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=self._bs(batch))
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=self._bs(batch))
         if self.scheduler_config is not None:

@@ -11,6 +11,7 @@ from ldm import generation
 from ldm.errors import InputError
 from ldm.generation import first_stage_factor
 from ldm.models.diffusion.diffusion_module import DDPM, ConditioningKey, disabled_train
+from ldm.modules.diffusionmodules.batch_random import GlobalBatchRandom, posterior_sample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.model_inputs import (LATENT_KEY, ConditionInput, Encoding, InpaintMode, MaskConvention,  # noqa: F401
                                       masked_inputs, resize_mask, unscaled_latents)  # (Encoding: former import path)
@@ -44,12 +45,13 @@ def null_condition_like(c: Any, key: str, null_label: Optional[int] = None) -> A
     raise TypeError(f"cannot form a null condition for '{key}' of type {type(c).__name__}")
 
 
-def drop_conditions(c: Any, p: float, null: Any) -> Any:
-    """Each item of `c` replaced by its item of `null` with probability p (classifier-free guidance training)."""
+def drop_conditions(c: Any, p: float, null: Any, rng: Optional[GlobalBatchRandom] = None) -> Any:
+    """Each item of `c` replaced by its item of `null` with probability p (classifier-free guidance training); the
+    draws from `rng` (the global batch's) when given."""
     if isinstance(c, torch.Tensor):  # drawn where `c` lives: a host-to-device copy would wait for the GPU
-        drop = torch.rand(len(c), device=c.device) < p
+        drop = (rng.rand(len(c)).to(c.device) if rng is not None else torch.rand(len(c), device=c.device)) < p
         return torch.where(drop.view(-1, *([1] * (c.dim() - 1))), null, c)
-    drop = torch.rand(len(c)) < p
+    drop = (rng.rand(len(c)).cpu() if rng is not None else torch.rand(len(c))) < p
     return [nl if d else x for x, nl, d in zip(c, null, drop.tolist())]
 
 
@@ -136,6 +138,8 @@ class LatentDiffusion(DDPM):
 
     def get_first_stage_encoding(self, encoder_posterior) -> torch.Tensor:
         """A posterior sample (not its mode) times scale_factor, as trained in CompVis."""
+        if self.batch_random is not None and isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            return self.scale_factor * posterior_sample(encoder_posterior, self.batch_random)  # the global batch's
         return self.scale_factor * unscaled_latents(encoder_posterior, Encoding.SAMPLE)
 
     def encode_latents(self, x: torch.Tensor, encoding: Encoding = Encoding.MODE) -> torch.Tensor:
@@ -173,7 +177,10 @@ class LatentDiffusion(DDPM):
         # measured on the first stage's own latents (a configured factor is replaced, not multiplied), in float32
         # whatever autocast surrounds the hook
         with torch.autocast(self.device.type, enabled=False):
-            z = unscaled_latents(self.encode_batch(batch, self.first_stage_key)).detach().double().flatten()
+            posterior = self.encode_batch(batch, self.first_stage_key)
+            rng = self.global_batch_random(stream=1)  # with noise_seed: the global batch's draw, as training's
+            z = (posterior_sample(posterior, rng) if rng is not None and isinstance(posterior, DiagonalGaussianDistribution)
+                 else unscaled_latents(posterior)).detach().double().flatten()
         stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device, dtype=z.dtype)])
         s, s2, n = _all_reduce_sum(stats).tolist()
         var = (s2 - s * s / n) / (n - 1)
@@ -198,7 +205,7 @@ class LatentDiffusion(DDPM):
 
     def drop_condition(self, c: Any, p: float) -> Any:
         """Classifier-free guidance training: replace each item's condition by the null one with probability p."""
-        return drop_conditions(c, p, self.null_condition(c)) if p > 0 else c
+        return drop_conditions(c, p, self.null_condition(c), self.batch_random) if p > 0 else c
 
     def get_unconditional_conditioning(self, c_raw: Any) -> Any:
         return self.get_learned_conditioning(self.null_condition(c_raw))

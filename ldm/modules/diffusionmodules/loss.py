@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from ldm.modules.diffusionmodules.batch_random import GlobalBatchRandom
 from ldm.modules.diffusionmodules.denoiser_scaling import DenoiserScaling
 from ldm.modules.diffusionmodules.parameterization import Parameterization
 
@@ -91,24 +92,30 @@ class DiffusionLoss:
         self.loss_type = LossType(loss_type)
         self.l_simple_weight, self.original_elbo_weight, self.offset_noise = l_simple_weight, original_elbo_weight, offset_noise
 
-    def make_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """Gaussian noise, plus per-channel offset noise (Guttenberg 2023) when `offset_noise` > 0."""
+    def make_noise(self, x: torch.Tensor, rng: Optional[GlobalBatchRandom] = None) -> torch.Tensor:
+        """Gaussian noise, plus per-channel offset noise (Guttenberg 2023) when `offset_noise` > 0; drawn from `rng`
+        (the global batch's draws) when given."""
+        offset_shape = (x.shape[0], x.shape[1], *([1] * (x.dim() - 2)))
+        if rng is not None:
+            noise = rng.randn(x.shape, dtype=x.dtype)
+            return noise + self.offset_noise * rng.randn(offset_shape, dtype=x.dtype) if self.offset_noise > 0 else noise
         noise = torch.randn_like(x)
         if self.offset_noise > 0:
-            noise = noise + self.offset_noise * torch.randn(x.shape[0], x.shape[1], *([1] * (x.dim() - 2)),
-                                                            device=x.device, dtype=x.dtype)
+            noise = noise + self.offset_noise * torch.randn(offset_shape, device=x.device, dtype=x.dtype)
         return noise
 
     def __call__(self, net: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Any, alphas: torch.Tensor,
                  sigmas: torch.Tensor, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
                  logvar: Optional[torch.Tensor] = None, vlb_weights: Optional[torch.Tensor] = None,
-                 prefix: str = "train", sample_weights: Optional[torch.Tensor] = None
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 prefix: str = "train", sample_weights: Optional[torch.Tensor] = None,
+                 rng: Optional[GlobalBatchRandom] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """`alphas`, `sigmas`: the schedule's sqrt(a_t) and sqrt(1 - a_t) tables; `vlb_weights` when the VLB term is on;
         `sample_weights`: the items' weights, summing the weighted losses in place of their mean (DreamBooth's
-        prior preservation)."""
-        t = self.timestep_sampler(x0.shape[0], x0.device) if t is None else t
-        noise = self.make_noise(x0) if noise is None else noise
+        prior preservation); `rng`: draw t and the noise for the global batch (ldm.modules.diffusionmodules.batch_random)."""
+        if t is None:
+            t = (rng.timesteps(self.timestep_sampler, x0.shape[0]) if rng is not None
+                 else self.timestep_sampler(x0.shape[0], x0.device))
+        noise = self.make_noise(x0, rng) if noise is None else noise
         shape = (-1,) + (1,) * (x0.dim() - 1)
         alpha, sigma = alphas[t].view(shape), sigmas[t].view(shape)
         out = net(alpha * x0 + sigma * noise, t, cond)
