@@ -29,22 +29,6 @@ from ldm.errors import InputError  # noqa: E402
 logger = logging.getLogger("make_shards")
 
 
-def manifest_metadata(manifest: Path, root: Path) -> dict[Path, dict]:
-    """Extra fields of a JSONL manifest's rows (besides file and caption), by image path."""
-    if manifest.suffix.lower() not in (".jsonl", ".json"):
-        return {}
-    if not manifest.is_absolute() and not manifest.is_file():
-        manifest = root / manifest
-    out = {}
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            name = row.get("file") or row.get("image") or row.get("file_name")
-            out[root / name] = {k: v for k, v in row.items() if k not in ("file", "image", "file_name", "caption",
-                                                                          "text")}
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--indir", required=True, help="images with captions (NAME.txt, or --manifest)")
@@ -75,8 +59,6 @@ def main(argv=None) -> int:
     for f in existing:
         f.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    extra = manifest_metadata(Path(opt.manifest), Path(opt.indir)) if opt.manifest else {}
-    root = Path(opt.indir).expanduser()
     written, skipped = 0, []
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=opt.maxcount, maxsize=opt.maxsize,
                          verbose=0) as sink:
@@ -93,11 +75,11 @@ def main(argv=None) -> int:
             except Exception as e:  # unreadable: listed, left out
                 skipped.append((path, f"{type(e).__name__}: {e}"))
                 continue
-            meta = dict(extra.get(path, {}))
+            meta = dict(folder.metadata[k])
             side = path.with_suffix(".json")
             if side.is_file():
                 meta.update(json.loads(side.read_text(encoding="utf-8")))
-            meta.update(original_width=width, original_height=height, source=str(path.relative_to(root)))
+            meta.update(original_width=width, original_height=height, source=str(path.relative_to(folder.root)))
             ext = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
             sink.write({"__key__": f"{k:09d}", ext: path.read_bytes(), "txt": caption, "json": meta})
             written += 1

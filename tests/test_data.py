@@ -199,8 +199,10 @@ def test_caption_folder_txt_jsonl_csv(tmp_path):
     _write_png(tmp_path / "y.png", 90)  # no caption: skipped with a log line
     ds = ImageCaptionFolder(tmp_path, size=8, crop="random", flip=True, seed=0)
     assert len(ds) == 1 and ds[0]["caption"] == "a gray card"
-    (tmp_path / "m.jsonl").write_text(json.dumps({"file": "y.png", "caption": "second"}) + "\n")
-    assert ImageCaptionFolder(tmp_path, size=8, manifest="m.jsonl")[0]["caption"] == "second"
+    (tmp_path / "m.jsonl").write_text(json.dumps({"file": "y.png", "caption": "second", "aesthetic": 6}) + "\n")
+    listed = ImageCaptionFolder(tmp_path, size=8, manifest="m.jsonl")
+    assert listed[0]["caption"] == "second" and listed.metadata == [{"aesthetic": 6}]  # the row's other fields
+    assert ds.metadata == [{}]
     (tmp_path / "m.csv").write_text("file,caption\nx.png,first\ny.png,second\n")
     ds = ImageCaptionFolder(tmp_path, size=8, manifest=tmp_path / "m.csv")
     assert [ds[i]["caption"] for i in range(2)] == ["first", "second"]

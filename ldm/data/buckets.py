@@ -154,6 +154,7 @@ class BucketedImageCaptions(ImageCaptionFolder):
             raise FileNotFoundError(f"BucketedImageCaptions: no readable images under {root}")
         self.files = [self.files[k] for k in keep]
         self.captions = [self.captions[k] for k in keep]
+        self.metadata = [self.metadata[k] for k in keep]
         self.sizes = sizes
         self.bucket_of = [nearest_bucket(h, w, self.buckets) for h, w in sizes]
         self.members: dict[int, list[int]] = {}  # bucket -> its images; image -> its place there

@@ -114,20 +114,22 @@ class ImageCaptionFolder(_FileImages):
                  manifest: Optional[Union[str, Path]] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS,
                  seed: Optional[int] = None):
         root = check_root(root, "ImageCaptionFolder")
-        pairs = self._from_manifest(root, Path(manifest)) if manifest else self._from_txt(root, extensions)
-        if not pairs:
+        rows = self._from_manifest(root, Path(manifest)) if manifest else self._from_txt(root, extensions)
+        if not rows:
             raise FileNotFoundError(f"ImageCaptionFolder: no captioned images under {root}"
                                     + (f" listed in {manifest}" if manifest else " (expected NAME.txt beside NAME.png)"))
-        super().__init__([p for p, _ in pairs], size, crop, flip, seed)
-        self.captions = [c for _, c in pairs]
+        super().__init__([p for p, _, _ in rows], size, crop, flip, seed)
+        self.root = root
+        self.captions = [c for _, c, _ in rows]
+        self.metadata = [m for _, _, m in rows]  # a manifest row's other fields (none for .txt captions)
 
     @staticmethod
-    def _from_txt(root: Path, extensions: Sequence[str]) -> list[tuple[Path, str]]:
+    def _from_txt(root: Path, extensions: Sequence[str]) -> list[tuple[Path, str, dict]]:
         pairs, missing = [], 0
         for f in scan_images(root, extensions):
             txt = f.with_suffix(".txt")
             if txt.is_file():
-                pairs.append((f, txt.read_text(encoding="utf-8", errors="replace").strip()))
+                pairs.append((f, txt.read_text(encoding="utf-8", errors="replace").strip(), {}))
             else:
                 missing += 1
         if missing:
@@ -135,7 +137,7 @@ class ImageCaptionFolder(_FileImages):
         return pairs
 
     @staticmethod
-    def _from_manifest(root: Path, manifest: Path) -> list[tuple[Path, str]]:
+    def _from_manifest(root: Path, manifest: Path) -> list[tuple[Path, str, dict]]:
         if not manifest.is_absolute() and not manifest.is_file():
             manifest = root / manifest
         if not manifest.is_file():
@@ -160,7 +162,8 @@ class ImageCaptionFolder(_FileImages):
             cap = row.get("caption") if row.get("caption") is not None else row.get("text")
             if not name or cap is None:
                 raise ValueError(f"{manifest}: row {n} needs a `file` (or `image`) and a `caption` (or `text`) field")
-            pairs.append((root / name, str(cap)))
+            extra = {k: v for k, v in row.items() if k not in ("file", "image", "file_name", "caption", "text")}
+            pairs.append((root / name, str(cap), extra))
         return pairs
 
     def _item(self, i: int) -> dict:

@@ -138,9 +138,14 @@ class LatentDiffusion(DDPM):
 
     def get_first_stage_encoding(self, encoder_posterior) -> torch.Tensor:
         """A posterior sample (not its mode) times scale_factor, as trained in CompVis."""
-        if self.batch_random is not None and isinstance(encoder_posterior, DiagonalGaussianDistribution):
-            return self.scale_factor * posterior_sample(encoder_posterior, self.batch_random)  # the global batch's
-        return self.scale_factor * unscaled_latents(encoder_posterior, Encoding.SAMPLE)
+        return self.scale_factor * self._sampled_latents(encoder_posterior, self.batch_random)
+
+    @staticmethod
+    def _sampled_latents(encoder_posterior, rng) -> torch.Tensor:
+        """Unscaled latents, a KL posterior sampled with `rng`'s draw for the global batch when given (noise_seed)."""
+        if rng is not None and isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            return posterior_sample(encoder_posterior, rng)
+        return unscaled_latents(encoder_posterior, Encoding.SAMPLE)
 
     def encode_latents(self, x: torch.Tensor, encoding: Encoding = Encoding.MODE) -> torch.Tensor:
         """Scaled latents of images `x` (B, C, H, W in [-1, 1]) for any first stage (KL, VQ, identity)."""
@@ -177,10 +182,8 @@ class LatentDiffusion(DDPM):
         # measured on the first stage's own latents (a configured factor is replaced, not multiplied), in float32
         # whatever autocast surrounds the hook
         with torch.autocast(self.device.type, enabled=False):
-            posterior = self.encode_batch(batch, self.first_stage_key)
-            rng = self.global_batch_random(stream=1)  # with noise_seed: the global batch's draw, as training's
-            z = (posterior_sample(posterior, rng) if rng is not None and isinstance(posterior, DiagonalGaussianDistribution)
-                 else unscaled_latents(posterior)).detach().double().flatten()
+            z = self._sampled_latents(self.encode_batch(batch, self.first_stage_key),
+                                      self.global_batch_random(stream=1)).detach().double().flatten()
         stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device, dtype=z.dtype)])
         s, s2, n = _all_reduce_sum(stats).tolist()
         var = (s2 - s * s / n) / (n - 1)
