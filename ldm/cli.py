@@ -62,8 +62,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, n_samples: int, n_iter
 
 def add_generation_arguments(p) -> None:
     """--spacing and --guidance_rescale, which every task passes to `ldm.generation.generate`."""
-    p.add_argument("--spacing", default=Spacing.UNIFORM.value, choices=[s.value for s in Spacing],
-                   help="how the sampling steps are spread over the noise levels")
+    p.add_argument("--spacing", default=None, choices=[s.value for s in Spacing],
+                   help="how the sampling steps are spread over the noise levels (default: the model's "
+                        "sample_spacing, uniform unless its config says otherwise)")
     p.add_argument("--guidance_rescale", type=float, default=0.0,
                    help="guidance rescale phi in [0, 1] (Lin et al. 2023; 0.7 there): against over-exposure at high "
                         "scales, with zero-terminal-SNR models")
@@ -89,7 +90,8 @@ def add_sampler_choice(p, steps: int) -> None:
     p.add_argument("--plms", action="store_true", help="PLMS (same as --sampler plms)")
     p.add_argument("--dpm_solver", "--dpm", dest="dpm_solver", action="store_true",
                    help=f"DPM-Solver++ (2M), as the SD scripts' DPMSolverSampler (same as --sampler {DPM_SOLVER})")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="any sampler (default: ddim)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="any sampler (default: the model config's `sampler`, else ddim)")
 
 
 def add_output_arguments(p: argparse.ArgumentParser, outdir: str) -> None:
@@ -202,15 +204,16 @@ def check_options(opt: argparse.Namespace) -> None:
                     raise UsageError(f"--{flag} must {what}, got {v}")
 
 
-def sampler_name(opt: argparse.Namespace) -> str:
-    """The sampler named by --plms / --dpm_solver (--dpm) / --sampler; two different ones are an error."""
+def sampler_name(opt: argparse.Namespace, model=None) -> str:
+    """The sampler named by --plms / --dpm_solver (--dpm) / --sampler; two different ones are an error. With none
+    named: the model's own (its config's `sampler`, e.g. a consistency student's), else ddim."""
     picked = {name for flag, name in (("plms", "plms"), ("dpm_solver", DPM_SOLVER)) if getattr(opt, flag, False)}
     if opt.sampler:
         picked.add(opt.sampler)
     if len(picked) > 1:
         raise UsageError(f"conflicting sampler flags: {', '.join(sorted(picked))} (give one of --plms, --dpm_solver, "
                          f"--sampler NAME)")
-    return picked.pop() if picked else "ddim"
+    return picked.pop() if picked else getattr(model, "sampler_name", "ddim")
 
 
 def precision(opt: argparse.Namespace) -> Precision:

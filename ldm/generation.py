@@ -63,6 +63,11 @@ def size_multiple(model) -> int:
     return first_stage_factor(model) * (2 ** (len(mult) - 1) if mult is not None else 1)
 
 
+def guidance_as_input(model) -> bool:
+    """Whether `model` takes the guidance scale as a network input (one forward per step, no unconditional branch)."""
+    return bool(getattr(model, "takes_guidance", False))
+
+
 def reads(model, what: ConditionInput) -> bool:
     """Whether `model.conditioning()` reads `what` (prompts, labels, a mask...)."""
     return what in getattr(model, "condition_inputs", frozenset())
@@ -132,7 +137,7 @@ def _sample_shape(model, shape: Optional[Sequence[int]], conditioning: Condition
 @torch.no_grad()
 def generate(model, conditioning: Optional[Conditioning] = None, n: Optional[int] = None, *,
              steps: Optional[int] = None, sampler: Optional[str] = None, scale: Optional[float] = None,
-             rescale: float = 0.0, spacing: Union[Spacing, str] = Spacing.UNIFORM,
+             rescale: float = 0.0, spacing: Optional[Union[Spacing, str]] = None,
              sigmas: Optional[torch.Tensor] = None, generator: Generator = None, x_T: Optional[torch.Tensor] = None,
              shape: Optional[Sequence[int]] = None, image: Optional[torch.Tensor] = None,
              strength: Optional[float] = None, mask: Optional[torch.Tensor] = None,
@@ -149,12 +154,15 @@ def generate(model, conditioning: Optional[Conditioning] = None, n: Optional[int
     step (known-region replacement; RePaint resampling with `jump_n_sample` > 1). Guidance: `scale`
     (default the model's `guidance_scale`) with `rescale` (Lin et al. 2023). `threshold`: clip the x0
     estimate to [-1, 1] (default the model's `clip_denoised`, on for pixel-space DDPMs). `quantize`:
-    integer timesteps (the CompVis shells).
+    integer timesteps (the CompVis shells). `spacing` defaults to the model's `sample_spacing`. A model that takes
+    the guidance scale as an input (a guidance-distilled student) is given `scale` and evaluated once per step.
     """
     conditioning = conditioning if conditioning is not None else Conditioning()
     device = model_device(model)  # a CompVis-like model (the DDIM / PLMS shells') has only what they read
     sampler = sampler or getattr(model, "sampler_name", "ddim")
     scale = getattr(model, "guidance_scale", 1.0) if scale is None else scale
+    spacing = spacing or getattr(model, "sample_spacing", Spacing.UNIFORM)
+    as_input = guidance_as_input(model)
     den = model.denoiser(quantize=quantize) if hasattr(model, "denoiser") else CompVisDenoiser(model, quantize=quantize)
     if sigmas is None:
         steps = steps or getattr(model, "sample_steps", None)
@@ -162,10 +170,13 @@ def generate(model, conditioning: Optional[Conditioning] = None, n: Optional[int
             raise ValueError("generate: give the number of steps (or sigmas)")
         sigmas = get_sigmas(den.schedule, steps, spacing)
     sigmas = sigmas.to(device)
-    guided = CFGDenoiser(den, scale=scale, rescale=rescale)
+    if as_input and rescale:
+        raise ValueError("guidance rescale needs the conditional and the guided outputs apart; this model takes the "
+                         "guidance scale as an input and gives only the guided one")
+    guided = CFGDenoiser(den, scale=1.0 if as_input else scale, rescale=rescale)
     if getattr(model, "clip_denoised", False) if threshold is None else threshold:
         guided = ThresholdedDenoiser(guided, mode=ThresholdMode.STATIC)  # pixel space: x0 within the data range
-    extra = conditioning.extra_args(scale)
+    extra = conditioning.extra_args(1.0 if as_input else scale)
     z0 = None
     if image is not None and (strength is not None or mask is not None):
         z0 = encode_image(model, image.to(device), encoding)
@@ -176,6 +187,8 @@ def generate(model, conditioning: Optional[Conditioning] = None, n: Optional[int
     else:
         x = start_noise(_batch_size(n, conditioning, z0), _sample_shape(model, shape, conditioning, z0), device,
                         generator)
+    if as_input:  # the scale as the network's input, one per image
+        extra["cond"]["guidance"] = torch.full((x.shape[0],), float(scale), device=device)
     if mask is not None:
         if z0 is None:
             raise ValueError("generate: a mask needs the image whose unmasked region it keeps")
@@ -193,7 +206,7 @@ def generate(model, conditioning: Optional[Conditioning] = None, n: Optional[int
 def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, scale: float, seed: Seed,
                    eta: float = 0.0, use_ema: bool = True, precision: Union[Precision, str] = Precision.FP32,
                    shape: Optional[Sequence[int]] = None, x_T: Optional[torch.Tensor] = None,
-                   spacing: Union[Spacing, str] = Spacing.UNIFORM, rescale: float = 0.0) -> torch.Tensor:
+                   spacing: Optional[Union[Spacing, str]] = None, rescale: float = 0.0) -> torch.Tensor:
     """Text-to-image: decoded images (B, C, H, W) in [-1, 1] for `prompts`, one per prompt, with guidance `scale`.
 
     `seed`: an int seeds one generator for the batch; a list seeds one per image. `shape`: the latent
@@ -202,7 +215,7 @@ def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, s
     g = generators(seed, model.device)
     options = eta_option(sampler, eta)
     with sampling_scope(model, use_ema, precision):
-        cond = model.conditioning(prompts=list(prompts), guidance=scale != 1.0)
+        cond = model.conditioning(prompts=list(prompts), guidance=scale != 1.0 and not guidance_as_input(model))
         return generate(model, cond, len(prompts), steps=steps, sampler=sampler, scale=scale, rescale=rescale,
                         spacing=spacing, generator=g, shape=shape, x_T=x_T, **options)
 
@@ -211,7 +224,7 @@ def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, s
 def img2img(model, image: torch.Tensor, prompts: Optional[Sequence[str]] = None, *, strength: float, steps: int,
             sampler: str, scale: float, seed: Seed, use_ema: bool = True,
             precision: Union[Precision, str] = Precision.FP32, eta: float = 0.0,
-            spacing: Union[Spacing, str] = Spacing.UNIFORM, rescale: float = 0.0,
+            spacing: Optional[Union[Spacing, str]] = None, rescale: float = 0.0,
             noise_level: Optional[int] = None) -> torch.Tensor:
     """SDEdit (Meng et al. 2022): encode `image` (B, C, H, W in [-1, 1]), noise it to `strength`, denoise with
     guidance. The model is conditioned on what it reads: the prompts, the image itself for an inpainting model
@@ -221,6 +234,6 @@ def img2img(model, image: torch.Tensor, prompts: Optional[Sequence[str]] = None,
     image = image.to(model.device)
     with sampling_scope(model, use_ema, precision, "img2img"):
         cond = model.conditioning(prompts=None if prompts is None else list(prompts), image=image,
-                                  noise_level=noise_level, guidance=scale != 1.0)
+                                  noise_level=noise_level, guidance=scale != 1.0 and not guidance_as_input(model))
         return generate(model, cond, image.shape[0], image=image, strength=strength, steps=steps, sampler=sampler,
                         scale=scale, rescale=rescale, spacing=spacing, generator=g, **options)

@@ -34,7 +34,7 @@ def inpaint(model, image: torch.Tensor, mask: torch.Tensor, prompts: Optional[Se
             sampler: str = "ddim", scale: Optional[float] = None, seed: Seed = 0,
             mode: Optional[Union[InpaintMode, str]] = None, jump_length: int = 1, jump_n_sample: int = 1,
             use_ema: bool = True, precision: Union[Precision, str] = Precision.FP32,
-            spacing: Union[Spacing, str] = Spacing.UNIFORM, rescale: float = 0.0, **sampler_options) -> torch.Tensor:
+            spacing: Optional[Union[Spacing, str]] = None, rescale: float = 0.0, **sampler_options) -> torch.Tensor:
     """Fill the masked pixels of `image` (B, C, H, W in [-1, 1]; `mask` (B, 1, H, W), 1 = fill); returns images in [-1, 1].
 
     `prompts` for text-conditioned models; `scale` the guidance scale (default: the model's) and

@@ -53,7 +53,7 @@ def blend_weights(h: int, w: int, ramp: int, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def upscale_tile(model, lr: torch.Tensor, *, steps: int, sampler: str, generator, prompts: Optional[Sequence[str]],
-                 scale: float, noise_level: Optional[int], spacing: Union[Spacing, str] = Spacing.UNIFORM,
+                 scale: float, noise_level: Optional[int], spacing: Optional[Union[Spacing, str]] = None,
                  rescale: float = 0.0, **sampler_options) -> torch.Tensor:
     """One batch of low-resolution tiles (B, 3, h, w in [-1, 1]) -> decoded images (B, 3, f h, f w)."""
     cond = model.conditioning(prompts=None if prompts is None else list(prompts), low_res=lr, noise_level=noise_level,
@@ -72,7 +72,7 @@ def _tiles(h: int, w: int, tile: int, overlap: int) -> Iterator[tuple[int, int]]
 def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *, steps: int = 50,
             sampler: str = "ddim", seed: int = 0, scale: Optional[float] = None, noise_level: Optional[int] = None,
             tile: Optional[int] = None, overlap: Optional[int] = None, tile_batch: int = 8, use_ema: bool = True,
-            precision: Union[Precision, str] = Precision.FP32, spacing: Union[Spacing, str] = Spacing.UNIFORM,
+            precision: Union[Precision, str] = Precision.FP32, spacing: Optional[Union[Spacing, str]] = None,
             rescale: float = 0.0, **sampler_options) -> torch.Tensor:
     """Upscale `lr` (B, 3, h, w in [-1, 1]) by the model's factor, tile by tile where it exceeds `tile` (low-resolution
     pixels; default: the model's latent size), tiles overlapping by `overlap` (default tile // 4).

@@ -47,7 +47,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="samples per grid cell")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0, help="image k of every cell uses seed + k")
-    p.add_argument("--samplers", nargs="+", default=["ddim"], choices=sorted(SAMPLERS))
+    p.add_argument("--samplers", nargs="+", default=None, choices=sorted(SAMPLERS),
+                   help="default: the model config's `sampler` (ddim unless it names one)")
     p.add_argument("--steps", nargs="+", type=int, default=[50])
     p.add_argument("--scales", nargs="+", type=float, default=[1.0], help="classifier-free guidance scales")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
                 "n": opt.n, "seed": opt.seed, "eta": opt.eta, "ema": not opt.no_ema, "conditions": conditions.kind,
                 "latent_shape": list(shape), "unet_params": sum(p.numel() for p in model.model.parameters()),
                 "unet_gflops_per_forward": flops / 1e9, "evaluation": evaluator.settings()}
-    cells = grid(opt.samplers, opt.steps, opt.scales)
+    cells = grid(opt.samplers or [model.sampler_name], opt.steps, opt.scales)
     rows = run_grid(model, cells, evaluator, conditions, n=opt.n, seed=opt.seed, batch_size=opt.batch_size,
                     outdir=Path(opt.outdir), settings=settings, save_samples=not opt.no_save_samples,
                     flops_per_forward=flops, sampler_options={"eta": opt.eta} if opt.eta else None,

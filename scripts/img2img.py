@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     load_image(opt.init_img)  # a missing or unreadable --init-img is refused before the model is loaded
     check_output_folder(Path(opt.outdir) / "samples", "--outdir")  # numbered files never replace any
     model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)
+    sampler, opt.spacing = sampler_name(opt, model), opt.spacing or model.sample_spacing  # the model's defaults
+    eta_option(sampler, opt.ddim_eta)
     latent_shape(model, None, None, opt.C, opt.f)
     x = init_image(opt.init_img, model, opt.H, opt.W)
     scale = guidance_scale(opt, cfg, model, fallback=SD_IMG2IMG_SCALE)

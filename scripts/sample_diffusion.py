@@ -77,7 +77,7 @@ def sampler_and_steps(opt, model) -> tuple[str, int, dict]:
         if opt.sampler not in (None, "ddpm"):
             raise UsageError(f"-v/--vanilla_sample is DDPM sampling; it conflicts with --sampler {opt.sampler}")
         return "ddpm", model.num_timesteps, {}
-    sampler = opt.sampler or "ddim"
+    sampler = opt.sampler or getattr(model, "sampler_name", "ddim")
     if opt.eta is not None and not sampler_info(sampler).takes_eta:
         raise UsageError(f"-e/--eta {opt.eta}: sampler '{sampler}' has no eta")
     eta = COMPVIS_ETA if opt.eta is None and sampler == "ddim" else opt.eta

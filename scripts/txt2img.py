@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     batches = prompt_batches(opt)
     check_output_folder(Path(opt.outdir) / "samples", "--outdir")  # numbered files never replace any
     model, cfg = load_from_arguments(opt, SD_V1_CKPT, SD_V1_CONFIG)
+    sampler, opt.spacing = sampler_name(opt, model), opt.spacing or model.sample_spacing  # the model's defaults
+    eta_option(sampler, opt.ddim_eta)
     shape = latent_shape(model, opt.H, opt.W, opt.C, opt.f)
     scale = guidance_scale(opt, cfg, model)
     out = Path(opt.outdir)

@@ -51,6 +51,8 @@ def unet_inputs(unet: nn.Module, latent_shape: Sequence[int], batch_size: int = 
     elif num_classes is not None:  # "continuous" (1 value) or "sequential" (adm_in_channels values) embeddings
         kw["y"] = torch.zeros(batch_size, unet.label_emb[0][0].in_features if num_classes == "sequential" else 1,
                               device=device)
+    if getattr(unet, "guidance_embed", None) is not None:  # a guidance-distilled student: the scale is an input
+        kw["guidance"] = torch.ones(batch_size, device=device)
     return kw
 
 
@@ -82,24 +84,25 @@ def unet_cost(unet_config: Mapping[str, Any], latent_shape: Sequence[int],
     return UNetCost(count_parameters(unet), unet_forward_flops(unet, latent_shape, context_tokens=context_tokens))
 
 
-def forwards_per_sample(sampler: str, steps: int, guidance_scale: float) -> int:
+def forwards_per_sample(sampler: str, steps: int, guidance_scale: float, guidance_doubles: bool = True) -> int:
     """UNet forwards one sample takes: steps x evaluations per step, doubled by classifier-free guidance.
 
     Guidance with scale 1 is the conditional model alone (the sampler skips the unconditional branch).
+    `guidance_doubles` False: the model takes the scale as an input (a guidance-distilled student), one forward.
     """
     if sampler not in EVALS_PER_STEP:
         raise KeyError(f"unknown sampler '{sampler}'; known: {', '.join(sorted(EVALS_PER_STEP))}")
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
-    return steps * EVALS_PER_STEP[sampler] * (2 if guidance_scale != 1.0 else 1)
+    return steps * EVALS_PER_STEP[sampler] * (2 if guidance_scale != 1.0 and guidance_doubles else 1)
 
 
 def sampling_cost(flops_per_forward: int, sampler: str, steps: int, guidance_scale: float,
-                  reference_flops: Optional[int] = None) -> float:
+                  reference_flops: Optional[int] = None, guidance_doubles: bool = True) -> float:
     """Normalized sampling cost (thesis' x-axis): forwards per sample x FLOPs relative to a reference model.
 
     With `reference_flops` None the cost is in FLOPs per sample; otherwise it is relative cost x forwards,
     i.e. the number of reference-model forwards the same compute buys.
     """
-    total = forwards_per_sample(sampler, steps, guidance_scale) * flops_per_forward
+    total = forwards_per_sample(sampler, steps, guidance_scale, guidance_doubles) * flops_per_forward
     return float(total) if reference_flops is None else total / reference_flops

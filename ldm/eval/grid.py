@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.eval.cost import forwards_per_sample
+from ldm.generation import guidance_as_input
 from ldm.eval.generate import Conditions, generate
 from ldm.eval.reference import settings_key
 from ldm.files import read_rgb8
@@ -121,7 +122,8 @@ def run_grid(model, cells: Iterable[Cell], evaluator: Callable[..., dict], condi
         metrics = evaluator(x, prompts=cond if conditions.kind == "text" else None,
                             labels=cond if conditions.kind == "class" else None)
         row = {"cell": cell.name, **asdict(cell), "n": n, "seed": seed,
-               "forwards_per_sample": forwards_per_sample(cell.sampler, cell.steps, cell.scale), **(extra or {}),
+               "forwards_per_sample": forwards_per_sample(cell.sampler, cell.steps, cell.scale,
+                                                          guidance_doubles=not guidance_as_input(model)), **(extra or {}),
                **metrics, "sampling_seconds": round(t_sample, 2), "sampled_images": n - k,
                "metric_seconds": round(time.perf_counter() - t0, 2), "settings_key": key}
         if flops_per_forward is not None:

@@ -11,7 +11,7 @@ from ldm.sampling.guidance import (CFGDenoiser, Conditioning, MaskedDenoiser, Th
                                    img2img_start)
 from ldm.sampling.inpainting import KnownRegionDenoiser, inpaint_sample, renoise, repaint_schedule
 from ldm.sampling.registry import EVALS_PER_STEP, SAMPLERS, STOCHASTIC, get_sampler
-from ldm.sampling.samplers import (randn_like, sample_ddim, sample_ddpm, sample_dpm_solver_1, sample_dpmpp_2m,
+from ldm.sampling.samplers import (randn_like, sample_consistency, sample_ddim, sample_ddpm, sample_dpm_solver_1, sample_dpmpp_2m,
                                    sample_dpmpp_2m_sde, sample_euler, sample_euler_ancestral, sample_heun, sample_plms,
                                    sample_unipc)
 from ldm.sampling.spacing import Spacing, check_sigmas, get_sigmas, karras_sigmas

@@ -16,8 +16,10 @@ class ApplyModelNetwork:
     def __init__(self, model: Any):
         self.model = model
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, c: Any = None) -> torch.Tensor:
-        return self.model.apply_model(x, t, c)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, c: Any = None, guidance: Any = None) -> torch.Tensor:
+        if guidance is None:  # a user's CompVis model need not know the keyword
+            return self.model.apply_model(x, t, c)
+        return self.model.apply_model(x, t, c, guidance=guidance)
 
 
 class CompVisDenoiser(Denoiser):

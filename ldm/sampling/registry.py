@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ldm.errors import InputError
-from ldm.sampling.samplers import (sample_ddim, sample_ddpm, sample_dpm_solver_1, sample_dpmpp_2m, sample_dpmpp_2m_sde,
+from ldm.sampling.samplers import (sample_consistency, sample_ddim, sample_ddpm, sample_dpm_solver_1, sample_dpmpp_2m, sample_dpmpp_2m_sde,
                                    sample_euler, sample_euler_ancestral, sample_heun, sample_plms, sample_unipc)
 
 
@@ -33,6 +33,7 @@ SAMPLER_INFO: dict[str, SamplerInfo] = {
     "dpmpp_2m": SamplerInfo(sample_dpmpp_2m),
     "dpmpp_2m_sde": SamplerInfo(sample_dpmpp_2m_sde, ("eta", "s_noise"), stochastic=True),
     "unipc": SamplerInfo(sample_unipc, ("order", "use_corrector", "lower_order_final")),
+    "consistency": SamplerInfo(sample_consistency, stochastic=True),  # for consistency models (ldm.distillation)
 }
 SAMPLERS: dict[str, Callable] = {name: info.fn for name, info in SAMPLER_INFO.items()}
 STOCHASTIC = tuple(name for name, info in SAMPLER_INFO.items() if info.stochastic)

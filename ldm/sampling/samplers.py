@@ -85,6 +85,22 @@ def sample_ddim(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     return x
 
 
+@torch.no_grad()
+def sample_consistency(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: Optional[dict] = None,
+                       callback: Callback = None, disable: Optional[bool] = None,
+                       generator: Generator = None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): the model's output is the clean estimate; each
+    later step noises it afresh to the next level and maps it back. One step is one evaluation."""
+    extra_args = extra_args or {}
+    for i in trange(len(sigmas) - 1, disable=disable, desc="consistency"):
+        denoised = model(x, _sig(sigmas[i], x), **extra_args)
+        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+        x = denoised
+        if float(sigmas[i + 1]) > 0:
+            x = denoised + randn_like(x, generator) * sigmas[i + 1]  # x = x0 + sigma z at the next level
+    return x
+
+
 def ddim_step(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, denoised: torch.Tensor,
               eps: Optional[torch.Tensor] = None, eta: float = 0.0, generator: Generator = None) -> torch.Tensor:
     """One DDIM step from the x0 estimate `denoised`; `eps` defaults to the one implied by x (CompVis passes the

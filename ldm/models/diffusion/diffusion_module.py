@@ -29,7 +29,7 @@ from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_ten
 from ldm.modules.ema import LitEma
 from ldm import generation
 from ldm.modules.model_inputs import ConditionInput, InpaintMode, prior_weights, with_prior
-from ldm.sampling import CompVisDenoiser, Conditioning
+from ldm.sampling import CompVisDenoiser, Conditioning, Spacing
 from ldm.sampling.samplers import Generator
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -94,18 +94,28 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = ConditioningKey.parse(conditioning_key)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
-                c_crossattn: Optional[list] = None, c_adm: Optional[torch.Tensor] = None) -> torch.Tensor:
+                c_crossattn: Optional[list] = None, c_adm: Optional[torch.Tensor] = None,
+                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`guidance`: the guidance scale, for a UNet that takes it as an input (guidance-distilled students)."""
         key = self.conditioning_key
+        extra = {} if guidance is None else {"guidance": guidance}
         if key is None:
-            return self.diffusion_model(x, t)
+            return self.diffusion_model(x, t, **extra)
         if key is ConditioningKey.ADM:  # class / vector conditioning
-            return self.diffusion_model(x, t, y=c_crossattn[0])
+            return self.diffusion_model(x, t, y=c_crossattn[0], **extra)
         if key.concatenates:
             x = torch.cat([x] + list(c_concat), dim=1)
         context = torch.cat(list(c_crossattn), 1) if key.reads_text else None
         if key is ConditioningKey.HYBRID_ADM:
-            return self.diffusion_model(x, t, context=context, y=c_adm)
-        return self.diffusion_model(x, t) if context is None else self.diffusion_model(x, t, context=context)
+            return self.diffusion_model(x, t, context=context, y=c_adm, **extra)
+        if context is not None:
+            extra["context"] = context
+        return self.diffusion_model(x, t, **extra)
+
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the UNet takes the guidance scale as an input (one forward per step instead of two)."""
+        return getattr(self.diffusion_model, "guidance_embed", None) is not None
 
 
 class DDPM(pl.LightningModule):
@@ -123,7 +133,8 @@ class DDPM(pl.LightningModule):
                  scheduler_config=None, use_positional_encodings: bool = False, learn_logvar: bool = False,
                  logvar_init: float = 0.0, zero_terminal_snr: bool = False, offset_noise: float = 0.0,
                  loss_weighting=None, timestep_sampler=None, ema_decay: float = 0.9999, ucg_rate: float = 0.0,
-                 sample_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0, lora_config=None,
+                 sample_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0,
+                 sample_spacing: str = "uniform", lora_config=None,
                  prior_loss_weight: float = 1.0, compile: Any = None, noise_seed: Optional[int] = None,
                  **unused: Any):
         super().__init__()
@@ -147,6 +158,7 @@ class DDPM(pl.LightningModule):
         self.ucg_rate = ucg_rate
         self.prior_loss_weight = float(prior_loss_weight)  # DreamBooth batches (ldm.data.dreambooth) only
         self.sample_steps, self.sampler_name, self.guidance_scale = sample_steps, sampler, guidance_scale
+        self.sample_spacing = Spacing(sample_spacing).value  # the steps' spacing scripts use by default
         if monitor is not None:
             self.monitor = monitor
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
@@ -287,8 +299,21 @@ class DDPM(pl.LightningModule):
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
                 + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False):
-        return self.model(x_noisy, t)
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False,
+                    guidance: Optional[torch.Tensor] = None):
+        """The network output at (x_t, t) under `cond`; `guidance`: the scale, for a UNet taking it as an input."""
+        return self.apply_network(self.model, x_noisy, t, cond, guidance)
+
+    def apply_network(self, net: nn.Module, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None,
+                      guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`apply_model` for another UNet wrapper of the same kind (a distillation teacher, a target network)."""
+        return net(x_noisy, t, guidance=guidance)
+
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether the guidance scale is a network input (a guidance-distilled student): sampling then runs one
+        forward per step with the scale as input, not classifier-free guidance's two."""
+        return self.model.takes_guidance
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: Optional[torch.Tensor] = None,
                  noise: Optional[torch.Tensor] = None, sample_weights: Optional[torch.Tensor] = None):

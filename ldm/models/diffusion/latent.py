@@ -355,12 +355,13 @@ class LatentDiffusion(DDPM):
                 c = self.get_learned_conditioning(c)
         return self.p_losses(z, c, sample_weights=self.item_weights(batch))
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None, return_ids: bool = False):
+    def apply_network(self, net: torch.nn.Module, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any = None,
+                      guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
         if cond is None:
-            return self.model(x_noisy, t)
+            return net(x_noisy, t, guidance=guidance)
         if not isinstance(cond, dict):
             cond = {self.model.conditioning_key.plain_key: cond if isinstance(cond, list) else [cond]}
-        return self.model(x_noisy, t, **cond)
+        return net(x_noisy, t, **cond, guidance=guidance)
 
     # -- images -----------------------------------------------------------------------------------
     @torch.no_grad()

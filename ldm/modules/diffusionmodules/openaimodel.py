@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from ldm.modules.attention import SpatialTransformer, zero_module
 from ldm.util import report_once
+from ldm.modules.diffusionmodules.guidance_embedding import GuidanceEmbedding
 from ldm.modules.diffusionmodules.util import (UNET_NORM_GROUPS, avg_pool_nd, conv_nd, linear, normalization,
                                                timestep_embedding, upsample_nearest)
 
@@ -183,7 +184,7 @@ class UNetModel(nn.Module):
                  n_embed: Optional[int] = None, legacy: bool = True, disable_self_attentions: Optional[Sequence[bool]] = None,
                  num_attention_blocks: Optional[Sequence[int]] = None, disable_middle_self_attn: bool = False,
                  use_linear_in_transformer: bool = False, adm_in_channels: Optional[int] = None,
-                 norm_groups: int = UNET_NORM_GROUPS):
+                 norm_groups: int = UNET_NORM_GROUPS, guidance_embed: bool = False):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim (the conditioning's feature size)")
@@ -228,6 +229,8 @@ class UNetModel(nn.Module):
                 self.label_emb = nn.Sequential(nn.Sequential(linear(adm_in_channels, ted), nn.SiLU(), linear(ted, ted)))
             else:
                 raise ValueError(f"num_classes must be an int, 'continuous' or 'sequential', got {num_classes!r}")
+        # guidance_embed: the classifier-free guidance scale is an input (guidance-distilled students, ldm.distillation)
+        self.guidance_embed = GuidanceEmbedding(model_channels, ted) if guidance_embed else None
 
         def heads_for(ch: int) -> tuple[int, int]:
             if num_head_channels == -1:
@@ -297,9 +300,12 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+                y: Optional[torch.Tensor] = None, guidance: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("y must be given if and only if the model is class-conditional (num_classes set)")
+        if (guidance is not None) != (self.guidance_embed is not None):
+            raise ValueError("guidance (the guidance scale as an input) must be given if and only if the UNet embeds it "
+                             "(unet_config.params.guidance_embed: true)")
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
         # inputs follow the weights' dtype (fp32, bf16 or fp16); the output stays in it
@@ -312,6 +318,9 @@ class UNetModel(nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
+        if self.guidance_embed is not None:
+            guidance = torch.as_tensor(guidance, device=x.device)
+            emb = emb + self.guidance_embed(guidance.expand(x.shape[0]) if guidance.dim() == 0 else guidance, dtype)
         hs = []
         h = x
         for module in self.input_blocks:
