@@ -11,12 +11,15 @@ from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
 
 
 class ApplyModelNetwork:
-    """net(x_vp, t, c=...) -> model.apply_model(x_vp, t, c), t fractional (or integer when quantized)."""
+    """net(x_vp, t, c=...) -> model.apply_model(x_vp, t, c), t fractional (or integer when quantized); with `net`, one
+    of the model's other UNet wrappers through the same routing (`model.apply_network`: a distillation teacher)."""
 
-    def __init__(self, model: Any):
-        self.model = model
+    def __init__(self, model: Any, net: Any = None):
+        self.model, self.net = model, net
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, c: Any = None, guidance: Any = None) -> torch.Tensor:
+        if self.net is not None:
+            return self.model.apply_network(self.net, x, t, c, guidance)
         if guidance is None:  # a user's CompVis model need not know the keyword
             return self.model.apply_model(x, t, c)
         return self.model.apply_model(x, t, c, guidance=guidance)

@@ -27,22 +27,12 @@ from ldm.modules.diffusionmodules.distillation import (ConsistencyBoundary, Cons
                                                        ConsistencyFunction, GuidanceScales, GuidedDistillationLoss,
                                                        ProgressiveDistillationLoss, Teacher, XWeighting,
                                                        check_halving)
-from ldm.sampling import CompVisDenoiser
+from ldm.sampling import ApplyModelNetwork, CompVisDenoiser
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
 
 GUIDANCE_KEY = "guidance_embed"  # parameter names of the UNet's guidance-scale embedding contain this
-
-
-class ApplyNetwork:
-    """net(x_vp, t, c=..., guidance=...) through the model's conditioning routing, for one of its UNet wrappers."""
-
-    def __init__(self, model: LatentDiffusion, net: nn.Module):
-        self.model, self.net = model, net
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, c: Any = None, guidance: Any = None) -> torch.Tensor:
-        return self.model.apply_network(self.net, x, t, c, guidance)
 
 
 def frozen_copy(net: nn.Module, keep_guidance: bool) -> nn.Module:
@@ -138,7 +128,7 @@ class Distillation(LatentDiffusion):
     # -- networks as denoisers -----------------------------------------------------------------------------
     def network_denoiser(self, net: nn.Module) -> Denoiser:
         """D(x, sigma) of one of this model's UNet wrappers (student, teacher, target), with gradients."""
-        return Denoiser(ApplyNetwork(self, net), self.scaling, self.noise_schedule)
+        return Denoiser(ApplyModelNetwork(self, net), self.scaling, self.noise_schedule)
 
     def teacher_fn(self) -> Teacher:
         return Teacher(self.network_denoiser(self.teacher), takes_guidance=self.teacher_takes_guidance)
@@ -173,10 +163,10 @@ class GuidedDistillation(Distillation):
         if not self.scales.guided:
             raise ConfigError("model.params.guidance_scales: guided distillation learns guidance scales other than 1; "
                               "give [low, high], e.g. [1, 5]")
+        self.distill_loss = GuidedDistillationLoss(self.noise_schedule, self.scales, self.x_weighting)
 
     def distillation_loss(self, z, c, uc, prefix):
-        loss_fn = GuidedDistillationLoss(self.noise_schedule, self.scales, self.x_weighting)
-        return loss_fn(self.network_denoiser(self.model), self.teacher_fn(), z, c, uc, prefix=prefix)
+        return self.distill_loss(self.network_denoiser(self.model), self.teacher_fn(), z, c, uc, prefix=prefix)
 
 
 class ProgressiveDistillation(Distillation):
@@ -206,6 +196,7 @@ class ProgressiveDistillation(Distillation):
 
     def build_extras(self) -> None:
         self.register_buffer("distill_round", torch.tensor(0, dtype=torch.long))
+        self.distill_loss = ProgressiveDistillationLoss(self.noise_schedule, self.x_weighting)
 
     @property
     def round_due(self) -> int:
@@ -241,9 +232,8 @@ class ProgressiveDistillation(Distillation):
             logger.info("progressive distillation: round %d done, the %d-step student saved to %s", done, steps, path)
 
     def distillation_loss(self, z, c, uc, prefix):
-        loss_fn = ProgressiveDistillationLoss(self.noise_schedule, self.x_weighting)
         steps = self.rounds[int(self.distill_round)]
-        loss, log = loss_fn(self.network_denoiser(self.model), self.teacher_fn(), z, c, steps,
+        loss, log = self.distill_loss(self.network_denoiser(self.model), self.teacher_fn(), z, c, steps,
                             scale=self.student_scales(z.shape[0]), prefix=prefix)
         log[f"{prefix}/student_steps"] = torch.tensor(float(steps))
         return loss, log
@@ -271,6 +261,8 @@ class ConsistencyDistillation(Distillation):
 
     def build_extras(self) -> None:
         self.target_model = frozen_copy(self.model, keep_guidance=True)
+        self.distill_loss = ConsistencyDistillationLoss(self.noise_schedule, self.num_intervals, self.loss_type,
+                                                        self.huber_c)
 
     @torch.no_grad()
     def load_copies_from_student(self) -> None:
@@ -291,7 +283,6 @@ class ConsistencyDistillation(Distillation):
                 torch._foreach_lerp_(target, student, 1.0 - self.target_decay)
 
     def distillation_loss(self, z, c, uc, prefix):
-        loss_fn = ConsistencyDistillationLoss(self.noise_schedule, self.num_intervals, self.loss_type, self.huber_c)
-        return loss_fn(ConsistencyFunction(self.network_denoiser(self.model), self.boundary),
+        return self.distill_loss(ConsistencyFunction(self.network_denoiser(self.model), self.boundary),
                        ConsistencyFunction(self.network_denoiser(self.target_model), self.boundary),
                        self.teacher_fn(), z, c, uc, scale=self.student_scales(z.shape[0]), prefix=prefix)

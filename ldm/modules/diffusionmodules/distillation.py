@@ -79,10 +79,12 @@ class Teacher:
                  scale: Optional[torch.Tensor]) -> torch.Tensor:
         if self.takes_guidance:
             return self.denoiser(x, sigma, **_kwargs(cond, scale))
-        if scale is None or uncond is None or bool((scale == 1).all()):
-            if scale is not None and not bool((scale == 1).all()):
-                raise ValueError("guided distillation needs the unconditional input of the teacher")
+        if scale is None:  # unguided
             return self.denoiser(x, sigma, c=cond)
+        if uncond is None:  # no unconditional input: only scale 1 (the conditional model) is defined
+            if bool((scale == 1).all()):
+                return self.denoiser(x, sigma, c=cond)
+            raise ValueError("guided distillation needs the unconditional input of the teacher")
         out_u, out_c = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                      c=cat_conditioning(uncond, cond)).chunk(2)
         return out_u + append_dims(scale, x.dim()).to(x.dtype) * (out_c - out_u)  # Ho & Salimans 2022
@@ -136,11 +138,16 @@ class ProgressiveDistillationLoss:
 
     def __init__(self, schedule: DiscreteSchedule, weighting: Union[XWeighting, str] = XWeighting.SNR_PLUS_ONE):
         self.schedule, self.weighting = schedule, XWeighting(weighting)
+        self._levels: dict[int, torch.Tensor] = {}  # the teacher's grid per student step count
+
+    def levels(self, student_steps: int) -> torch.Tensor:
+        if student_steps not in self._levels:
+            self._levels[student_steps] = progressive_grid(self.schedule, student_steps)[0]
+        return self._levels[student_steps]
 
     def __call__(self, student: DenoiserFn, teacher: Teacher, x0: torch.Tensor, cond: Any, student_steps: int,
                  scale: Optional[torch.Tensor] = None, prefix: str = "train") -> tuple[torch.Tensor, dict]:
-        levels, _ = progressive_grid(self.schedule, student_steps)
-        levels = levels.to(x0.device)
+        levels = self.levels(student_steps).to(x0.device)
         i = 2 * torch.randint(0, student_steps, (x0.shape[0],), device=x0.device)
         s, s_mid, s_next = levels[i], levels[i + 1], levels[i + 2]
         z = x0 + append_dims(s, x0.dim()) * torch.randn_like(x0)
