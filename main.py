@@ -21,9 +21,11 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import ImageLogger, RankSeed, SetupCallback  # noqa: F401  (CompVis paths: main.ImageLogger, ...)
-from ldm.checkpoint import load_checkpoint, load_state_dict_checked
+from ldm.checkpoint import (check_sharded_checkpoint, checkpoint_exists, is_sharded_checkpoint, load_checkpoint,
+                            load_state_dict_checked)
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401  (CompVis import path)
 from ldm.errors import USER_ERRORS, report
+from ldm.parallel import FSDP, check_shardable, strategy_from_config
 from ldm.runs import RunDir, check_trainer_keys, check_value_types, finished, model_changes
 from ldm.util import ConfigError, check_no_missing, instantiate_from_config, load_config
 
@@ -84,7 +86,7 @@ def resolve_run(opt: argparse.Namespace, now: str) -> Run:
         path = Path(opt.resume)
         if not path.exists():
             raise ConfigError(f"--resume: cannot find {path}")
-        if path.is_file():
+        if checkpoint_exists(path):  # a checkpoint file or a sharded checkpoint folder
             parts = path.resolve().parts
             if "checkpoints" not in parts:
                 raise ConfigError(f"--resume: {path} is not inside a run's checkpoints/ directory")
@@ -93,7 +95,7 @@ def resolve_run(opt: argparse.Namespace, now: str) -> Run:
         else:
             logdir = str(path).rstrip("/")
             ckpt = str(RunDir(logdir).last)
-            if not os.path.isfile(ckpt):
+            if not checkpoint_exists(ckpt):
                 raise ConfigError(f"--resume: {logdir} has no checkpoints/last.ckpt to resume from")
         saved = RunDir(logdir).saved_configs()
         if not any(c.endswith("-project.yaml") for c in saved):
@@ -130,6 +132,10 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
     devices = trainer_opts.get("devices")
     several = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1)
     strategy = trainer_opts.get("strategy", "auto")
+    if strategy == "fsdp" or isinstance(strategy, dict):  # FSDP2 on any accelerator (ldm.parallel), or a target
+        trainer_opts["strategy"] = strategy_from_config(strategy)
+        if isinstance(trainer_opts["strategy"], FSDP):
+            check_shardable(model)
     if getattr(model, "ddp_find_unused_parameters", False) and (strategy == "ddp" or (strategy == "auto" and several)):
         trainer_opts["strategy"] = "ddp_find_unused_parameters_true"
         print(f"strategy ddp -> ddp_find_unused_parameters_true ({type(model).__name__} has parameters "
@@ -257,6 +263,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   f"it is. Start a new run from its checkpoint (model.params.ckpt_path=...), or pass "
                                   f"--allow-model-changes if the checkpoint still fits")
             resume = load_checkpoint(run.ckpt, allow_pickle=opt.unsafe_load)
+            if is_sharded_checkpoint(run.ckpt) and not opt.unsafe_load:
+                check_sharded_checkpoint(run.ckpt)  # Lightning's reader unpickles without restriction
             why = finished(resume, lightning_config.get("trainer", OmegaConf.create())) if opt.train else None
             if why:
                 print(f"{run.logdir} has finished training: {why}. Nothing to do; raise it on the command line to "

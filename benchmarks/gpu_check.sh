@@ -16,7 +16,8 @@
 #   env        versions and the card
 #   attention  every attention call site on the fused kernels only (benchmarks/gpu_check.py attention)
 #   bench      SD-v1 UNet / VAE train step and sampling vs diffusers (benchmarks/gpu_bench.py)
-#   train      main.py: shapes autoencoder and shapes LDM in bf16-mixed (16-mixed: tests/test_precision.py on CUDA)
+#   train      main.py: shapes autoencoder and shapes LDM in bf16-mixed (16-mixed: tests/test_precision.py on CUDA),
+#              and 20 steps of the LDM under FSDP on the one GPU
 #   sample     sample_diffusion.py with fp16 weights on the trained LDM; txt2img.py on a full-size SD-v1 fp16
 #              export (--dtype auto) at 512x512
 #   tests      the test suite with CUDA visible (tests taking the `device` fixture run on the GPU, main.py picks it)
@@ -84,6 +85,11 @@ if wants train; then
     AE=$(ls -d "$WORK"/logs/*_ae-bf16-mixed 2>/dev/null | head -1)
     stage train 120 "$PY" main.py --base configs/ldm/shapes_uncond.yaml -n ldm-bf16-mixed "${COMMON[@]}" \
         lightning.trainer.precision=bf16-mixed "model.params.first_stage_config.params.ckpt_path=$AE/checkpoints/last.ckpt"
+    # a 1-GPU FSDP step (ldm.parallel.FSDP: FSDP2 through Lightning's ModelParallelStrategy, nccl), bf16 gathers
+    stage train 120 "$PY" main.py --base configs/ldm/shapes_uncond.yaml -n ldm-fsdp "${COMMON[@]}" \
+        lightning.trainer.max_steps=20 lightning.trainer.strategy.target=ldm.parallel.FSDP \
+        lightning.trainer.strategy.params.mixed_precision=bf16-mixed \
+        "model.params.first_stage_config.params.ckpt_path=$AE/checkpoints/last.ckpt"
     "$PY" - "$WORK/logs" >> "$OUTDIR/train.log" 2>&1 <<'EOF'
 import glob, sys, torch
 for ck in sorted(glob.glob(sys.argv[1] + "/*/checkpoints/last.ckpt")):

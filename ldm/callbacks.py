@@ -199,8 +199,9 @@ class FinalCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 and self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.ckpt_path)
-            logger.info("training ended at step %d: checkpoint written to %s", trainer.global_step, self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path)  # every rank takes part (FSDP gathers); rank 0 writes the file
+            if trainer.global_rank == 0:
+                logger.info("training ended at step %d: checkpoint written to %s", trainer.global_step, self.ckpt_path)
 
 
 class RankSeed(pl.Callback):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Union
@@ -24,10 +25,137 @@ class CheckpointError(InputError, RuntimeError):
     """A checkpoint could not be read or does not fit the model; the message names the file."""
 
 
+# A sharded checkpoint (FSDP's `state_dict: sharded`, ldm.parallel) is a torch.distributed.checkpoint folder: this
+# file lists its tensors, one file per rank holds them, and Lightning's meta.pt holds the counters.
+SHARDED_METADATA = ".metadata"
+SHARDED_META = "meta.pt"
+# what the folder's metadata pickle may name: its own record types, sizes, dtypes, layouts and the file paths
+_SHARDED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_SHARDED_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                    ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}
+
+
+def is_sharded_checkpoint(path: Union[str, Path]) -> bool:
+    return Path(path).is_dir() and (Path(path) / SHARDED_METADATA).is_file()
+
+
+def checkpoint_exists(path: Union[str, Path]) -> bool:
+    """A checkpoint file, or a sharded checkpoint folder."""
+    return Path(path).is_file() or is_sharded_checkpoint(path)
+
+
+class _ShardedMetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint's metadata, refusing every other global (the pickle could otherwise run code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module in _SHARDED_MODULES or (module, name) in _SHARDED_GLOBALS
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global {module}.{name}")
+
+
+def _sharded_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class CheckedReader(FileSystemReader):
+        """FileSystemReader whose metadata is read by the restricted unpickler."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            file = path / SHARDED_METADATA
+            try:
+                with open(file, "rb") as fh:
+                    metadata = _ShardedMetadataUnpickler(fh).load()
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{file}: refusing to load: it names {str(e).removeprefix('Unsupported global ')}, "
+                                      f"which a sharded checkpoint's metadata does not hold. {ALLOW_PICKLE_HINT}") from e
+            except (EOFError, AttributeError, ValueError, TypeError) as e:
+                raise CheckpointError(f"{file}: corrupt or truncated sharded-checkpoint metadata: {e}") from e
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return CheckedReader(str(path))
+
+
+def load_sharded_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """A sharded checkpoint folder gathered into one checkpoint dict: every tensor under `state_dict` (read as raw
+    storage; the optimizer state and other pickled entries are not read) and the counters of its meta.pt."""
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    path = Path(path)
+    reader = _sharded_reader(path)
+    metadata = reader.read_metadata()
+    prefix = "state_dict."
+    sd = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
+          for k, m in metadata.state_dict_metadata.items()
+          if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not sd:
+        raise CheckpointError(f"{path}: a sharded checkpoint without a state_dict (keys: "
+                              f"{_summarize(sorted(metadata.state_dict_metadata))})")
+    try:
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process reads all shards
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load({"state_dict": sd}, storage_reader=reader, no_dist=True)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # a missing or truncated rank file
+        raise CheckpointError(f"{path}: could not read the shards: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    out: Dict[str, Any] = {}
+    if (path / SHARDED_META).is_file():
+        out.update(load_checkpoint(path / SHARDED_META))
+    out["state_dict"] = sd
+    return out
+
+
+def check_sharded_checkpoint(path: Union[str, Path]) -> None:
+    """Before Lightning resumes from a sharded folder (torch.distributed.checkpoint unpickles its metadata and its
+    non-tensor entries, e.g. the optimizer's settings, without restriction): every such pickle is read here first,
+    the metadata by the restricted unpickler and each entry with weights_only=True; anything else is refused."""
+    import io
+
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    class CheckedBytes(_EmptyStateDictLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{path}: refusing to resume: its entry {read_item.dest_index.fqn} holds pickled "
+                                      f"Python objects beyond plain data. {ALLOW_PICKLE_HINT}") from e
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    path = Path(path)
+    reader = _sharded_reader(path)
+    keys = {k for k, m in reader.read_metadata().state_dict_metadata.items() if isinstance(m, BytesStorageMetadata)}
+    if keys:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                _load_state_dict({}, storage_reader=_sharded_reader(path), planner=CheckedBytes(keys=keys),
+                                 no_dist=True)
+        except (Exception, CheckpointException) as e:  # torch wraps a read's error (failures: rank -> error)
+            for failure in getattr(e, "failures", {}).values():
+                inner = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(inner, CheckpointError):
+                    raise inner from None
+            raise CheckpointError(f"{path}: could not read the sharded checkpoint: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
 def load_checkpoint(path: Union[str, Path], *, allow_pickle: bool = False,
                     map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Read `.safetensors`, or a torch pickle with `weights_only=True` unless explicitly allowed."""
+    """Read `.safetensors`, a torch pickle with `weights_only=True` unless explicitly allowed, or a sharded
+    checkpoint folder (its tensors, gathered)."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return load_sharded_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import ModelKind, require_kind
+from ldm.checkpoint import ModelKind, checkpoint_exists, require_kind
 from ldm.precision import WeightsDType
 from ldm.util import ConfigError, get_obj_from_str, load_config, load_model_from_config
 
@@ -159,7 +159,7 @@ def find_run_config(ckpt: Union[str, Path], run: Optional[Union[str, Path]] = No
 
 def latest_run(logdir: Union[str, Path], name: str) -> Path:
     """Newest `logs/<timestamp>_<name>` directory with a checkpoints/last.ckpt."""
-    runs = [Path(p) for p in sorted(glob.glob(str(Path(logdir) / f"*_{name}"))) if RunDir(p).last.is_file()]
+    runs = [Path(p) for p in sorted(glob.glob(str(Path(logdir) / f"*_{name}"))) if checkpoint_exists(RunDir(p).last)]
     if not runs:
         raise FileNotFoundError(f"no finished run named '*_{name}' with checkpoints/last.ckpt under {logdir}")
     return runs[-1]
@@ -172,13 +172,13 @@ def resolve_resume(resume: Union[str, Path]) -> tuple[Path, Path, Path]:
     `configs/*-project.yaml` (a run of main.py); a file takes the config next to it or of its run.
     """
     path = Path(resume)
-    if path.is_file():
+    if checkpoint_exists(path):
         ckpt = path
         logdir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     elif path.is_dir():
         logdir = path
         candidates = [path / "model.ckpt", RunDir(path).last]
-        ckpt = next((c for c in candidates if c.is_file()), None)
+        ckpt = next((c for c in candidates if checkpoint_exists(c)), None)
         if ckpt is None:
             raise FileNotFoundError(f"-r {path}: no checkpoint in it (looked for {candidates[0]} and {candidates[1]})")
     else:
@@ -204,7 +204,7 @@ def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]]
     `kind`: refuse, before anything is built, a config whose model is of another kind (e.g. an autoencoder run
     given to a text-to-image script).
     """
-    if not Path(ckpt).is_file():
+    if not checkpoint_exists(ckpt):
         raise FileNotFoundError(f"checkpoint file not found: {ckpt}")
     config = config if config is not None else find_run_config(ckpt)
     cfg = load_config(config)

@@ -8,6 +8,7 @@ without the training-only parts), and Stable Diffusion v1 layouts to and from di
     python scripts/convert.py --ckpt vq-f4.ckpt --config configs/autoencoder/autoencoder_vq_f4.yaml --to-diffusers vq-f4/
     python scripts/convert.py --ckpt sd.ckpt --config v1-inference.yaml --merge-lora style.safetensors:0.8 --out sd-style.safetensors
     python scripts/convert.py --ckpt logs/<lora run>/checkpoints/last.ckpt --lora-out style.safetensors --lora-layout kohya
+    python scripts/convert.py --ckpt logs/<fsdp run, state_dict: sharded>/checkpoints/last.ckpt --out model.ckpt
 
 The result loads wherever a checkpoint does (ldm.util.load_model_from_config, --ckpt of the scripts, ckpt_path).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.checkpoint import checkpoint_exists
 from ldm.cli import apply_loras, check_lora_files
 from ldm.convert.export import ExportDType, export_checkpoint
 from ldm.convert.lora import LoraLayout, parse_lora_spec, save_adapter
@@ -29,7 +31,7 @@ from ldm.files import check_output_dir, check_outputs
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--ckpt", help="checkpoint to read (.ckpt, .pt or .safetensors)")
+    p.add_argument("--ckpt", help="checkpoint to read (.ckpt, .pt or .safetensors, or an FSDP run's sharded folder)")
     p.add_argument("--out", help="file to write: .safetensors or .ckpt")
     p.add_argument("--config", help="the model's config (for --to-diffusers / --from-diffusers)")
     p.add_argument("--to-diffusers", metavar="FOLDER",
@@ -56,8 +58,9 @@ def get_parser() -> argparse.ArgumentParser:
 def check_paths(opt: argparse.Namespace) -> None:
     """Before any work: the inputs exist, and the output is not an input nor (without --overwrite) an existing file."""
     for flag, path in (("--ckpt", opt.ckpt), ("--config", opt.config)):
-        if path and not Path(path).is_file():
-            raise InputError(f"{flag} {path}: no such file")
+        if path and not (checkpoint_exists(path) if flag == "--ckpt" else Path(path).is_file()):
+            raise InputError(f"{flag} {path}: no such file" + (" (nor a sharded checkpoint folder)" if flag == "--ckpt"
+                                                               and Path(path).is_dir() else ""))
     check_lora_files(opt.merge_lora)
     if opt.merge_lora and not (opt.config and opt.ckpt):
         raise InputError("--merge-lora needs the model's --ckpt and --config")

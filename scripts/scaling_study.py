@@ -11,6 +11,12 @@ guidance counted as the second forward it is. Quality is the domain FID (feature
 MNIST-5k, ldm.eval.domain) of N class-balanced samples against the validation split, plus the classifier's
 class accuracy. Everything lands in --outdir (state.json, one evaluation folder per width, study.csv,
 best.csv, scaling_study.png); rerunning the command resumes: finished trainings and grid cells are kept.
+
+With --distill, every width's model is also distilled into a 1-4 step conditional consistency student
+(configs/distill/mnist_consistency.yaml on the same cached latents; the thesis' Fig. 2.13): the students are
+swept with the consistency sampler, distillation.png plots distilled and undistilled quality against
+normalized cost, and distillation.csv gives, per width, the distilled 4-step quality, the undistilled one at the
+same cost, and the cost the undistilled model needs to match it.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from omegaconf import OmegaConf
 
@@ -30,13 +37,30 @@ from ldm.errors import entry_point
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "scaling" / "mnist_miniature.yaml"
 AE_CONFIG = ROOT / "configs" / "autoencoder" / "mnist_kl_f4.yaml"
+DISTILL_CONFIG = ROOT / "configs" / "distill" / "mnist_consistency.yaml"
 # forward + backward of a training step cost about 3 forwards (backward: gradients of inputs and of weights)
 TRAIN_FORWARDS_PER_STEP = 3
+# a consistency-distillation step adds the teacher's guided pair (one batched forward of 2x the batch) and the
+# target network's forward to the student's training step
+DISTILL_FORWARDS_PER_STEP = TRAIN_FORWARDS_PER_STEP + 3
 
 
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def train_width(config: Path, name: str, width: int, steps: int, ae: str, logdir: str,
+                extra: Sequence[str] = ()) -> tuple[str, float]:
+    """One main.py run of `config` at UNet width `width` on the cached latents: (its last checkpoint, seconds)."""
+    from ldm.runs import RunDir, latest_run
+    t0 = time.time()
+    run([sys.executable, "main.py", "--base", str(config), "-t", "-n", name, "-l", logdir, *extra,
+         f"model.params.first_stage_config.params.ckpt_path={ae}",
+         f"model.params.unet_config.params.model_channels={width}",
+         f"lightning.trainer.max_steps={steps}",
+         f"data.params.train.params.cache_dir={Path(logdir) / 'latent_cache'}"])
+    return str(RunDir(latest_run(logdir, name)).last), round(time.time() - t0, 1)
 
 
 def load_state(path: Path) -> dict:
@@ -64,6 +88,78 @@ def best_rows(rows: list[dict]) -> list[dict]:
         if k not in best or r["domain_fid"] < best[k]["domain_fid"]:
             best[k] = r
     return [best[k] for k in sorted(best)]
+
+
+def cost_envelope(rows: list[dict]) -> list[tuple[float, float]]:
+    """(normalized cost, best domain FID among rows of exactly that cost), sorted by cost."""
+    best: dict[float, float] = {}
+    for r in rows:
+        c = float(r["normalized_cost"])
+        best[c] = min(best.get(c, float("inf")), float(r["domain_fid"]))
+    return sorted(best.items())
+
+
+def distillation_summary(rows: list[dict], students_steps: int) -> list[dict]:
+    """Per width: the distilled student at `students_steps` steps (best scale) against the undistilled model at
+    the same normalized cost or less, and the cost the undistilled model needs to reach the student's FID."""
+    out = []
+    for w in sorted({r["width"] for r in rows}):
+        mine = [r for r in rows if r["width"] == w]
+        students = [r for r in mine if r.get("distilled") and r["steps"] == students_steps]
+        plain = [r for r in mine if not r.get("distilled")]
+        if not students or not plain:
+            continue
+        s = min(students, key=lambda r: r["domain_fid"])
+        cost = s["normalized_cost"]
+        affordable = [r for r in plain if r["normalized_cost"] <= cost + 1e-9]
+        same = min(affordable, key=lambda r: r["domain_fid"]) if affordable else None
+        matching = [r for r in plain if r["domain_fid"] <= s["domain_fid"]]
+        match = min(matching, key=lambda r: r["normalized_cost"]) if matching else None
+        out.append({"width": w, "student_steps": students_steps, "student_scale": s["scale"],
+                    "normalized_cost": cost, "student_domain_fid": s["domain_fid"],
+                    "student_class_accuracy": s["class_accuracy"],
+                    "undistilled_same_cost_domain_fid": same["domain_fid"] if same else None,
+                    "undistilled_same_cost_setting": f"{same['sampler']} {same['steps']} steps, scale {same['scale']:g}"
+                    if same else "none at this cost",
+                    "undistilled_matching_cost": match["normalized_cost"] if match else None,
+                    "undistilled_matching_setting": f"{match['sampler']} {match['steps']} steps, scale {match['scale']:g}"
+                    if match else "not reached in the sweep",
+                    "cost_factor": round(match["normalized_cost"] / cost, 2) if match else None})
+    return out
+
+
+def plot_distillation(rows: list[dict], path: Path) -> None:
+    """The thesis' Fig. 2.13: best domain FID at each normalized cost, distilled (dashed) and not (solid)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, w in enumerate(sorted({r["width"] for r in rows})):
+        color = f"C{i}"
+        for distilled, style, marker, label in ((False, "-", "o", "undistilled"), (True, "--", "s", "distilled")):
+            pts = cost_envelope([r for r in rows if r["width"] == w and bool(r.get("distilled")) == distilled])
+            if pts:
+                ax.plot([c for c, _ in pts], [f for _, f in pts], style, marker=marker, color=color,
+                        label=f"c = {w}, {label}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("normalized sampling cost (forwards x FLOPs / smallest model's)")
+    ax.set_ylabel("domain FID (lower is better), best setting at each cost")
+    ax.set_title("distilled (consistency, 1-4 steps) vs undistilled")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_distill_config(distill_path: Path, base, out: Path) -> Path:
+    """The distillation config on the study's data (cached latents) and trainer settings."""
+    cfg = OmegaConf.load(distill_path)
+    cfg.data = base.data
+    cfg.lightning = base.lightning
+    path = out / "distill_config.yaml"
+    OmegaConf.save(cfg, path)
+    return path
 
 
 def write_csv(rows: list[dict], path: Path, cols: list[str]) -> None:
@@ -117,11 +213,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--domain_classifier", default=None, help="default: train one into --outdir")
     p.add_argument("--classifier_steps", type=int, default=1500)
+    p.add_argument("--distill", action="store_true",
+                   help="also distill every width into a consistency student and sweep it (Fig. 2.13)")
+    p.add_argument("--distill_steps", type=int, default=600, help="consistency-distillation steps per width")
+    p.add_argument("--distill_config", default=str(DISTILL_CONFIG))
+    p.add_argument("--distilled_steps", nargs="+", type=int, default=[1, 2, 4],
+                   help="sampling steps of the distilled students")
     p.add_argument("--outdir", default="outputs/scaling_study")
     p.add_argument("--logdir", default="logs")
     p.add_argument("--device", default=None, help="where sampling and scoring run (default: cuda when available)")
     opt = p.parse_args(argv)
     check_options(opt)  # --steps, --n, --batch_size at least 1
+    if opt.distill and (opt.distill_steps < 1 or min(opt.distilled_steps) < 1):
+        print("error: --distill_steps and --distilled_steps must be at least 1", file=sys.stderr)
+        return 2
     if any(w % 32 for w in opt.widths + [opt.budget_width]):
         print("error: widths must be multiples of 32 (GroupNorm with 32 groups)", file=sys.stderr)
         return 2
@@ -171,17 +276,27 @@ def main(argv=None) -> int:
         done = state["trained"].get(key)
         if done and done["steps"] == train_steps[w] and Path(done["ckpt"]).is_file():
             continue
-        t0 = time.time()
-        name = f"scaling_c{w}"
-        run([py, "main.py", "--base", str(CONFIG), "-t", "-n", name, "-l", opt.logdir,
-             f"model.params.first_stage_config.params.ckpt_path={ae}",
-             f"model.params.unet_config.params.model_channels={w}",
-             f"lightning.trainer.max_steps={train_steps[w]}",
-             f"data.params.train.params.cache_dir={Path(opt.logdir) / 'latent_cache'}"])
-        state["trained"][key] = {"ckpt": str(RunDir(latest_run(opt.logdir, name)).last),
-                                 "steps": train_steps[w], "seconds": round(time.time() - t0, 1),
+        ckpt, seconds = train_width(CONFIG, f"scaling_c{w}", w, train_steps[w], ae, opt.logdir)
+        state["trained"][key] = {"ckpt": ckpt, "steps": train_steps[w], "seconds": seconds,
                                  "unet_gflops_per_forward": flops[w] / 1e9, "train_flops": train_flops[w]}
         save_state(state, state_path)
+
+    # 3b. a consistency-distilled student of every width, from its EMA weights
+    if opt.distill:
+        distill_cfg = write_distill_config(Path(opt.distill_config), base, out)
+        state.setdefault("distilled", {})
+        for w in opt.widths:
+            key, teacher = str(w), state["trained"][str(w)]["ckpt"]
+            done = state["distilled"].get(key)
+            if (done and done["steps"] == opt.distill_steps and done["teacher"] == teacher
+                    and Path(done["ckpt"]).is_file()):
+                continue
+            ckpt, seconds = train_width(distill_cfg, f"scaling_c{w}_distilled", w, opt.distill_steps, ae, opt.logdir,
+                                        [f"model.params.ckpt_path={teacher}"])
+            state["distilled"][key] = {"ckpt": ckpt, "teacher": teacher, "steps": opt.distill_steps, "seconds": seconds,
+                                       "distill_flops": DISTILL_FORWARDS_PER_STEP * flops[w] * batch
+                                       * opt.distill_steps}
+            save_state(state, state_path)
 
     # 4. the sampling sweep, one resumable evaluation grid per width
     import torch
@@ -197,26 +312,42 @@ def main(argv=None) -> int:
                           cache_dir=out / "reference_cache", device=device)
     smallest = flops[min(opt.widths)]
     rows = []
-    for w in opt.widths:
-        info = state["trained"][str(w)]
+    sweeps = [(w, False) for w in opt.widths] + ([(w, True) for w in opt.widths] if opt.distill else [])
+    for w, distilled in sweeps:
+        info = state["distilled" if distilled else "trained"][str(w)]
         model, _ = load_for_sampling(info["ckpt"], device=device)
         torch.manual_seed(0)
         settings = {"checkpoint_sha256": file_hash(info["ckpt"]), "width": w, "n": opt.n, "seed": opt.seed,
                     "train_steps": info["steps"], "evaluation": evaluator.settings()}
         extra = {"width": w, "unet_params": count_parameters(model.model), "train_steps": info["steps"],
-                 "train_seconds": info["seconds"]}
+                 "train_seconds": info["seconds"], "distilled": distilled}
+        cells = grid(["consistency"], opt.distilled_steps, opt.scales) if distilled else \
+            grid(opt.samplers, opt.steps, opt.scales)
         conditions = conditions_for(model, opt.n)
-        rows += run_grid(model, grid(opt.samplers, opt.steps, opt.scales), evaluator, conditions, n=opt.n,
-                         seed=opt.seed, batch_size=opt.batch_size, outdir=out / f"c{w}", settings=settings,
-                         save_samples=False, flops_per_forward=flops[w], reference_flops=smallest, extra=extra)
-    cols = ["width", "unet_params", "train_steps", "train_seconds", "sampler", "steps", "scale",
+        # a student's guidance embedding costs one small MLP per sample: its forwards are counted at the UNet's FLOPs
+        got = run_grid(model, cells, evaluator, conditions, n=opt.n, seed=opt.seed, batch_size=opt.batch_size,
+                       outdir=out / (f"c{w}_distilled" if distilled else f"c{w}"), settings=settings,
+                       save_samples=False, flops_per_forward=flops[w], reference_flops=smallest, extra=extra)
+        rows += [{**r, "distilled": distilled} for r in got]  # also on rows kept from an earlier run
+    cols = ["width", "unet_params", "distilled", "train_steps", "train_seconds", "sampler", "steps", "scale",
             "forwards_per_sample", "normalized_cost", "domain_fid", "class_accuracy", "sampling_seconds"]
     write_csv(rows, out / "study.csv", cols)
     best = best_rows(rows)
     write_csv(best, out / "best.csv", cols)
     plot(best, out / "scaling_study.png")
     total_sampling = sum(r["sampling_seconds"] + r["metric_seconds"] for r in rows)
+    if opt.distill:
+        table = distillation_summary(rows, max(opt.distilled_steps))
+        write_csv(table, out / "distillation.csv", list(table[0]) if table else ["width"])
+        plot_distillation(rows, out / "distillation.png")
+        print("width  student FID (cost)  undistilled FID at that cost  cost to match  factor")
+        for t in table:
+            same = t["undistilled_same_cost_domain_fid"]
+            print(f"{t['width']:5d}  {t['student_domain_fid']:7.3f} ({t['normalized_cost']:6.1f})  "
+                  f"{'-' if same is None else f'{same:.3f}':>10s} ({t['undistilled_same_cost_setting']})  "
+                  f"{t['undistilled_matching_cost'] or '-'}  {t['cost_factor'] or '-'}")
     summary = {"train_seconds": {k: v["seconds"] for k, v in state["trained"].items()},
+               "distill_seconds": {k: v["seconds"] for k, v in state.get("distilled", {}).items()},
                "ae_seconds": state.get("ae_seconds"), "classifier_seconds": state.get("classifier_seconds"),
                "sweep_seconds": round(total_sampling, 1), "train_steps": train_steps}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -18,14 +18,19 @@ from ldm.util import instantiate_from_config, load_config  # noqa: E402
 
 
 class Dump(pl.Callback):
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
 
     def on_train_end(self, trainer, pl_module):
-        ema = {k: v.clone() for k, v in pl_module.model_ema.state_dict().items()}
-        torch.save({"scale_factor": pl_module.scale_factor.clone(), "ema": ema,
-                    "weights": {k: v.clone() for k, v in pl_module.model.state_dict().items()},
-                    "steps": trainer.global_step},
+        from torch.distributed.tensor import DTensor
+
+        def whole(sd: dict) -> dict:  # FSDP's shards gathered (a collective: every rank calls it in the same order)
+            return {k: (v.full_tensor() if isinstance(v, DTensor) else v).clone() for k, v in sd.items()}
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save({"scale_factor": pl_module.scale_factor.clone(), "ema": whole(pl_module.model_ema.state_dict()),
+                    "weights": whole(pl_module.model.state_dict()), "steps": trainer.global_step,
+                    "sharded": any(isinstance(p, DTensor) for p in pl_module.model.parameters())},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 

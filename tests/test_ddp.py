@@ -39,7 +39,7 @@ def test_ema_and_scale_factor_identical_on_both_ranks(tmp_path):
     assert any(not torch.equal(r0["ema"][s], r0["weights"][k]) for s, k in shadow.items() if s in r0["ema"])
 
 
-def _train(tmp_path, name: str, devices: int, batch: int) -> list[dict]:
+def _train(tmp_path, name: str, devices: int, batch: int, strategy: str = "ddp") -> list[dict]:
     from safetensors.torch import save_file
     from ldm.util import instantiate_from_config, load_config
     ae_path = tmp_path / "ae.safetensors"
@@ -52,19 +52,27 @@ def _train(tmp_path, name: str, devices: int, batch: int) -> list[dict]:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_lr_worker.py"), str(out), str(ae_path),
-                           str(devices), str(batch)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           str(devices), str(batch), strategy], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    return _train(tmp_path_factory.mktemp("one"), "one", devices=1, batch=4)[0]
+
+
 @pytest.mark.minilm
-def test_two_processes_at_batch_b_train_like_one_at_batch_2b(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_at_batch_b_train_like_one_at_batch_2b(strategy, one_process, tmp_path):
     """The learning-rate rule is exact: with noise_seed (draws made for the global batch) and the learning rate
     scaled by batch x devices, 2 processes at batch 2 and 1 process at batch 4 reach the same weights, EMA and
-    scale_factor after 3 steps (within float tolerance); both ranks hold identical copies."""
-    two = _train(tmp_path, "two", devices=2, batch=2)
-    one = _train(tmp_path, "one", devices=1, batch=4)[0]
+    scale_factor after 3 steps (within float tolerance); both ranks hold identical copies (FSDP: gathered from
+    the shards each rank holds)."""
+    two = _train(tmp_path, "two", devices=2, batch=2, strategy=strategy)
+    one = one_process
+    assert two[0]["sharded"] == two[1]["sharded"] == (strategy == "fsdp")
     for key in ("weights", "ema"):
         for k in two[0][key]:
             assert torch.equal(two[0][key][k], two[1][key][k]), k

@@ -172,3 +172,45 @@ def test_scaling_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert scaling_study.main(args) == 0
     assert "$ " not in capsys.readouterr().out  # nothing retrained
+
+
+@pytest.mark.slow
+def test_scaling_study_distills_every_width(tmp_path, capsys):
+    """--distill: a consistency student per width through main.py, swept at one forward per step whatever the
+    scale, the Fig. 2.13 table and plot; a rerun resumes without training again."""
+    import csv
+    import scaling_study
+    from safetensors.torch import save_file
+    from ldm.util import instantiate_from_config, load_config
+    ae_cfg = load_config(ROOT / "configs/autoencoder/mnist_kl_f4.yaml").model
+    save_file(instantiate_from_config(ae_cfg).state_dict(), str(tmp_path / "ae.safetensors"))
+    study = tmp_path / "study"
+    args = ["--ae", str(tmp_path / "ae.safetensors"), "--widths", "32", "64", "--equal", "steps",
+            "--budget_steps", "1", "--n", "10", "--batch_size", "10", "--samplers", "ddim", "--steps", "2", "4",
+            "--scales", "1", "2", "--classifier_steps", "2", "--distill", "--distill_steps", "2",
+            "--distilled_steps", "1", "2", "--outdir", str(study), "--logdir", str(tmp_path / "logs")]
+    assert scaling_study.main(args) == 0
+    state = json.loads((study / "state.json").read_text())
+    assert {k: (v["steps"], v["teacher"]) for k, v in state["distilled"].items()} == \
+        {k: (2, v["ckpt"]) for k, v in state["trained"].items()}
+    rows = list(csv.DictReader(open(study / "study.csv")))
+    students = [r for r in rows if r["distilled"] == "True"]
+    assert len(students) == 8 and {r["sampler"] for r in students} == {"consistency"}
+    assert all(int(r["forwards_per_sample"]) == int(r["steps"]) for r in students)  # no CFG doubling at scale 2
+    plain = [r for r in rows if r["distilled"] == "False"]
+    assert {int(r["forwards_per_sample"]) for r in plain if r["scale"] == "2.0"} == {4, 8}
+    table = list(csv.DictReader(open(study / "distillation.csv")))
+    assert [t["width"] for t in table] == ["32", "64"] and (study / "distillation.png").stat().st_size > 0
+    for t in table:
+        mine = [r for r in plain if r["width"] == t["width"]]
+        cost = float(t["normalized_cost"])
+        assert float(t["student_domain_fid"]) == min(float(r["domain_fid"]) for r in students
+                                                     if r["width"] == t["width"] and r["steps"] == "2")
+        affordable = [float(r["domain_fid"]) for r in mine if float(r["normalized_cost"]) <= cost]
+        assert float(t["undistilled_same_cost_domain_fid"]) == min(affordable)  # DDIM 2 at scale 1 costs 2
+        better = [float(r["normalized_cost"]) for r in mine
+                  if float(r["domain_fid"]) <= float(t["student_domain_fid"])]
+        assert (float(t["undistilled_matching_cost"]) == min(better)) if better else not t["undistilled_matching_cost"]
+    capsys.readouterr()
+    assert scaling_study.main(args) == 0
+    assert "$ " not in capsys.readouterr().out  # nothing trained again

@@ -167,4 +167,6 @@ def test_ddp_allows_the_unused_discriminator(tmp_path):
     assert kw({"strategy": "ddp", "devices": 2})["strategy"] == "ddp_find_unused_parameters_true"
     assert kw({"devices": 2, "accelerator": "cpu"})["strategy"] == "ddp_find_unused_parameters_true"
     assert "strategy" not in kw({"devices": 1})
-    assert kw({"strategy": "fsdp", "devices": 2})["strategy"] == "fsdp"
+    from ldm.util import ConfigError
+    with pytest.raises(ConfigError, match="AutoencoderKL has none; train it with strategy: ddp"):
+        kw({"strategy": "fsdp", "devices": 2})  # FSDP (ldm.parallel) shards diffusion models' UNets only

@@ -51,10 +51,15 @@ class CompVisSamplerBase:
         self.ddim_sqrt_one_minus_alphas = torch.sqrt(1.0 - self.ddim_alphas)
         self.ddim_eta = ddim_eta
 
-    def _denoiser(self, conditioning, unconditional_guidance_scale: float, unconditional_conditioning):
+    def _denoiser(self, conditioning, unconditional_guidance_scale: float, unconditional_conditioning, n: int,
+                  device: torch.device):
         den = CompVisDenoiser(self.model, quantize=True)  # CompVis samplers pass integer timesteps
-        extra = Conditioning(conditioning, unconditional_conditioning).extra_args(unconditional_guidance_scale)
-        return den, CFGDenoiser(den, scale=unconditional_guidance_scale), extra
+        as_input = generation.guidance_as_input(self.model)  # a guidance-distilled student: one forward per step
+        scale = 1.0 if as_input else unconditional_guidance_scale
+        extra = Conditioning(conditioning, unconditional_conditioning).extra_args(scale)
+        if as_input:
+            extra["cond"]["guidance"] = torch.full((n,), float(unconditional_guidance_scale), device=device)
+        return den, CFGDenoiser(den, scale=scale), extra
 
     def _step(self, model: Callable, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
               denoised: torch.Tensor, extra: dict, state: dict, eta: float, generator: Generator,
@@ -87,7 +92,8 @@ class CompVisSamplerBase:
         device = next(iter(self.model.parameters())).device if self.device is None else self.device
         if x_T is None:
             x_T = randn_like(torch.empty((batch_size, *shape), device=device), generator)
-        den, model, extra = self._denoiser(conditioning, unconditional_guidance_scale, unconditional_conditioning)
+        den, model, extra = self._denoiser(conditioning, unconditional_guidance_scale, unconditional_conditioning,
+                                           x_T.shape[0], device)
         sigmas = get_sigmas(den.schedule, S, Spacing.UNIFORM).to(device)
         x0_fn = None
         if dynamic_threshold is not None:

@@ -27,6 +27,7 @@ from ldm.modules.diffusionmodules.loss import DiffusionLoss, SimpleWeighting, Un
 from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_tensor, make_beta_schedule, \
     rescale_zero_terminal_snr
 from ldm.modules.ema import LitEma
+from ldm.parallel import FSDP, is_sharded, shard_diffusion_model
 from ldm import generation
 from ldm.modules.model_inputs import ConditionInput, InpaintMode, prior_weights, with_prior
 from ldm.sampling import CompVisDenoiser, Conditioning, Spacing
@@ -236,7 +237,11 @@ class DDPM(pl.LightningModule):
         return compile_networks(self, settings) if settings is not None else []
 
     def configure_model(self) -> None:
-        """Lightning's set-up hook (fit, validate, test, predict): compiles what `model.params.compile` names."""
+        """Lightning's set-up hook (fit, validate, test, predict): under the FSDP strategy (ldm.parallel) shards the
+        UNet and its EMA copy, then compiles what `model.params.compile` names."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP) and not is_sharded(self.model.parameters()):
+            shard_diffusion_model(self, strategy)
         self.compile_networks()
 
     # -- EMA ------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ldm.checkpoint import init_from_ckpt
 from ldm.models.diffusion.diffusion_module import disabled_train
 from ldm.models.diffusion.latent import LatentDiffusion
 from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
+from ldm.modules.diffusionmodules.denoiser_scaling import DenoiserScaling, scaling_for
 from ldm.modules.diffusionmodules.distillation import (ConsistencyBoundary, ConsistencyDistillationLoss,
                                                        ConsistencyFunction, GuidanceScales, GuidedDistillationLoss,
                                                        ProgressiveDistillationLoss, Teacher, XWeighting,
@@ -59,7 +60,7 @@ class Distillation(LatentDiffusion):
 
     def __init__(self, *args: Any, guidance_scales: Sequence[float] = (1.0, 1.0),
                  teacher_takes_guidance: bool = False, x_weighting: str = XWeighting.SNR_PLUS_ONE.value,
-                 **kwargs: Any):
+                 teacher_parameterization: Optional[str] = None, **kwargs: Any):
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", ())
         if kwargs.get("cond_stage_trainable"):
@@ -77,6 +78,11 @@ class Distillation(LatentDiffusion):
                               "has no guidance embedding (unet_config.params.guidance_embed)")
         self.teacher_takes_guidance = bool(teacher_takes_guidance)
         self.x_weighting = XWeighting(x_weighting)
+        try:  # a student may predict another quantity than its teacher (e.g. v from an eps teacher)
+            self.teacher_scaling = (self.scaling if teacher_parameterization is None
+                                    else scaling_for(teacher_parameterization))
+        except ValueError as e:
+            raise ConfigError(f"model.params.teacher_parameterization: {e}") from None
         self.noise_schedule = DiscreteSchedule(self.alphas_cumprod)
         self.teacher = frozen_copy(self.model, keep_guidance=self.teacher_takes_guidance)
         self.build_extras()
@@ -126,12 +132,14 @@ class Distillation(LatentDiffusion):
         self.teacher.load_state_dict({k: student[k] for k in own})
 
     # -- networks as denoisers -----------------------------------------------------------------------------
-    def network_denoiser(self, net: nn.Module) -> Denoiser:
-        """D(x, sigma) of one of this model's UNet wrappers (student, teacher, target), with gradients."""
-        return Denoiser(ApplyModelNetwork(self, net), self.scaling, self.noise_schedule)
+    def network_denoiser(self, net: nn.Module, scaling: Optional[DenoiserScaling] = None) -> Denoiser:
+        """D(x, sigma) of one of this model's UNet wrappers (student, teacher, target), with gradients; the student's
+        parameterization unless `scaling` is given."""
+        return Denoiser(ApplyModelNetwork(self, net), scaling or self.scaling, self.noise_schedule)
 
     def teacher_fn(self) -> Teacher:
-        return Teacher(self.network_denoiser(self.teacher), takes_guidance=self.teacher_takes_guidance)
+        return Teacher(self.network_denoiser(self.teacher, self.teacher_scaling),
+                       takes_guidance=self.teacher_takes_guidance)
 
     def student_scales(self, n: int) -> Optional[torch.Tensor]:
         """Per-item guidance scales for a student that takes them, else None."""
@@ -230,6 +238,11 @@ class ProgressiveDistillation(Distillation):
             path = folder / f"round{done}_{steps}steps.ckpt"
             self.trainer.save_checkpoint(path)
             logger.info("progressive distillation: round %d done, the %d-step student saved to %s", done, steps, path)
+
+    def teacher_fn(self) -> Teacher:
+        if int(self.distill_round) > 0:  # the previous round's student: the student's parameterization
+            return Teacher(self.network_denoiser(self.teacher), takes_guidance=self.teacher_takes_guidance)
+        return super().teacher_fn()
 
     def distillation_loss(self, z, c, uc, prefix):
         steps = self.rounds[int(self.distill_round)]
