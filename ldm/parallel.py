@@ -11,7 +11,8 @@ accelerator Lightning has, the CPU (gloo) included. Choose it in the config:
 
 Checkpoints are whole files by default (`state_dict: full`, gathered on rank 0, loadable by everything
 that reads a checkpoint); `state_dict: sharded` writes a torch.distributed.checkpoint folder per save,
-one file per rank, which `scripts/export_checkpoint.py` turns into a plain checkpoint.
+one file per rank, which ldm.checkpoint.load_checkpoint reads gathered (so every script reads it, and
+`scripts/convert.py --ckpt <folder> --out model.ckpt` exports a plain checkpoint).
 """
 from __future__ import annotations
 
@@ -125,16 +126,16 @@ def shard_diffusion_model(model: nn.Module, strategy: FSDP) -> None:
         shard_ema_like(model.model_ema, wrapper)
     left = [name for name, p in model.named_parameters() if p.requires_grad and not is_sharded([p])]
     if left:
-        raise ConfigError(f"lightning.trainer.strategy: FSDP shards the UNet and a trainable conditioner; these trainable parameters are outside "
-                         f"them and would differ between processes: {', '.join(left[:5])}"
-                         f"{' ...' if len(left) > 5 else ''} (freeze them or use strategy: ddp)")
+        raise ConfigError(f"lightning.trainer.strategy: FSDP shards the UNet and a trainable conditioner; these "
+                          f"trainable parameters are outside them and would differ between processes: "
+                          f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''} (freeze them or use strategy: ddp)")
     n = sum(p.numel() for p in wrapper.parameters())
     logger.info("FSDP: the UNet (%d parameters) sharded over %d processes", n, strategy.device_mesh.size())
 
 
 @torch.no_grad()
 def shard_ema_like(ema: nn.Module, model: nn.Module) -> None:
-    """Replace each EMA shadow buffer by a DTensor with its parameter's mesh and placements (every rank keeps its shard)."""
+    """Each EMA shadow buffer made a DTensor with its parameter's mesh and placements (each rank keeps its shard)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     for name, p in model.named_parameters():
         s_name = ema.m_name2s_name.get(name)

@@ -146,6 +146,7 @@ def test_fsdp_refuses_trainable_weights_it_would_not_synchronise(one_process):
         strategy_from_config({"target": "ldm.parallel.FSDP", "params": {"state_dict": "partial"}})
 
 
+@pytest.mark.slow  # two runs of 2 processes through main.py: about a minute
 def test_sharded_fsdp_checkpoints_export_through_convert_and_resume(tmp_path):
     """state_dict: sharded writes a torch.distributed.checkpoint folder per save; convert.py turns it into a plain
     checkpoint equal to the gathered weights; main.py -r resumes from it at the saved step."""
