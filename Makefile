@@ -11,6 +11,9 @@ NB_STAMP := $(VENV)/.notebook-installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -c constraints.txt -e ".[dev]"
+	# the fused small-head attention kernel, built ahead of time; without a C++ compiler the 'auto' attention
+	# backend uses torch's SDPA instead (the module says why)
+	-$(PY) -m ldm.modules.small_head_attention
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -26,6 +26,7 @@ from ldm.checkpoint import (check_sharded_checkpoint, checkpoint_exists, is_shar
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401  (CompVis import path)
 from ldm.errors import USER_ERRORS, report
 from ldm.parallel import FSDP, check_shardable, strategy_from_config
+from ldm.precision import flush_denormals
 from ldm.runs import RunDir, check_trainer_keys, check_value_types, finished, model_changes
 from ldm.util import ConfigError, check_no_missing, instantiate_from_config, load_config
 
@@ -52,6 +53,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "on; `--scale_lr false` uses base_learning_rate as it is)")
     p.add_argument("--unsafe-load", action="store_true",
                    help="allow pickled Python objects in checkpoints (can run code: only for files you trust)")
+    p.add_argument("--flush_denormals", type=str2bool, nargs="?", const=True, default=True,
+                   help="flush subnormal floats to zero on the CPU (default: on; a step on them runs many times "
+                        "slower, and early gradients of saturated attention reach them)")
     p.add_argument("--allow-model-changes", action="store_true",
                    help="-r: accept overrides that change the run's model section (the checkpoint must still fit)")
     return p
@@ -239,6 +243,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     opt, unknown = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if opt.debug else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    if opt.flush_denormals and not flush_denormals():  # before any parallel op starts torch's thread pool
+        logger.info("subnormal floats are not flushed to zero in every CPU thread (the CPU cannot, or torch's thread "
+                    "pool started before main.py ran); CPU steps on them run slower")
     bad = [u for u in unknown if "=" not in u]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are written key=value)")

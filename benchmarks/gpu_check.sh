@@ -15,7 +15,9 @@
 # Stages (each with its own time limit; a failing stage does not stop the next; one log each under OUTDIR):
 #   env        versions and the card
 #   attention  every attention call site on the fused kernels only (benchmarks/gpu_check.py attention)
-#   bench      SD-v1 UNet / VAE train step and sampling vs diffusers (benchmarks/gpu_bench.py)
+#   bench      SD-v1 UNet / VAE train step and sampling vs diffusers (benchmarks/gpu_bench.py); main.py's step of
+#              the shapes LDM (unconditional: no MiniLM wheel here) and autoencoder against a bare loop
+#              (benchmarks/train_step_overhead.py --device cuda)
 #   train      main.py: shapes autoencoder and shapes LDM in bf16-mixed (16-mixed: tests/test_precision.py on CUDA),
 #              and 20 steps of the LDM under FSDP on the one GPU
 #   sample     sample_diffusion.py with fp16 weights on the trained LDM; txt2img.py on a full-size SD-v1 fp16
@@ -75,6 +77,8 @@ fi
 
 if wants bench; then
     stage bench 240 "$PY" benchmarks/gpu_bench.py --json "$OUTDIR/bench.json"
+    stage bench 200 "$PY" benchmarks/train_step_overhead.py --device cuda --rounds 1 --steps 200 --warmup 50 \
+        --ldm_config configs/ldm/shapes_uncond.yaml --workdir "$WORK/overhead"
 fi
 
 if wants train; then

@@ -1,6 +1,7 @@
 """Benchmark: main.py's training step against a bare PyTorch loop on the same model, data and optimizer (issue 25).
 
-    python benchmarks/train_step_overhead.py [--which ldm ae] [--steps 300] [--warmup 50] [--rounds 2] [--compile]
+    python benchmarks/train_step_overhead.py [--which ldm ae] [--steps 300] [--warmup 50] [--rounds 2] [--compile] \
+        [--device cpu|cuda] [--bare_only] [--keep_denormals]
 
 For each model (the shapes text-to-image LDM of the quickstart, batch 64 of cached 8x8x4 latents; the shapes
 KL-f4 autoencoder, batch 16 of 32x32 images), in alternating rounds:
@@ -10,9 +11,13 @@ KL-f4 autoencoder, batch 16 of 32x32 images), in alternating rounds:
   module, and runs the module's own loss (`shared_step`; the autoencoder's reconstruction loss), backward, the
   optimizer and scheduler steps and the EMA update, timed over the same steps.
 Prints the mean ms per step (main.py's validation, checkpoints and image logging included, when they fall in the
-timed steps) and the median (the step itself) of each, and the ratios main.py / bare (<= 1.10 is the goal). The LDM's autoencoder is a
-random-weights checkpoint written once (the step's cost does not depend on the weights). `--compile` sets
-model.params.compile (ldm.compile) in both.
+timed steps) and the median (the step itself) of each, and the ratios main.py / bare (<= 1.10 is the goal). The
+LDM's autoencoder is a random-weights checkpoint written once (the step's cost does not depend on the weights).
+`--compile` sets model.params.compile (ldm.compile) in both. Subnormal floats are flushed to zero, as main.py does
+by default; `--bare_only --keep_denormals` times the bare loop without that, for the comparison. `--device cuda`
+runs both on the GPU (main.py with `lightning.trainer.accelerator=gpu`, the bare loop with the model and each batch
+moved there); step times are then throughput over the timed steps, as a training run sees them (no synchronisation
+is added).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ldm.precision import flush_denormals  # noqa: E402
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
 
 CONFIGS = {"ldm": "configs/ldm/shapes_txt2img.yaml", "ae": "configs/autoencoder/shapes_kl_f4.yaml"}
@@ -45,22 +51,25 @@ def random_autoencoder(workdir: Path) -> Path:
     return path
 
 
-def overrides(which: str, workdir: Path, steps: int, compile_: bool) -> list[str]:
-    out = [f"lightning.trainer.max_steps={steps}", "lightning.trainer.enable_progress_bar=false"]
+def overrides(which: str, workdir: Path, steps: int, compile_: bool, device: str = "cpu") -> list[str]:
+    out = [f"lightning.trainer.max_steps={steps}", "lightning.trainer.enable_progress_bar=false",
+           f"lightning.trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "lightning.trainer.devices=1"]
     if which == "ldm":
-        out += [f"model.params.first_stage_config.params.ckpt_path={random_autoencoder(workdir)}",
-                f"data.params.train.params.cache_dir={workdir / 'latents'}"]
+        out.append(f"model.params.first_stage_config.params.ckpt_path={random_autoencoder(workdir)}")
+        if load_config(ROOT / CONFIGS["ldm"]).data.params.train.target.endswith("CachedLatents"):
+            out.append(f"data.params.train.params.cache_dir={workdir / 'latents'}")
     if compile_:
         out.append("model.params.compile=true")
     return out
 
 
-def run_main(which: str, workdir: Path, steps: int, warmup: int, compile_: bool) -> tuple[float, float]:
+def run_main(which: str, workdir: Path, steps: int, warmup: int, compile_: bool,
+             device: str) -> tuple[float, float]:
     """Mean and median ms per step of main.py after `warmup` steps (StepTimer)."""
     out = workdir / f"step_time_{which}.json"
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "main.py", "--base", CONFIGS[which], "-t", "-n", f"overhead_{which}", "-l",
-           str(workdir / "logs"), *overrides(which, workdir, steps, compile_),
+           str(workdir / "logs"), *overrides(which, workdir, steps, compile_, device),
            "lightning.callbacks.step_timer.target=ldm.callbacks.StepTimer",
            f"lightning.callbacks.step_timer.params.warmup={warmup}", f"lightning.callbacks.step_timer.params.out={out}"]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -68,13 +77,15 @@ def run_main(which: str, workdir: Path, steps: int, warmup: int, compile_: bool)
     return result["ms_per_step"], result["median_ms"]
 
 
-def run_bare(which: str, workdir: Path, steps: int, warmup: int, compile_: bool) -> tuple[float, float]:
+def run_bare(which: str, workdir: Path, steps: int, warmup: int, compile_: bool,
+             device: str) -> tuple[float, float]:
     """Mean and median ms per step of a plain loop over the same model, data module and optimizer (the modules'
     train / eval modes left as built, as Lightning leaves them)."""
+    from pytorch_lightning.utilities import move_data_to_device
     cfg = OmegaConf.merge(load_config(ROOT / CONFIGS[which]),
-                          OmegaConf.from_dotlist(overrides(which, workdir, steps, compile_)))
+                          OmegaConf.from_dotlist(overrides(which, workdir, steps, compile_, device)))
     torch.manual_seed(23)
-    model = instantiate_from_config(cfg.model)
+    model = instantiate_from_config(cfg.model).to(device)
     model.configure_model()
     data = instantiate_from_config(cfg.data)
     data.prepare_data()
@@ -89,6 +100,7 @@ def run_bare(which: str, workdir: Path, steps: int, warmup: int, compile_: bool)
     step, times = 0, []
     while step < steps:
         for batch in data.train_dataloader():
+            batch = move_data_to_device(batch, torch.device(device))
             if which == "ldm":
                 if step == 0:
                     model.on_train_batch_start(batch, 0)
@@ -121,18 +133,34 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="alternating main.py / bare rounds; medians reported")
     p.add_argument("--compile", action="store_true", help="model.params.compile=true in both")
     p.add_argument("--workdir", default=None, help="default: a temporary folder")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--bare_only", action="store_true", help="time the bare loop only")
+    p.add_argument("--keep_denormals", action="store_true", help="do not flush subnormals (with --bare_only)")
+    p.add_argument("--ldm_config", default=CONFIGS["ldm"],
+                   help="the LDM's config (e.g. configs/ldm/shapes_uncond.yaml where the MiniLM wheel is missing)")
     args = p.parse_args()
+    if args.keep_denormals and not args.bare_only:
+        p.error("--keep_denormals needs --bare_only (main.py flushes them by default)")
+    flushed = False if args.keep_denormals else flush_denormals()  # as main.py does, before torch starts its threads
+    CONFIGS["ldm"] = args.ldm_config
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ldm_overhead_"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps, timed after "
-          f"{args.warmup}; compile {args.compile}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; {args.steps} steps, "
+          f"timed after {args.warmup}; compile {args.compile}; subnormals flushed in every thread: {flushed}")
+    if args.bare_only:
+        for which in args.which:
+            runs = [run_bare(which, workdir, args.steps, args.warmup, args.compile, args.device)
+                    for _ in range(args.rounds)]
+            per_round = "; ".join(f"{m:.1f} / {d:.1f}" for m, d in runs)
+            print(f"bare loop, {which}: mean / median ms per step, by round: {per_round}")
+        return 0
     print("| model | main.py ms/step: mean / median | bare loop: mean / median | main.py / bare: mean / median |")
     print("| --- | ---: | ---: | ---: |")
     for which in args.which:
         runs = []
         for _ in range(args.rounds):
-            runs.append(run_main(which, workdir, args.steps, args.warmup, args.compile)
-                        + run_bare(which, workdir, args.steps, args.warmup, args.compile))
+            runs.append(run_main(which, workdir, args.steps, args.warmup, args.compile, args.device)
+                        + run_bare(which, workdir, args.steps, args.warmup, args.compile, args.device))
         mm, md, bm, bd = (statistics.median(r[k] for r in runs) for k in range(4))
         rounds = "; ".join("/".join(f"{v:.1f}" for v in r) for r in runs)
         print(f"| {which} | {mm:.1f} / {md:.1f} | {bm:.1f} / {bd:.1f} | **{mm / bm:.3f}** / **{md / bd:.3f}** "

@@ -1,15 +1,19 @@
 """Benchmark: UNet training-step time, ours vs diffusers' UNet2DConditionModel, same weights, same run.
 
     python benchmarks/unet_vs_diffusers.py [--model-channels 64] [--batch 4] [--steps 10] [--threads N] \
-        [--attention fused_cpu|sdpa|auto]
+        [--attention auto|fused_cpu|sdpa] [--optimizer same|framework]
 
 SD-v1 architecture (channel_mult 1,2,4,4; 2 res blocks; attention at 4,2,1; 8 heads; 768-d context)
 at a reduced width, batch of 32x32x4 latents with a 77x768 context. Weights are converted from ours to
 diffusers so both compute the same function (checked). Each step: forward, MSE to a target, backward,
 AdamW step. The two models alternate step by step so machine noise hits both alike; the median
-step time of each and their ratio are printed. By default our UNet uses the fused small-head CPU
-attention kernel (`ldm.modules.small_head_attention`, heads of 8 here); `--attention sdpa` times it
-on torch's SDPA, the kernel diffusers uses.
+step time of each and their ratio are printed. By default our UNet runs as a user's does, on the
+package's default attention backend ('auto': the fused small-head CPU kernel of
+`ldm.modules.small_head_attention` for the 8-wide heads here, built on first use); `--attention sdpa`
+times it on torch's SDPA, the kernel diffusers uses. `--optimizer same` (default) steps both with
+torch.optim.AdamW's defaults (the UNets compared); `framework` steps each as its training code does: ours
+with the AdamW that `LatentDiffusion.configure_optimizers` builds (fused where it applies), diffusers'
+with torch.optim.AdamW's defaults, as its train_text_to_image.py does.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.convert.diffusers_unet import compvis_to_diffusers_unet  # noqa: E402
+from ldm.models.diffusion.diffusion_module import _fused_ok  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
-from ldm.modules.small_head_attention import BACKENDS, set_attention_backend  # noqa: E402
+from ldm.modules.small_head_attention import BACKENDS, get_attention_backend, set_attention_backend  # noqa: E402
 
 
 def main() -> int:
@@ -34,8 +39,11 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--attention", choices=BACKENDS, default="fused_cpu",
-                   help="our attention backend (fused_cpu: the small-head kernel; sdpa: torch's SDPA, as diffusers)")
+    p.add_argument("--optimizer", choices=["same", "framework"], default="same",
+                   help="same: torch.optim.AdamW defaults for both; framework: each framework's training optimizer")
+    p.add_argument("--attention", choices=BACKENDS, default=get_attention_backend(),
+                   help="our attention backend (default: the package's, 'auto' unless LDM_ATTENTION_BACKEND says "
+                        "otherwise; fused_cpu: the small-head kernel; sdpa: torch's SDPA, as diffusers)")
     args = p.parse_args()
     set_attention_backend(args.attention)
     if args.threads:
@@ -65,8 +73,10 @@ def main() -> int:
     print(f"max |ours - diffusers| on the same weights: {diff:.2e}")
     nparams = sum(p.numel() for p in ours.parameters())
 
-    def make_step(model, call):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    def make_step(model, call, ours_: bool):
+        params = list(model.parameters())
+        fused = args.optimizer == "framework" and ours_ and _fused_ok(params)
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
 
         def step() -> float:
             t0 = time.perf_counter()
@@ -77,8 +87,8 @@ def main() -> int:
             return time.perf_counter() - t0
         return step
 
-    step_ours = make_step(ours, lambda: ours(x, t, context=ctx))
-    step_theirs = make_step(theirs, lambda: theirs(x, t, encoder_hidden_states=ctx).sample)
+    step_ours = make_step(ours, lambda: ours(x, t, context=ctx), True)
+    step_theirs = make_step(theirs, lambda: theirs(x, t, encoder_hidden_states=ctx).sample, False)
     for _ in range(args.warmup):
         step_ours()
         step_theirs()
@@ -88,10 +98,16 @@ def main() -> int:
         times_t.append(step_theirs())
     mo, mt = statistics.median(times_o), statistics.median(times_t)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, params {nparams / 1e6:.2f} M, "
-          f"batch {args.batch}, model_channels {mc}, our attention backend {args.attention}")
+          f"batch {args.batch}, model_channels {mc}, our attention backend {args.attention}, "
+          f"optimizer {args.optimizer}")
     print(f"ours:      median {mo * 1000:.1f} ms/step  ({1 / mo:.2f} it/s)")
     print(f"diffusers: median {mt * 1000:.1f} ms/step  ({1 / mt:.2f} it/s)")
     print(f"speed ratio (diffusers time / ours): {mt / mo:.2f}x")
+    if args.attention == "auto":
+        from ldm.modules import small_head_attention as sha
+        chosen = [f"q {k[0]} k {k[2]}{' train' if k[4] else ''}: {'kernel' if v else 'sdpa'}"
+                  for k, v in sha._auto_choice.items()]
+        print("auto's choices: " + "; ".join(chosen))
     return 0
 
 

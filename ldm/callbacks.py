@@ -275,19 +275,41 @@ def epoch_description(trainer: pl.Trainer, epoch: int) -> str:
     return f"Epoch {epoch}"
 
 
-def bounded_progress_bar() -> pl.Callback:
-    """Lightning's progress bar (rich when installed, else tqdm) with `epoch_description` as the epoch label."""
+# Steps between progress-bar updates: each update reads the logged loss on the host, which on a GPU waits for the
+# queued step (Lightning's default, 1, puts that wait in every step of a small, launch-bound model).
+PROGRESS_REFRESH_STEPS = 10
+
+
+def bounded_progress_bar(refresh_rate: int = PROGRESS_REFRESH_STEPS) -> pl.Callback:
+    """Lightning's progress bar (rich when installed, else tqdm) with `epoch_description` as the epoch label, updated
+    every `refresh_rate` steps."""
     from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
     from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
 
-    class BoundedRichProgressBar(RichProgressBar):
+    class TrainingLosses:
+        """Adds the module's `progress_bar_keys` from the callback metrics, read on the host every `refresh_rate`
+        steps (Lightning's prog_bar=True would read them after every step)."""
+        _shown: dict[str, str] = {}
+        _read_at: int = -1
+
+        def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+            items = super().get_metrics(trainer, pl_module)
+            step = trainer.global_step
+            if step != self._read_at and (step % refresh_rate == 0 or not self._shown):
+                self._read_at = step
+                self._shown = {k: f"{float(v):.4g}" for k in getattr(pl_module, "progress_bar_keys", ())
+                               if isinstance(v := trainer.callback_metrics.get(k), torch.Tensor) and v.numel() == 1}
+            return {**items, **self._shown}
+
+    class BoundedRichProgressBar(TrainingLosses, RichProgressBar):
         def _get_train_description(self, current_epoch: int) -> str:
             text = epoch_description(self.trainer, current_epoch)
             return f"{text:{len(self.validation_description)}}"
 
-    class BoundedTQDMProgressBar(TQDMProgressBar):
+    class BoundedTQDMProgressBar(TrainingLosses, TQDMProgressBar):
         def on_train_epoch_start(self, trainer: pl.Trainer, *args) -> None:
             super().on_train_epoch_start(trainer, *args)
             self.train_progress_bar.set_description(epoch_description(trainer, trainer.current_epoch))
 
-    return BoundedRichProgressBar() if _RICH_AVAILABLE else BoundedTQDMProgressBar()
+    return (BoundedRichProgressBar(refresh_rate=refresh_rate) if _RICH_AVAILABLE
+            else BoundedTQDMProgressBar(refresh_rate=refresh_rate))

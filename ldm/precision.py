@@ -80,3 +80,23 @@ def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     if hasattr(model, "set_weights_dtype"):
         return model.set_weights_dtype(dtype)
     return model.to(dtype)
+
+
+# Elements in the probe of denormals_flushed: enough for torch to split an elementwise op over its intra-op threads.
+_THREAD_PROBE_NUMEL = 1 << 20
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread and every intra-op thread treat subnormal float32 values as zero (x86 FTZ/DAZ, Arm FZ)."""
+    probe = torch.full((_THREAD_PROBE_NUMEL,), torch.finfo(torch.float32).tiny / 4)
+    return bool((probe * 1.0 == 0).all())
+
+
+def flush_denormals(enable: bool = True) -> bool:
+    """Flush subnormal floats to zero on the CPU, in this thread and in the intra-op threads started after it (threads
+    inherit the floating-point mode). A step on subnormal values runs many times slower: the gradients of saturated
+    attention reach them early in training. Returns whether every intra-op thread now flushes them (False when the
+    CPU cannot, or when torch's thread pool was started before this call)."""
+    if not torch.set_flush_denormal(enable):
+        return False
+    return denormals_flushed() if enable else True

@@ -72,3 +72,62 @@ def test_kernel_applies_only_where_it_can():
 def test_unknown_backend_is_refused(backend):
     with pytest.raises(ValueError, match="LDM_ATTENTION_BACKEND"):
         backend("flash9")
+
+
+@needs_compiler
+def test_auto_times_each_shape_once_and_routes_by_the_result(backend, monkeypatch):
+    backend("auto")
+    decided = []
+
+    def faster(q, k, v, training):  # the kernel "wins" self-attention only
+        decided.append((tuple(q.shape), tuple(k.shape), training))
+        return q.shape[2] == k.shape[2]
+    monkeypatch.setattr(sha, "_kernel_is_faster", faster)
+    used = []
+    real = sha._SmallHeadAttention.apply
+    monkeypatch.setattr(sha._SmallHeadAttention, "apply", lambda *a: used.append(a[0].shape) or real(*a))
+    attn, self_attn = CrossAttention(32, context_dim=24, heads=4, dim_head=8), CrossAttention(32, heads=4, dim_head=8)
+    x, ctx = torch.randn(2, 40, 32), torch.randn(2, 9, 24)
+    for _ in range(2):
+        (attn(x, ctx) + self_attn(x)).sum().backward()
+    with torch.no_grad():
+        self_attn(x)
+    assert decided == [((2, 4, 40, 8), (2, 4, 9, 8), True), ((2, 4, 40, 8), (2, 4, 40, 8), True),
+                       ((2, 4, 40, 8), (2, 4, 40, 8), False)]  # once per shape and mode
+    assert len(used) == 3  # the self-attention each time, never the cross-attention
+
+
+@needs_compiler
+def test_auto_timing_leaves_the_random_stream_and_inputs_alone():
+    q, k, v = (torch.randn(1, 2, 64, 8, requires_grad=True) for _ in range(3))
+    before = [t.detach().clone() for t in (q, k, v)]
+    state = torch.random.get_rng_state()
+    for training in (True, False):
+        assert isinstance(sha._kernel_is_faster(q * 1, k * 1, v * 1, training), bool)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, (q, k, v))) and q.grad is None
+
+
+def test_auto_is_the_default(monkeypatch):
+    import importlib
+    monkeypatch.delenv(sha.ENV_VAR, raising=False)
+    fresh = importlib.reload(sha)
+    try:
+        assert fresh.get_attention_backend() == "auto"
+    finally:
+        importlib.reload(sha)
+
+
+@needs_compiler
+def test_auto_times_inside_a_gradient_checkpointed_block(backend):
+    from ldm.modules.attention import BasicTransformerBlock
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(32, n_heads=4, d_head=8, context_dim=24, checkpoint=True).train()
+    x, ctx = torch.randn(2, 40, 32, requires_grad=True), torch.randn(2, 9, 24)
+    grads = {}
+    for name in ("sdpa", "auto"):  # 'auto' decides on its first call, inside the checkpointed forward
+        backend(name)
+        x.grad = None
+        block(x, ctx).square().sum().backward()
+        grads[name] = x.grad.clone()
+    torch.testing.assert_close(grads["auto"], grads["sdpa"], atol=1e-4, rtol=1e-4)

@@ -29,6 +29,7 @@ class _FirstStageBase(pl.LightningModule):
     """Shared glue: input handling, two-optimizer GAN training step, validation metrics, image logging."""
 
     model_kind = ModelKind.AUTOENCODER  # what the scripts call it (ldm.checkpoint.target_kind)
+    progress_bar_keys = ("aeloss", "discloss")  # shown by main.py's bar (see DDPM.progress_bar_keys)
 
     # The discriminator takes no part in the loss before disc_start, so DDP must allow unused parameters.
     ddp_find_unused_parameters = True
@@ -113,7 +114,7 @@ class _FirstStageBase(pl.LightningModule):
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(aeloss)
         opt_ae.step()
-        self.log("aeloss", aeloss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("aeloss", aeloss.detach(), on_step=True, on_epoch=False)
         self.log_dict(log_ae, prog_bar=False, on_step=True, on_epoch=False)
         # The discriminator is only trained once it is active (disc_start), as in CompVis.
         if opt_disc is not None and self.loss.disc_active(step):
@@ -121,7 +122,7 @@ class _FirstStageBase(pl.LightningModule):
             opt_disc.zero_grad(set_to_none=True)
             self.manual_backward(discloss)
             opt_disc.step()
-            self.log("discloss", discloss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+            self.log("discloss", discloss.detach(), on_step=True, on_epoch=False)
             self.log_dict(log_d, prog_bar=False, on_step=True, on_epoch=False)
         scheds = self.lr_schedulers()
         for sch in scheds if isinstance(scheds, list) else [scheds]:

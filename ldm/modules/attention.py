@@ -47,8 +47,8 @@ class FeedForward(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention softmax(q k^T / sqrt(d)) v; keys/values from `context` when given.
 
-    Computed by torch's scaled_dot_product_attention, or by the fused small-head CPU kernel when
-    `ldm.modules.small_head_attention.set_attention_backend` (or LDM_ATTENTION_BACKEND) selects it.
+    Computed by torch's scaled_dot_product_attention, or by the fused small-head CPU kernel where
+    `ldm.modules.small_head_attention`'s backend (default 'auto': where timed faster) chooses it.
     """
 
     def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8, dim_head: int = 64,
@@ -74,7 +74,7 @@ class CrossAttention(nn.Module):
         attn_mask = None
         if mask is not None:  # (b, m) True where the context token may be attended
             attn_mask = mask.view(b, 1, 1, -1).bool()
-        if use_kernel(q, k, attn_mask):
+        if use_kernel(q, k, v, attn_mask):
             out = small_head_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

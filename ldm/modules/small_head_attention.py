@@ -3,9 +3,13 @@
 PyTorch's CPU `scaled_dot_product_attention` runs at a fraction of the machine's speed when heads are
 8 wide (its GEMMs have the head dim as inner size), which is where small research UNets spend
 most of a training step. This kernel computes the same function, softmax(q k^T / sqrt(d)) v, forward
-and backward, row by row without the score matrix. It is opt-in (`set_attention_backend`) because the
-first use compiles it with the system C++ compiler (about a minute; cached by torch under
-TORCH_EXTENSIONS_DIR, per source, flags and CPU).
+and backward, row by row without the score matrix. Whether it beats SDPA depends on the CPU (1.8x on
+an AVX2 machine, about even at 1,024 tokens and slower at 77 keys on an AVX-512 one: benchmarks/RESULTS.md),
+so the default backend, 'auto', times both once per attention shape, forward and backward, and keeps
+the faster (as cuDNN's benchmark mode does). It builds the kernel on first use with the system C++
+compiler and ninja (about half a minute, logged; cached by torch under TORCH_EXTENSIONS_DIR, per source,
+flags and CPU; `python -m ldm.modules.small_head_attention` builds it ahead of time) and uses SDPA, with
+a warning, when it cannot be built.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import logging
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -26,19 +31,24 @@ SUPPORTED_HEAD_DIMS = (8,)  # at 16 SDPA was faster (benchmarks/attention_small_
 BACKENDS = ("sdpa", "fused_cpu", "auto")
 ENV_VAR = "LDM_ATTENTION_BACKEND"
 
-_backend = os.environ.get(ENV_VAR, "sdpa")
+_backend = os.environ.get(ENV_VAR, "auto")
 _ext = None
 _build_error: Optional[BaseException] = None
 _warned_fallback = False
+# 'auto': timed runs per backend and shape (the best of them counts), and the choice made per shape
+AUTO_REPEATS = 3
+_auto_choice: dict[tuple, bool] = {}
 
 
 def set_attention_backend(name: str) -> None:
-    """Choose how CrossAttention computes attention: 'sdpa' (default), 'fused_cpu' (this kernel where it
-    applies, an error if it cannot be built) or 'auto' (this kernel where it applies and builds, else SDPA)."""
+    """Choose how CrossAttention computes attention: 'auto' (default: this kernel where it applies, builds and was
+    timed faster than SDPA for the shape), 'fused_cpu' (this kernel where it applies, an error if it cannot be
+    built) or 'sdpa'."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"attention backend '{name}': expected one of {BACKENDS} (also settable as {ENV_VAR})")
     _backend = name
+    _auto_choice.clear()
 
 
 def get_attention_backend() -> str:
@@ -79,13 +89,15 @@ def load_kernel():
     flags = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mprefer-vector-width=256")  # some CPUs' default tuning keeps GCC at 128-bit vectors
+    name = f"ldm_small_head_attention_{_cpu_tag()}"
+    log.info("loading the small-head attention kernel %s (built once from %s with the system C++ compiler, about "
+             "half a minute, then cached by torch)", name, SOURCE.name)
     try:
-        _ext = load(name=f"ldm_small_head_attention_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        _ext = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # compiler missing or failing: report it, never half-load
         _build_error = e
         raise RuntimeError(f"could not build the small-head attention kernel from {SOURCE} ({e}); it needs a C++ "
-                           f"compiler with OpenMP. Use {ENV_VAR}=sdpa (the default) to run without it.") from e
+                           f"compiler with OpenMP and ninja. Use {ENV_VAR}=sdpa to run without it.") from e
     return _ext
 
 
@@ -95,23 +107,65 @@ def applies(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> b
             and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dim() == 4)
 
 
-def use_kernel(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-    """Apply the chosen backend to this call (building the kernel on first use)."""
+def use_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+    """Apply the chosen backend to this call (building the kernel on first use; under 'auto', timing both backends
+    on the first call of each shape)."""
     backend = get_attention_backend()
     if backend == "sdpa" or not applies(q, k, mask):
         return False
     if backend == "fused_cpu":
         load_kernel()
         return True
+    if torch.compiler.is_compiling():  # a traced graph keeps SDPA, which the compiler knows
+        return False
     global _warned_fallback
     try:
         load_kernel()
-        return True
     except RuntimeError as e:
         if not _warned_fallback:
             log.warning("attention backend 'auto': %s; using scaled_dot_product_attention", e)
             _warned_fallback = True
         return False
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    key = (tuple(q.shape), tuple(q.stride()), tuple(k.shape), tuple(k.stride()), backward, torch.get_num_threads())
+    if key not in _auto_choice:
+        _auto_choice[key] = _kernel_is_faster(q, k, v, backward)
+    return _auto_choice[key]
+
+
+def _best_time(run: Callable[[], None]) -> float:
+    """Best wall time of AUTO_REPEATS runs after one warm-up."""
+    run()
+    best = float("inf")
+    for _ in range(AUTO_REPEATS):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _kernel_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool) -> bool:
+    """Time this kernel and SDPA, forward (and backward when training), on copies of this call's tensors (same
+    layout; the incoming gradient is q itself, so no random numbers are drawn) and say whether the kernel won."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t.detach()).requires_grad_(backward)
+
+    # identity hooks: inside a gradient-checkpointed block the timing's own saved tensors stay out of the checkpoint's
+    # record, which the recomputation (with the choice made) must match
+    with torch.set_grad_enabled(backward), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        qc, kc, vc = copy(q), copy(k), copy(v)
+        grad = q.detach()
+
+        def timed(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
+            if not backward:
+                return lambda: fn(qc, kc, vc)
+            return lambda: torch.autograd.grad(fn(qc, kc, vc), (qc, kc, vc), grad)
+
+        kernel = _best_time(timed(_SmallHeadAttention.apply))
+        sdpa = _best_time(timed(torch.nn.functional.scaled_dot_product_attention))
+    log.debug("attention 'auto' for q %s, k %s (%s): kernel %.2f ms, SDPA %.2f ms", tuple(q.shape), tuple(k.shape),
+              "forward and backward" if backward else "forward", 1e3 * kernel, 1e3 * sdpa)
+    return kernel < sdpa
 
 
 class _SmallHeadAttention(torch.autograd.Function):
@@ -146,3 +200,21 @@ def small_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
         raise ValueError(f"small_head_attention: needs float32 CPU (B, H, N, D) tensors with D in {SUPPORTED_HEAD_DIMS}; "
                          f"got q {tuple(q.shape)} {q.dtype} on {q.device}, v {tuple(v.shape)}")
     return _SmallHeadAttention.apply(q, k, v)
+
+
+def main() -> int:
+    """Build the kernel ahead of time (`python -m ldm.modules.small_head_attention`); exit 1 when it cannot be built."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        load_kernel()
+    except RuntimeError as e:
+        print(f"{e}\nThe 'auto' attention backend will use scaled_dot_product_attention instead.")
+        return 1
+    from torch.utils.cpp_extension import get_default_build_root
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    print(f"small-head attention kernel ready (cached under {cache})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -123,6 +123,9 @@ class DDPM(pl.LightningModule):
     """Denoising diffusion in pixel (or, subclassed, latent) space with the CompVis config keys."""
 
     model_kind = ModelKind.DIFFUSION  # what the scripts call it (ldm.checkpoint.target_kind)
+    # shown by main.py's progress bar when it refreshes (ldm.callbacks.bounded_progress_bar), read from the callback
+    # metrics: logged with prog_bar=True, Lightning would read them on the host after every step
+    progress_bar_keys = ("loss",)
 
     def __init__(self, unet_config, timesteps: int = 1000, beta_schedule: str = "linear", loss_type: str = "l2",
                  ckpt_path: Optional[str] = None, ignore_keys: Sequence[str] = (), load_only_unet: bool = False,
@@ -360,7 +363,7 @@ class DDPM(pl.LightningModule):
         finally:
             self.batch_random = None
         self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=self._bs(batch))
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=self._bs(batch))
+        self.log("loss", loss.detach(), on_step=True, on_epoch=False, batch_size=self._bs(batch))
         if self.scheduler_config is not None:
             self.log("lr_abs", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                      batch_size=self._bs(batch))

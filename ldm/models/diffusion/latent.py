@@ -51,7 +51,7 @@ def drop_conditions(c: Any, p: float, null: Any, rng: Optional[GlobalBatchRandom
     if isinstance(c, torch.Tensor):  # drawn where `c` lives: a host-to-device copy would wait for the GPU
         drop = (rng.rand(len(c)).to(c.device) if rng is not None else torch.rand(len(c), device=c.device)) < p
         return torch.where(drop.view(-1, *([1] * (c.dim() - 1))), null, c)
-    drop = (rng.rand(len(c)).cpu() if rng is not None else torch.rand(len(c))) < p
+    drop = (rng.rand_host(len(c)) if rng is not None else torch.rand(len(c))) < p  # host data, host draws
     return [nl if d else x for x, nl, d in zip(c, null, drop.tolist())]
 
 

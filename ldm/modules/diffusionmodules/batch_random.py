@@ -14,6 +14,8 @@ import torch
 # odd multiplier mixing the seed with the batch number into one 63-bit generator seed
 _MIX = 0x9E3779B97F4A7C15
 _STREAMS = 16
+# host-side draws of stream s use generator stream s + _HOST_STREAMS (device streams stay below it)
+_HOST_STREAMS = _STREAMS // 2
 
 
 class GlobalBatchRandom:
@@ -21,9 +23,16 @@ class GlobalBatchRandom:
 
     def __init__(self, seed: int, batch: int, rank: int, world: int, device: torch.device, stream: int = 0):
         """`stream` separates draws of one batch made for different purposes (e.g. scale_by_std's measurement)."""
+        if not 0 <= int(stream) < _HOST_STREAMS:
+            raise ValueError(f"GlobalBatchRandom stream {stream}: expected 0..{_HOST_STREAMS - 1}")
         self.rank, self.world, self.device = int(rank), int(world), torch.device(device)
+        base = int(seed) * _MIX + int(batch) * _STREAMS + int(stream)
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed((int(seed) * _MIX + int(batch) * _STREAMS + int(stream)) % (1 << 63))
+        self.generator.manual_seed(base % (1 << 63))
+        # decisions about host-side data (which captions of a list to drop) are drawn on the host, so a step on a
+        # GPU never waits to copy them back
+        self.host_generator = torch.Generator()
+        self.host_generator.manual_seed((base + _HOST_STREAMS) % (1 << 63))
 
     def _rows(self, full: torch.Tensor) -> torch.Tensor:
         return full[self.rank::self.world]
@@ -37,6 +46,10 @@ class GlobalBatchRandom:
     def rand(self, n: int) -> torch.Tensor:
         """U[0, 1) for this rank's n rows."""
         return self._rows(torch.rand(n * self.world, generator=self.generator, device=self.device))
+
+    def rand_host(self, n: int) -> torch.Tensor:
+        """U[0, 1) for this rank's n rows, drawn on the host (for decisions about host-side data)."""
+        return self._rows(torch.rand(n * self.world, generator=self.host_generator))
 
     def timesteps(self, sampler: Callable[..., torch.Tensor], n: int) -> torch.Tensor:
         """`sampler(n_global, device, generator=...)` (any timestep sampler of ldm.modules.diffusionmodules.loss)."""

@@ -1,0 +1,97 @@
+"""What keeps a training step fast: subnormals flushed on the CPU, and no host round trip inside a step (the GPU's
+launch-bound small-model step pays one per `.item()`; here made visible on the CPU by counting them)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.util import instantiate_from_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tensor methods that hand a value to the host: on a GPU each waits for every queued kernel.
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# Functions whose host reads are not per step: condition dropout of a caption list draws on the host
+# (GlobalBatchRandom.rand_host) and reads the draws there; the frozen text encoder runs (inside transformers) only on
+# a caption it has not cached yet
+HOST_SIDE = {("tolist", "drop_conditions"), ("__bool__", "_encode_batch")}
+
+
+def test_subnormals_are_flushed_in_every_thread_only_when_asked():
+    code = ("import torch\nfrom ldm.precision import denormals_flushed, flush_denormals\n"
+            "torch.set_num_threads(2)\nimport sys\nflag = sys.argv[1] == 'on'\n"
+            "ok = flush_denormals() if flag else True\n"
+            "x = torch.full((1 << 20,), torch.finfo(torch.float32).tiny / 8)\n"
+            "print(ok, denormals_flushed(), int((x * 1.0 == 0).sum()))")
+    on = subprocess.run([sys.executable, "-c", code, "on"], cwd=ROOT, capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code, "off"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert on.stdout.split() == ["True", "True", str(1 << 20)]  # every element, whichever thread computed it
+    assert off.stdout.split() == ["True", "False", "0"]
+
+
+def test_main_flushes_subnormals_by_default_and_keeps_them_on_request():
+    import main
+    assert main.get_parser().parse_args([]).flush_denormals is True
+    assert main.get_parser().parse_args(["--flush_denormals", "false"]).flush_denormals is False
+
+
+class _SyncCounter:
+    """Counts the host reads of tensors made while armed (ours, Lightning's, any library's), except HOST_SIDE's."""
+
+    def __init__(self, monkeypatch):
+        self.armed, self.sites = False, []
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def wrapper(t, *a, _orig=original, _name=name, **k):
+                if self.armed:
+                    stack = traceback.extract_stack()[:-1]
+                    if not any((_name, f.name) in HOST_SIDE for f in stack):
+                        caller = next(f for f in reversed(stack) if "/torch/" not in f.filename)
+                        self.sites.append(f"{_name} in {caller.name} ({Path(caller.filename).name}:{caller.lineno})")
+                return _orig(t, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+
+@pytest.mark.minilm
+def test_training_steps_do_not_wait_for_the_host(tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+    from safetensors.torch import save_file
+
+    from ldm.callbacks import bounded_progress_bar
+    from ldm.data.shapes import ShapesDataset
+    ae = instantiate_from_config(load_config(ROOT / "configs/autoencoder/shapes_kl_f4.yaml").model)
+    save_file(ae.state_dict(), str(tmp_path / "ae.safetensors"))
+    cfg = load_config(ROOT / "configs/ldm/shapes_txt2img.yaml")
+    cfg.model.params.first_stage_config.params.ckpt_path = str(tmp_path / "ae.safetensors")
+    u = cfg.model.params.unet_config.params
+    u.model_channels, u.num_head_channels = 32, 16
+    cfg.model.params.noise_seed = 5  # the global-batch draws (DDP-split independent), on the model's device
+    model = instantiate_from_config(cfg.model)
+    model.learning_rate = 1e-4
+    counter = _SyncCounter(monkeypatch)
+
+    class Arm(pl.Callback):  # the second epoch: scale_by_std's factor set and every caption's encoding cached
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            counter.armed = trainer.current_epoch >= 1
+
+        def on_train_epoch_end(self, trainer, pl_module):  # so the bar's on_train_batch_end is counted too
+            counter.armed = False
+
+    data = ShapesDataset(num_samples=16)
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, callbacks=[Arm(), bar := bounded_progress_bar()],
+                         limit_val_batches=0, log_every_n_steps=50)
+    trainer.fit(model, loader)
+    assert trainer.global_step == 8  # 4 steps counted, logging every 50
+    assert counter.sites == [], f"host round trips inside training steps: {sorted(set(counter.sites))}"
+    assert "loss" in bar.get_metrics(trainer, model)  # the loss still reaches the bar: shown as last read
+    bar._shown = {}  # as at a refresh step: read now
+    assert float(bar.get_metrics(trainer, model)["loss"]) == pytest.approx(float(trainer.callback_metrics["loss"]),
+                                                                          rel=1e-3)
