@@ -110,6 +110,9 @@ def shard_diffusion_model(model: nn.Module, strategy: FSDP) -> None:
     on every process. Trainable weights left outside these would not be synchronised: they are refused."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     wrapper = model.model
+    # fully_shard refuses non-contiguous parameters: the UNet's channels-last conv weights (and their EMA copies)
+    # go back to the usual layout
+    model.to(memory_format=torch.contiguous_format)
     kwargs = strategy.shard_kwargs()
     for block in unet_blocks(wrapper.diffusion_model):
         if any(p.requires_grad for p in block.parameters()):

@@ -100,3 +100,32 @@ def test_same_function_as_diffusers(v2, size):
         b = twin(x, t, encoder_hidden_states=c).sample
     assert a.shape == x.shape
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_channels_last_by_default_same_function_and_gradients(v2):
+    """Conv weights are stored channels-last (faster oneDNN / cuDNN convolutions); the state dict, the output (in the
+    usual layout) and the gradients are those of the contiguous-layout UNet."""
+    cfg = _tiny(v2)
+    torch.manual_seed(0)
+    fast = UNetModel(**cfg)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    plain = UNetModel(**cfg, channels_last=False)
+    plain.load_state_dict(fast.state_dict())
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+                         if w.shape[-1] > 1)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x, t, c = torch.randn(2, 4, 27, 33), torch.tensor([10, 900]), torch.randn(2, 7, 24)
+    outs = []
+    for model in (fast, plain):
+        y = model(x, t, context=c)
+        assert y.is_contiguous()
+        y.square().mean().backward()
+        outs.append((y.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-4)
+    for name, grad in outs[0][1].items():
+        torch.testing.assert_close(grad, outs[1][1][name], atol=1e-5, rtol=1e-4, msg=name)

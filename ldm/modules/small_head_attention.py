@@ -3,13 +3,13 @@
 PyTorch's CPU `scaled_dot_product_attention` runs at a fraction of the machine's speed when heads are
 8 wide (its GEMMs have the head dim as inner size), which is where small research UNets spend
 most of a training step. This kernel computes the same function, softmax(q k^T / sqrt(d)) v, forward
-and backward, row by row without the score matrix. Whether it beats SDPA depends on the CPU (1.8x on
-an AVX2 machine, about even at 1,024 tokens and slower at 77 keys on an AVX-512 one: benchmarks/RESULTS.md),
-so the default backend, 'auto', times both once per attention shape, forward and backward, and keeps
-the faster (as cuDNN's benchmark mode does). It builds the kernel on first use with the system C++
-compiler and ninja (about half a minute, logged; cached by torch under TORCH_EXTENSIONS_DIR, per source,
-flags and CPU; `python -m ldm.modules.small_head_attention` builds it ahead of time) and uses SDPA, with
-a warning, when it cannot be built.
+and backward, in blocks of query rows without the score matrix (keys padded to the vector width). It ran
+at 1.4-1.7x SDPA's speed, forward and backward, on an AVX-512 CPU (an earlier version: 1.8x on an AVX2 one;
+benchmarks/RESULTS.md), but that depends on the CPU, so the default backend, 'auto', times both once per
+attention shape, forward and backward, and keeps the faster (as cuDNN's benchmark mode does). It builds the
+kernel on first use with the system C++ compiler and ninja (about half a minute, logged; cached by torch under
+TORCH_EXTENSIONS_DIR, per source, flags and CPU; `python -m ldm.modules.small_head_attention` builds it ahead of
+time) and uses SDPA, with a warning, when it cannot be built.
 """
 from __future__ import annotations
 
@@ -168,30 +168,44 @@ def _kernel_is_faster(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backwar
     return kernel < sdpa
 
 
+def _keys_transposed(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, H, M, D) keys or values as the kernel reads them: (B*H, D, Mp), M padded with zeros to a multiple of
+    the kernel's vector width (one copy)."""
+    b, h, m, d = x.shape
+    mp = -(-m // width) * width
+    out = x.new_empty(b * h, d, mp)
+    if mp > m:
+        out[:, :, m:] = 0
+    out[:, :, :m].view(b, h, d, m).copy_(x.transpose(2, 3))
+    return out
+
+
 class _SmallHeadAttention(torch.autograd.Function):
     """softmax(q k^T * scale) v with the fused kernel, forward and backward; q rows in (B, N, H, D) memory."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, h, n, d = q.shape
-        m = k.shape[2]
+        ext = load_kernel()
+        m, d = k.shape[2], q.shape[3]
         scale = d ** -0.5
         q_rows = q.transpose(1, 2).contiguous()  # no copy when q is a head split of a (B, N, H*D) projection
-        kt = k.reshape(b * h, m, d).transpose(1, 2).contiguous()
-        vt = v.reshape(b * h, m, d).transpose(1, 2).contiguous()
-        out, lse = load_kernel().fwd(q_rows, kt, vt, scale)
+        kt, vt = _keys_transposed(k, ext.width()), _keys_transposed(v, ext.width())
+        out, lse = ext.fwd(q_rows, kt, vt, scale, m)
         ctx.save_for_backward(q_rows, kt, vt, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.keys = scale, m
         return out.transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D) memory
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         q_rows, kt, vt, out, lse = ctx.saved_tensors
-        b, n, h, d = q_rows.shape
-        m = kt.shape[2]
-        dq, dkt, dvt = load_kernel().bwd(grad_out.transpose(1, 2).contiguous(), q_rows, kt, vt, out, lse, ctx.scale)
-        return dq.transpose(1, 2), dkt.transpose(1, 2).reshape(b, h, m, d), dvt.transpose(1, 2).reshape(b, h, m, d)
+        b, _, h, d = q_rows.shape
+        m = ctx.keys
+        dq, dkt, dvt = load_kernel().bwd(grad_out.transpose(1, 2).contiguous(), q_rows, kt, vt, out, lse, ctx.scale, m)
+
+        def unpad(t: torch.Tensor) -> torch.Tensor:  # (B*H, D, Mp) -> (B, H, M, D) view
+            return t[:, :, :m].view(b, h, d, m).transpose(2, 3)
+        return dq.transpose(1, 2), unpad(dkt), unpad(dvt)
 
 
 def small_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ldm.modules.attention import SpatialTransformer, zero_module
 from ldm.util import report_once
 from ldm.modules.diffusionmodules.guidance_embedding import GuidanceEmbedding
 from ldm.modules.diffusionmodules.util import (UNET_NORM_GROUPS, avg_pool_nd, conv_nd, linear, normalization,
-                                               timestep_embedding, upsample_nearest)
+                                               timestep_embedding, to_channels_last, upsample_nearest)
 
 
 class TimestepBlock(nn.Module):
@@ -184,7 +184,7 @@ class UNetModel(nn.Module):
                  n_embed: Optional[int] = None, legacy: bool = True, disable_self_attentions: Optional[Sequence[bool]] = None,
                  num_attention_blocks: Optional[Sequence[int]] = None, disable_middle_self_attn: bool = False,
                  use_linear_in_transformer: bool = False, adm_in_channels: Optional[int] = None,
-                 norm_groups: int = UNET_NORM_GROUPS, guidance_embed: bool = False):
+                 norm_groups: int = UNET_NORM_GROUPS, guidance_embed: bool = False, channels_last: bool = True):
         super().__init__()
         if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim (the conditioning's feature size)")
@@ -293,6 +293,9 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(normalization(ch, norm_groups), nn.SiLU(),
                                  zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+        # channels_last: conv weights, and so every activation, in channels-last memory (the state dict is unchanged)
+        if channels_last:
+            to_channels_last(self, dims)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -331,4 +334,4 @@ class UNetModel(nn.Module):
             h = torch.cat([h, hs.pop()], dim=1)
             # an upsampling block ends at the size of the skip it meets next (odd sides: not simply x2)
             h = module(h, emb, context, output_size=hs[-1].shape[2:] if hs else None)
-        return self.out(h)
+        return self.out(h).contiguous()  # the usual layout out, whatever the memory format inside

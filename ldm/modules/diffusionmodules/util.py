@@ -69,3 +69,18 @@ def upsample_nearest(x: torch.Tensor, dims: int) -> torch.Tensor:
     if dims == 3:
         return F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
     return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def to_channels_last(module: nn.Module, dims: int = 2) -> nn.Module:
+    """Store the module's 2-d (3-d) conv weights channels-last, so convolutions run on NHWC (NDHWC) memory.
+
+    A convolution with channels-last weights gives channels-last output whatever its input's layout, so the
+    activations follow; oneDNN's CPU and cuDNN's tensor-core convolutions are fastest on this layout. 1-d modules
+    are left as they are. Parameter names, shapes and values (the state dict) do not change; `load_state_dict`
+    copies into the existing layout.
+    """
+    if dims == 2:
+        return module.to(memory_format=torch.channels_last)
+    if dims == 3:
+        return module.to(memory_format=torch.channels_last_3d)
+    return module
