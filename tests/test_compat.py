@@ -297,6 +297,7 @@ def test_webdataset_missing_shards_name_tar_base(tmp_path):
 
 # --- an original-style config trains through main.py on fake data --------------------------------------------
 
+@pytest.mark.slow  # 33 s on 2 cores: make test stays under about 10 minutes
 def test_lsun_churches_config_trains_through_main_on_a_fake_tree(tmp_path):
     """configs/ldm/lsun_churches-ldm-kl-8.yaml, its model at full size: data roots, the first stage and (for CPU
     time) 128-pixel images set by dot-list overrides."""

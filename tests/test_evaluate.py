@@ -146,6 +146,7 @@ def test_train_domain_classifier_script(tmp_path, capsys):
     assert rc == 2 and "no label key 'digit'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 38 s on 2 cores: make test stays under about 10 minutes
 def test_scaling_study_runs_end_to_end_and_resumes(tmp_path, capsys):
     """Two widths at equal training compute through main.py, the sweep, the tables and the plot; a rerun resumes."""
     import scaling_study
