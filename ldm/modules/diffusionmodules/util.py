@@ -75,9 +75,9 @@ def to_channels_last(module: nn.Module, dims: int = 2) -> nn.Module:
     """Store the module's 2-d (3-d) conv weights channels-last, so convolutions run on NHWC (NDHWC) memory.
 
     A convolution with channels-last weights gives channels-last output whatever its input's layout, so the
-    activations follow; oneDNN's CPU and cuDNN's tensor-core convolutions are fastest on this layout. 1-d modules
-    are left as they are. Parameter names, shapes and values (the state dict) do not change; `load_state_dict`
-    copies into the existing layout.
+    activations follow; oneDNN's CPU convolutions are fastest on this layout (cuDNN documents the same for its
+    tensor-core ones). 1-d modules are left as they are. Parameter names, shapes and values (the state dict) do
+    not change; `load_state_dict` copies into the existing layout.
     """
     if dims == 2:
         return module.to(memory_format=torch.channels_last)
