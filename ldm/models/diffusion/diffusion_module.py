@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ldm.callbacks import step_scalars_read
 from ldm.checkpoint import ModelKind, init_from_ckpt
 from ldm.compile import CompileSettings, compile_networks
 from ldm.lora import LoraFineTuning, LoraSettings
@@ -362,11 +363,12 @@ class DDPM(pl.LightningModule):
             loss, log = self.shared_step(batch)
         finally:
             self.batch_random = None
-        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=self._bs(batch))
-        self.log("loss", loss.detach(), on_step=True, on_epoch=False, batch_size=self._bs(batch))
-        if self.scheduler_config is not None:
-            self.log("lr_abs", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
-                     batch_size=self._bs(batch))
+        if step_scalars_read(self._trainer):  # the steps whose values a logger or the progress bar reads
+            self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=self._bs(batch))
+            self.log("loss", loss.detach(), on_step=True, on_epoch=False, batch_size=self._bs(batch))
+            if self.scheduler_config is not None:
+                self.log("lr_abs", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
+                         batch_size=self._bs(batch))
         return loss
 
     def _bs(self, batch: dict) -> int:
