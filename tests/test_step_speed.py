@@ -1,5 +1,6 @@
 """What keeps a training step fast: subnormals flushed on the CPU, and no host round trip inside a step (the GPU's
-launch-bound small-model step pays one per `.item()`; here made visible on the CPU by counting them)."""
+launch-bound small-model step pays one per `.item()` and per host number copied to the device; here made visible on
+the CPU by counting them)."""
 from __future__ import annotations
 
 import subprocess
@@ -44,7 +45,9 @@ def test_main_flushes_subnormals_by_default_and_keeps_them_on_request():
 
 
 class _SyncCounter:
-    """Counts the host reads of tensors made while armed (ours, Lightning's, any library's), except HOST_SIDE's."""
+    """Counts, while armed, the host reads of tensors and the host numbers made into tensors on a device (ours,
+    Lightning's, any library's; except HOST_SIDE's). On a GPU the second is a copy from pageable memory, which
+    waits for every queued kernel too (`torch.tensor(0.5, device="cuda")`; Lightning's `self.log` of a float)."""
 
     def __init__(self, monkeypatch):
         self.armed, self.sites = False, []
@@ -53,12 +56,22 @@ class _SyncCounter:
 
             def wrapper(t, *a, _orig=original, _name=name, **k):
                 if self.armed:
-                    stack = traceback.extract_stack()[:-1]
-                    if not any((_name, f.name) in HOST_SIDE for f in stack):
-                        caller = next(f for f in reversed(stack) if "/torch/" not in f.filename)
-                        self.sites.append(f"{_name} in {caller.name} ({Path(caller.filename).name}:{caller.lineno})")
+                    self._record(_name)
                 return _orig(t, *a, **k)
             monkeypatch.setattr(torch.Tensor, name, wrapper)
+        original_tensor = torch.tensor
+
+        def tensor(data, *a, **k):
+            if self.armed and k.get("device") is not None and isinstance(data, (bool, int, float)):
+                self._record("tensor")
+            return original_tensor(data, *a, **k)
+        monkeypatch.setattr(torch, "tensor", tensor)
+
+    def _record(self, name: str) -> None:
+        stack = traceback.extract_stack()[:-2]
+        if not any((name, f.name) in HOST_SIDE for f in stack):
+            caller = next(f for f in reversed(stack) if "/torch/" not in f.filename)
+            self.sites.append(f"{name} in {caller.name} ({Path(caller.filename).name}:{caller.lineno})")
 
 
 def tiny_txt2img_config(tmp_path: Path):
