@@ -82,6 +82,19 @@ def _fused_ok(params: Sequence[torch.Tensor]) -> bool:
             and all(p.is_floating_point() for p in params))
 
 
+def gradients_in_parameter_layout(optimizer: torch.optim.Optimizer, args: Any = None, kwargs: Any = None) -> None:
+    """Step pre-hook of a fused CPU AdamW: a gradient whose strides differ from its parameter's is first copied into
+    the parameter's layout. torch's fused CPU kernel pairs their elements by memory order without checking, so a
+    channels-last conv weight given a contiguous gradient would be updated with the wrong elements (the CUDA kernel
+    raised an error on such pairs in pytorch #106951). Autograd keeps the layouts matched; a hook or a compiled
+    backward may not."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            grad = p.grad
+            if grad is not None and grad.stride() != p.stride():
+                p.grad = torch.empty_like(p).copy_(grad)
+
+
 def disabled_train(self, mode: bool = True):
     """Overwrites model.train so that a frozen model stays in eval mode."""
     return self
@@ -397,7 +410,10 @@ class DDPM(pl.LightningModule):
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=self.learning_rate, fused=_fused_ok(params))
+        fused = _fused_ok(params)
+        opt = torch.optim.AdamW(params, lr=self.learning_rate, fused=fused)
+        if fused and params[0].device.type == "cpu":
+            opt.register_step_pre_hook(gradients_in_parameter_layout)
         if self.scheduler_config is None:
             return opt
         schedule = instantiate_from_config(self.scheduler_config, key="model.params.scheduler_config")
