@@ -280,11 +280,14 @@ def epoch_description(trainer: pl.Trainer, epoch: int) -> str:
 PROGRESS_REFRESH_STEPS = 10
 
 
-def step_scalars_read(trainer: Optional[pl.Trainer]) -> bool:
+def step_scalars_read(trainer: Optional[pl.Trainer], optimizer_steps: int = 1) -> bool:
     """Whether a training step's logged scalars will be read: by the loggers (Lightning writes every
     `log_every_n_steps`), by the progress bar (every `refresh_rate` steps), or on the first step. Logging them on the
     other steps only costs host time: each `self.log` runs Lightning's result bookkeeping in Python (0.3-1.3 ms
-    measured), which a small model's step pays on the CPU and, on a GPU, ahead of its kernel launches."""
+    measured), which a small model's step pays on the CPU and, on a GPU, ahead of its kernel launches.
+
+    Asked before the step's optimizer steps: `optimizer_steps` is how many it takes (the global step the progress
+    bar reads after it moves by that many; 2 for an autoencoder whose discriminator trains too)."""
     if trainer is None or trainer.global_step == 0:
         return True
     try:
@@ -294,7 +297,7 @@ def step_scalars_read(trainer: Optional[pl.Trainer]) -> bool:
         return True
     bar = trainer.progress_bar_callback
     rate = getattr(bar, "refresh_rate", 0) or PROGRESS_REFRESH_STEPS
-    return bar is not None and (trainer.global_step + 1) % rate == 0
+    return bar is not None and (trainer.global_step + optimizer_steps) % rate == 0
 
 
 def bounded_progress_bar(refresh_rate: int = PROGRESS_REFRESH_STEPS) -> pl.Callback:

@@ -119,43 +119,61 @@ def test_training_steps_do_not_wait_for_the_host(tmp_path, monkeypatch):
                                                                           rel=1e-3)
 
 
+def _fit_counting_logs(cfg, tmp_path: Path, monkeypatch, run: str, gated_module, every_step: bool, key: str,
+                       step_of, max_steps: int) -> tuple[list[int], str]:
+    """Trains `cfg.model` on shapes with a CSV logger writing every 3 steps; the steps (`step_of(module)`) at which
+    `key` was logged, and the CSV file. `every_step` replaces `gated_module`'s gate by one that always logs."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    from ldm.data.shapes import ShapesDataset
+    monkeypatch.undo()
+    if every_step:
+        monkeypatch.setattr(gated_module, "step_scalars_read", lambda trainer, optimizer_steps=1: True, raising=False)
+    torch.manual_seed(0)
+    model = instantiate_from_config(cfg.model)
+    model.learning_rate = 1e-4
+    logged_at, original = [], type(model).log
+
+    def counting_log(self, name, *a, **k):  # log_dict passes `name` by keyword
+        if name == key:
+            logged_at.append(step_of(self))
+        return original(self, name, *a, **k)
+    monkeypatch.setattr(type(model), "log", counting_log)
+    loader = torch.utils.data.DataLoader(ShapesDataset(num_samples=28), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=CSVLogger(tmp_path, name=run),
+                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                         limit_val_batches=0, log_every_n_steps=3)
+    trainer.fit(model, loader)
+    return logged_at, (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
+
+
 @pytest.mark.minilm
 def test_step_scalars_logged_only_where_read_and_loggers_see_the_same_values(tmp_path, monkeypatch):
     """A training step logs its scalars on the steps a logger writes (every log_every_n_steps), the progress bar
     reads, and the first; the CSV logger's file is the same as when every step logs."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.loggers import CSVLogger
-
     import ldm.models.diffusion.diffusion_module as dm
-    from ldm.data.shapes import ShapesDataset
     cfg = tiny_txt2img_config(tmp_path)
-
-    def fit(name: str, every_step: bool) -> tuple[list[int], str]:
-        if every_step:
-            monkeypatch.setattr(dm, "step_scalars_read", lambda trainer: True, raising=False)
-        else:
-            monkeypatch.undo()
-        torch.manual_seed(0)
-        model = instantiate_from_config(cfg.model)
-        model.learning_rate = 1e-4
-        logged_at = []
-        original = type(model).log
-
-        def counting_log(self, name, *a, **k):
-            if name == "loss":
-                logged_at.append(self.trainer.global_step)
-            return original(self, name, *a, **k)
-        monkeypatch.setattr(type(model), "log", counting_log)
-        loader = torch.utils.data.DataLoader(ShapesDataset(num_samples=28), batch_size=4)
-        trainer = pl.Trainer(accelerator="cpu", max_steps=7, logger=CSVLogger(tmp_path, name=name),
-                             enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                             limit_val_batches=0, log_every_n_steps=3)
-        trainer.fit(model, loader)
-        return logged_at, (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
-
-    every, every_csv = fit("every", every_step=True)
-    read, read_csv = fit("read", every_step=False)
+    runs = [_fit_counting_logs(cfg, tmp_path, monkeypatch, name, dm, every, "loss", lambda m: m.trainer.global_step, 7)
+            for name, every in (("every", True), ("read", False))]
+    (every, every_csv), (read, read_csv) = runs
     assert every == list(range(7))
     assert read == [0, 2, 5]  # the first step, and the two Lightning writes (steps 3 and 6, counted from 1)
     assert "train/loss_simple" in read_csv.splitlines()[0] and len(read_csv.splitlines()) == 3
+    assert read_csv == every_csv
+
+
+def test_autoencoder_logs_only_where_read_and_loggers_see_the_same_values(tmp_path, monkeypatch):
+    """The autoencoder's training step (two optimizers once its discriminator starts) gates its scalars the same
+    way: logged on the first batch and where Lightning writes, and the CSV logger's file is unchanged."""
+    import ldm.models.autoencoder as ae_module
+    cfg = load_config(ROOT / "configs/autoencoder/shapes_kl_f4.yaml")
+    cfg.model.params.lossconfig.params.disc_start = 3  # the discriminator's optimizer steps from batch 3 on
+    # 11 optimizer steps: batches 0-2 one each, then two per batch
+    runs = [_fit_counting_logs(cfg, tmp_path, monkeypatch, name, ae_module, every, "aeloss",
+                               lambda m: m.batches_seen, 11) for name, every in (("every", True), ("read", False))]
+    (every, every_csv), (read, read_csv) = runs
+    assert every == list(range(7))
+    assert read == [0, 2, 5]
+    assert "train/disc_loss" in read_csv.splitlines()[0]
     assert read_csv == every_csv

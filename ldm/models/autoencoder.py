@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.callbacks import step_scalars_read
 from ldm.checkpoint import ModelKind, init_from_ckpt
 from ldm.metrics import reconstruction_metrics
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
@@ -110,20 +111,24 @@ class _FirstStageBase(pl.LightningModule):
         x = self.get_input(batch)
         rec, aux = self._forward_train(x)
         step = self.batches_seen
+        # The discriminator is only trained once it is active (disc_start), as in CompVis.
+        train_disc = opt_disc is not None and self.loss.disc_active(step)
+        logs = step_scalars_read(self._trainer, optimizer_steps=2 if train_disc else 1)  # where they are read
         aeloss, log_ae = self._loss_call(x, rec, aux, 0, "train", step, grad_scale=self._loss_scale())
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(aeloss)
         opt_ae.step()
-        self.log("aeloss", aeloss.detach(), on_step=True, on_epoch=False)
-        self.log_dict(log_ae, prog_bar=False, on_step=True, on_epoch=False)
-        # The discriminator is only trained once it is active (disc_start), as in CompVis.
-        if opt_disc is not None and self.loss.disc_active(step):
+        if logs:
+            self.log("aeloss", aeloss.detach(), on_step=True, on_epoch=False)
+            self.log_dict(log_ae, prog_bar=False, on_step=True, on_epoch=False)
+        if train_disc:
             discloss, log_d = self._loss_call(x, rec, aux, 1, "train", step)
             opt_disc.zero_grad(set_to_none=True)
             self.manual_backward(discloss)
             opt_disc.step()
-            self.log("discloss", discloss.detach(), on_step=True, on_epoch=False)
-            self.log_dict(log_d, prog_bar=False, on_step=True, on_epoch=False)
+            if logs:
+                self.log("discloss", discloss.detach(), on_step=True, on_epoch=False)
+                self.log_dict(log_d, prog_bar=False, on_step=True, on_epoch=False)
         scheds = self.lr_schedulers()
         for sch in scheds if isinstance(scheds, list) else [scheds]:
             if sch is not None:
