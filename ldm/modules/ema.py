@@ -70,7 +70,13 @@ class LitEma(nn.Module):
         one_minus = (1.0 - decay).float()
         shadows, params = self._tracked(model)
         params = [p if p.dtype == s.dtype else p.to(s.dtype) for s, p in zip(shadows, params)]
-        if shadows:
+        if not shadows:
+            return
+        if shadows[0].device.type == "cpu":
+            # s <- s + (1 - decay) (p - s) as one op per tensor: torch's CPU foreach ops run tensor by tensor, so one
+            # lerp costs a third of sub, mul, sub (0.8 against 2.5 ms for 300 tensors here)
+            torch._foreach_lerp_(shadows, params, [one_minus] * len(shadows))
+        else:  # three fused foreach kernels: lerp with a tensor weight per tensor leaves CUDA's fused path
             step = torch._foreach_sub(shadows, params)
             torch._foreach_mul_(step, one_minus)
             torch._foreach_sub_(shadows, step)  # s <- s - (1 - decay) (s - p)
