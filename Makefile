@@ -11,9 +11,9 @@ NB_STAMP := $(VENV)/.notebook-installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -c constraints.txt -e ".[dev]"
-	# the fused small-head attention kernel, built ahead of time; without a C++ compiler the 'auto' attention
-	# backend uses torch's SDPA instead (the module says why)
-	-$(PY) -m ldm.modules.small_head_attention
+	# the CPU kernels (small-head attention, GEGLU), built ahead of time; without a C++ compiler attention uses
+	# torch's SDPA and GEGLU torch's ops instead (the module says why)
+	-$(PY) -m ldm.modules.cpu_kernels
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,7 @@
 """Benchmark: UNet training-step time, ours vs diffusers' UNet2DConditionModel, same weights, same run.
 
     python benchmarks/unet_vs_diffusers.py [--model-channels 64] [--batch 4] [--steps 10] [--threads N] \
-        [--attention auto|fused_cpu|sdpa] [--optimizer same|framework]
+        [--attention auto|fused_cpu|sdpa] [--optimizer same|framework] [--fused-ops on|off|both]
 
 SD-v1 architecture (channel_mult 1,2,4,4; 2 res blocks; attention at 4,2,1; 8 heads; 768-d context)
 at a reduced width, batch of 32x32x4 latents with a 77x768 context. Weights are converted from ours to
@@ -13,7 +13,9 @@ package's default attention backend ('auto': the fused small-head CPU kernel of
 times it on torch's SDPA, the kernel diffusers uses. `--optimizer same` (default) steps both with
 torch.optim.AdamW's defaults (the UNets compared); `framework` steps each as its training code does: ours
 with the AdamW that `LatentDiffusion.configure_optimizers` builds (fused where it applies), diffusers'
-with torch.optim.AdamW's defaults, as its train_text_to_image.py does.
+with torch.optim.AdamW's defaults, as its train_text_to_image.py does. `--fused-ops` (default on, as a user's
+run) sets the fused GEGLU and GroupNorm + SiLU kernels of `ldm.modules.cpu_kernels`; `both` times our UNet a
+second time in each round with them off, so their effect is measured in the same run.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.convert.diffusers_unet import compvis_to_diffusers_unet  # noqa: E402
 from ldm.models.diffusion.diffusion_module import _fused_ok  # noqa: E402
+from ldm.modules.cpu_kernels import set_fused_cpu_ops  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
 from ldm.modules.small_head_attention import BACKENDS, get_attention_backend, set_attention_backend  # noqa: E402
 
@@ -44,8 +47,11 @@ def main() -> int:
     p.add_argument("--attention", choices=BACKENDS, default=get_attention_backend(),
                    help="our attention backend (default: the package's, 'auto' unless LDM_ATTENTION_BACKEND says "
                         "otherwise; fused_cpu: the small-head kernel; sdpa: torch's SDPA, as diffusers)")
+    p.add_argument("--fused-ops", choices=["on", "off", "both"], default="on",
+                   help="our fused GEGLU and GroupNorm + SiLU CPU kernels; both: ours timed with and without them")
     args = p.parse_args()
     set_attention_backend(args.attention)
+    set_fused_cpu_ops(args.fused_ops != "off")
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import UNet2DConditionModel
@@ -89,20 +95,32 @@ def main() -> int:
 
     step_ours = make_step(ours, lambda: ours(x, t, context=ctx), True)
     step_theirs = make_step(theirs, lambda: theirs(x, t, encoder_hidden_states=ctx).sample, False)
+    def step_ours_unfused() -> float:
+        set_fused_cpu_ops(False)
+        try:
+            return step_ours()
+        finally:
+            set_fused_cpu_ops(True)
+
+    rounds = [step_ours, step_theirs] + ([step_ours_unfused] if args.fused_ops == "both" else [])
     for _ in range(args.warmup):
-        step_ours()
-        step_theirs()
-    times_o, times_t = [], []
+        for step in rounds:
+            step()
+    times: list[list[float]] = [[] for _ in rounds]
     for _ in range(args.steps):
-        times_o.append(step_ours())
-        times_t.append(step_theirs())
-    mo, mt = statistics.median(times_o), statistics.median(times_t)
+        for step, record in zip(rounds, times):
+            record.append(step())
+    mo, mt = statistics.median(times[0]), statistics.median(times[1])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, params {nparams / 1e6:.2f} M, "
           f"batch {args.batch}, model_channels {mc}, our attention backend {args.attention}, "
-          f"optimizer {args.optimizer}")
+          f"optimizer {args.optimizer}, fused ops {args.fused_ops}")
     print(f"ours:      median {mo * 1000:.1f} ms/step  ({1 / mo:.2f} it/s)")
     print(f"diffusers: median {mt * 1000:.1f} ms/step  ({1 / mt:.2f} it/s)")
     print(f"speed ratio (diffusers time / ours): {mt / mo:.2f}x")
+    if args.fused_ops == "both":
+        mu = statistics.median(times[2])
+        print(f"ours without the fused ops: median {mu * 1000:.1f} ms/step; diffusers / it: {mt / mu:.2f}x; "
+              f"fused ops speed-up: {mu / mo:.3f}x")
     if args.attention == "auto":
         from ldm.modules import small_head_attention as sha
         chosen = [f"q {k[0]} k {k[2]}{' train' if k[4] else ''}: {'kernel' if v else 'sdpa'}"

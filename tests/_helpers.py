@@ -1,7 +1,10 @@
 """Config targets used by the tests (importable as `_helpers.X`)."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pytest
 from torch.utils.data import Dataset
 
 
@@ -99,3 +102,16 @@ class SeedProbe:
                                 "data_seed": trainer.train_dataloader.sampler.seed}))
 
         return _Probe()
+
+
+def _has_ninja() -> bool:
+    try:
+        import ninja  # noqa: F401
+        return True
+    except ImportError:
+        return shutil.which("ninja") is not None
+
+
+# the CPU kernels (ldm.modules.cpu_kernels) are built by the tests that need them
+needs_compiler = pytest.mark.skipif((shutil.which("c++") is None and shutil.which("g++") is None) or not _has_ninja(),
+                                    reason="no C++ compiler or ninja to build the CPU kernels")

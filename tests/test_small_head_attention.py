@@ -1,23 +1,11 @@
 """The fused small-head CPU attention kernel computes SDPA's function, forward and backward."""
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ldm.modules.small_head_attention as sha
+from _helpers import needs_compiler
 from ldm.modules.attention import CrossAttention
-
-def _has_ninja() -> bool:
-    try:
-        import ninja  # noqa: F401
-        return True
-    except ImportError:
-        return shutil.which("ninja") is not None
-
-
-needs_compiler = pytest.mark.skipif((shutil.which("c++") is None and shutil.which("g++") is None) or not _has_ninja(),
-                                    reason="no C++ compiler or ninja to build the kernel")
 
 
 @pytest.fixture

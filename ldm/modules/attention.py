@@ -9,6 +9,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
+from ldm.modules.cpu_kernels import geglu, group_norm_silu
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.modules.small_head_attention import small_head_attention, use_kernel
 
@@ -25,8 +26,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -140,7 +140,7 @@ class SpatialTransformer(nn.Module):
             context = [context] * len(self.transformer_blocks)
         b, c, h, w = x.shape
         x_in = x
-        x = self.norm(x)
+        x = group_norm_silu(self.norm, x, silu=False)  # the fused CPU kernel where it applies, else self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
         x = rearrange(x, "b c h w -> b (h w) c")

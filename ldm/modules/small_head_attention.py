@@ -7,33 +7,27 @@ and backward, in blocks of query rows without the score matrix (keys padded to t
 at 1.4-1.7x SDPA's speed, forward and backward, on an AVX-512 CPU (an earlier version: 1.8x on an AVX2 one;
 benchmarks/RESULTS.md), but that depends on the CPU, so the default backend, 'auto', times both once per
 attention shape, forward and backward, and keeps the faster (as cuDNN's benchmark mode does). It builds the
-kernel on first use with the system C++ compiler and ninja (about half a minute, logged; cached by torch under
-TORCH_EXTENSIONS_DIR, per source, flags and CPU; `python -m ldm.modules.small_head_attention` builds it ahead of
-time) and uses SDPA, with a warning, when it cannot be built.
+kernel on first use, with the framework's other CPU kernels (`ldm.modules.cpu_kernels`), and uses SDPA, with a
+warning, when it cannot be built.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ldm.modules.cpu_kernels import load_kernel
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "small_head_attention.cpp"
 SUPPORTED_HEAD_DIMS = (8,)  # at 16 SDPA was faster (benchmarks/attention_small_heads.py)
 BACKENDS = ("sdpa", "fused_cpu", "auto")
 ENV_VAR = "LDM_ATTENTION_BACKEND"
 
 _backend = os.environ.get(ENV_VAR, "auto")
-_ext = None
-_build_error: Optional[BaseException] = None
 _warned_fallback = False
 # 'auto': timed runs per backend and shape (the best of them counts), and the choice made per shape
 AUTO_REPEATS = 3
@@ -56,49 +50,6 @@ def get_attention_backend() -> str:
     if _backend not in BACKENDS:
         raise ValueError(f"{ENV_VAR}='{_backend}': expected one of {BACKENDS}")
     return _backend
-
-
-def _cpu_tag() -> str:
-    """Short hash of the CPU's feature flags, so a kernel built with -march=native is not reused elsewhere."""
-    info = Path("/proc/cpuinfo")
-    text = info.read_text() if info.exists() else platform.processor()
-    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), text)
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
-
-
-def _put_ninja_on_path() -> None:
-    """torch builds extensions with `ninja` from PATH; the pip `ninja` package lives in the environment's bin."""
-    if shutil.which("ninja") is not None:
-        return
-    try:
-        import ninja
-    except ImportError:
-        return  # the build then fails and load_kernel reports it
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
-def load_kernel():
-    """Build (once per process, cached on disk) and return the extension; raise a RuntimeError naming the cause."""
-    global _ext, _build_error
-    if _ext is not None:
-        return _ext
-    if _build_error is not None:
-        raise RuntimeError(f"small-head attention kernel ({SOURCE}) failed to build earlier: {_build_error}")
-    from torch.utils.cpp_extension import load
-    _put_ninja_on_path()
-    flags = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags.append("-mprefer-vector-width=256")  # some CPUs' default tuning keeps GCC at 128-bit vectors
-    name = f"ldm_small_head_attention_{_cpu_tag()}"
-    log.info("loading the small-head attention kernel %s (built once from %s with the system C++ compiler, about "
-             "half a minute, then cached by torch)", name, SOURCE.name)
-    try:
-        _ext = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # compiler missing or failing: report it, never half-load
-        _build_error = e
-        raise RuntimeError(f"could not build the small-head attention kernel from {SOURCE} ({e}); it needs a C++ "
-                           f"compiler with OpenMP and ninja. Use {ENV_VAR}=sdpa to run without it.") from e
-    return _ext
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
@@ -214,21 +165,3 @@ def small_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
         raise ValueError(f"small_head_attention: needs float32 CPU (B, H, N, D) tensors with D in {SUPPORTED_HEAD_DIMS}; "
                          f"got q {tuple(q.shape)} {q.dtype} on {q.device}, v {tuple(v.shape)}")
     return _SmallHeadAttention.apply(q, k, v)
-
-
-def main() -> int:
-    """Build the kernel ahead of time (`python -m ldm.modules.small_head_attention`); exit 1 when it cannot be built."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        load_kernel()
-    except RuntimeError as e:
-        print(f"{e}\nThe 'auto' attention backend will use scaled_dot_product_attention instead.")
-        return 1
-    from torch.utils.cpp_extension import get_default_build_root
-    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    print(f"small-head attention kernel ready (cached under {cache})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,7 +13,8 @@ from ldm.modules.attention import SpatialTransformer, zero_module
 from ldm.util import report_once
 from ldm.modules.diffusionmodules.guidance_embedding import GuidanceEmbedding
 from ldm.modules.diffusionmodules.util import (UNET_NORM_GROUPS, avg_pool_nd, conv_nd, linear, normalization,
-                                               timestep_embedding, to_channels_last, upsample_nearest)
+                                               run_norm_silu, timestep_embedding, to_channels_last,
+                                               upsample_nearest)
 
 
 class TimestepBlock(nn.Module):
@@ -120,12 +121,11 @@ class ResBlock(TimestepBlock):
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         if self.updown:
-            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
             upd = {"output_size": output_size} if isinstance(self.h_upd, Upsample) else {}
-            h = in_conv(self.h_upd(in_rest(x), **upd))
+            h = self.in_layers[-1](self.h_upd(run_norm_silu(self.in_layers, x, stop=-1), **upd))
             x = self.x_upd(x, **upd)
         else:
-            h = self.in_layers(x)
+            h = run_norm_silu(self.in_layers, x)
         emb_out = self.emb_layers(emb).type(h.dtype)
         while emb_out.dim() < h.dim():
             emb_out = emb_out[..., None]
@@ -134,7 +134,7 @@ class ResBlock(TimestepBlock):
             scale, shift = emb_out.chunk(2, dim=1)
             h = out_rest(out_norm(h) * (1 + scale) + shift)
         else:
-            h = self.out_layers(h + emb_out)
+            h = run_norm_silu(self.out_layers, h + emb_out)
         return self.skip_connection(x) + h
 
 
@@ -334,4 +334,4 @@ class UNetModel(nn.Module):
             h = torch.cat([h, hs.pop()], dim=1)
             # an upsampling block ends at the size of the skip it meets next (odd sides: not simply x2)
             h = module(h, emb, context, output_size=hs[-1].shape[2:] if hs else None)
-        return self.out(h).contiguous()  # the usual layout out, whatever the memory format inside
+        return run_norm_silu(self.out, h).contiguous()  # the usual layout out, whatever the memory format inside

@@ -1,0 +1,187 @@
+"""The framework's fused CPU kernels (`csrc/`): one C++ extension, built on first use, and the ops that use it.
+
+It holds the small-head attention kernel (`ldm.modules.small_head_attention` decides where it runs), a one-pass
+GEGLU and GroupNorm followed by SiLU in two passes, forward and backward (float32 CPU tensors; torch's ops elsewhere
+and under torch.compile, which fuses its own). It is built with the system C++ compiler and ninja (about half a
+minute, logged) and cached by torch under TORCH_EXTENSIONS_DIR, per source, flags and CPU; `python -m
+ldm.modules.cpu_kernels` builds it ahead of time. Where it cannot be built, attention uses SDPA and the other ops
+torch's, each with a warning; LDM_FUSED_CPU_OPS=0 keeps GEGLU and GroupNorm on torch's ops.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / name for name in ("small_head_attention.cpp", "geglu.cpp", "group_norm_silu.cpp", "bindings.cpp")]
+FUSED_ENV_VAR = "LDM_FUSED_CPU_OPS"  # "0": GEGLU and GroupNorm (+ SiLU) on torch's ops instead of the kernels
+
+_ext = None
+_build_error: Optional[BaseException] = None
+_fused_ops = os.environ.get(FUSED_ENV_VAR, "1") != "0"
+_warned_fallback = False
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU's feature flags, so a kernel built with -march=native is not reused elsewhere."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.exists() else platform.processor()
+    flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), text)
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def _put_ninja_on_path() -> None:
+    """torch builds extensions with `ninja` from PATH; the pip `ninja` package lives in the environment's bin."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return  # the build then fails and load_kernel reports it
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load_kernel():
+    """Build (once per process, cached on disk) and return the extension; raise a RuntimeError naming the cause."""
+    global _ext, _build_error
+    if _ext is not None:
+        return _ext
+    if _build_error is not None:
+        raise RuntimeError(f"the CPU kernels ({CSRC}) failed to build earlier: {_build_error}")
+    from torch.utils.cpp_extension import load
+    _put_ninja_on_path()
+    flags = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-mprefer-vector-width=256")  # some CPUs' default tuning keeps GCC at 128-bit vectors
+    name = f"ldm_cpu_kernels_{_cpu_tag()}"
+    log.info("loading the CPU kernels %s (built once from %s with the system C++ compiler, about half a minute, "
+             "then cached by torch)", name, CSRC)
+    try:
+        _ext = load(name=name, sources=[str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
+                    extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # compiler missing or failing: report it, never half-load
+        _build_error = e
+        raise RuntimeError(f"could not build the CPU kernels from {CSRC} ({e}); they need a C++ compiler with OpenMP "
+                           f"and ninja. LDM_ATTENTION_BACKEND=sdpa and {FUSED_ENV_VAR}=0 run without them.") from e
+    return _ext
+
+
+def set_fused_cpu_ops(enabled: bool) -> None:
+    """Run GEGLU and GroupNorm (+ SiLU) on the kernels where they apply (default; also LDM_FUSED_CPU_OPS=1 / 0)
+    or on torch's ops."""
+    global _fused_ops
+    _fused_ops = bool(enabled)
+
+
+def _kernel_applies(x: torch.Tensor) -> bool:
+    """float32 on CPU, outside torch.compile's tracing, kernels built (a warning, once, where they cannot be)."""
+    if not (_fused_ops and x.device.type == "cpu" and x.dtype == torch.float32):
+        return False
+    if torch.compiler.is_compiling():  # a traced graph keeps torch's ops, which the compiler fuses itself
+        return False
+    global _warned_fallback
+    try:
+        load_kernel()
+    except RuntimeError as e:
+        if not _warned_fallback:
+            log.warning("fused CPU ops: %s; using torch's ops", e)
+            _warned_fallback = True
+        return False
+    return True
+
+
+class _FusedGeglu(torch.autograd.Function):
+    """a * GELU(g) for h = [a | g] (last dim), one pass forward and one backward; saves only h."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        h = h.contiguous()
+        ctx.save_for_backward(h)
+        return load_kernel().geglu_fwd(h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        return load_kernel().geglu_bwd(grad.contiguous(), h)
+
+
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """GELU-gated linear unit's gating (Shazeer 2020): a * GELU(g) for h = [a | g] split in halves along the last
+    dim, exact (erf) GELU; the fused kernel on float32 CPU tensors, torch's ops elsewhere."""
+    if h.shape[-1] % 2 == 0 and _kernel_applies(h):
+        return _FusedGeglu.apply(h)
+    a, g = h.chunk(2, dim=-1)
+    return a * F.gelu(g)
+
+
+def _channels_last(x: torch.Tensor) -> Optional[bool]:
+    """How the GroupNorm kernel reads x: False contiguous, True channels-last (4-d), None neither (torch's op)."""
+    if x.is_contiguous():
+        return False
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return None
+
+
+class _FusedGroupNormSiLU(torch.autograd.Function):
+    """GroupNorm(x), then SiLU when `silu`, in two passes each way; saves x and the group statistics."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, silu: bool,
+                channels_last: bool) -> torch.Tensor:
+        y, mean, rstd = load_kernel().group_norm_silu_fwd(x, weight, bias, groups, eps, silu, channels_last)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.groups, ctx.silu, ctx.channels_last = groups, silu, channels_last
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+        dx, dweight, dbias = load_kernel().group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, ctx.groups, ctx.silu,
+                                                               ctx.channels_last)
+        return (dx if ctx.needs_input_grad[0] else None, dweight if ctx.needs_input_grad[1] else None,
+                dbias if ctx.needs_input_grad[2] else None, None, None, None, None)
+
+
+def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
+    """`norm(x)` followed by SiLU when `silu` (GroupNorm, Wu & He 2018): the fused kernel for float32 CPU tensors,
+    contiguous or channels-last, with an affine float32 `norm` and no hooks on it; otherwise `norm` and F.silu."""
+    w, b = norm.weight, norm.bias
+    layout = _channels_last(x) if x.dim() >= 3 else None
+    if (layout is None or w is None or b is None or w.dtype != torch.float32 or b.dtype != torch.float32
+            or w.device != x.device or norm._forward_hooks or norm._forward_pre_hooks or not _kernel_applies(x)):
+        y = norm(x)
+        return F.silu(y) if silu else y
+    return _FusedGroupNormSiLU.apply(x, w.contiguous(), b.contiguous(), norm.num_groups, norm.eps, silu, layout)
+
+
+def main() -> int:
+    """Build the kernels ahead of time (`python -m ldm.modules.cpu_kernels`); exit 1 when they cannot be built."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        load_kernel()
+    except RuntimeError as e:
+        print(f"{e}\nAttention will use scaled_dot_product_attention and GEGLU torch's ops instead.")
+        return 1
+    from torch.utils.cpp_extension import get_default_build_root
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    print(f"CPU kernels ready (cached under {cache})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The fused CPU ops (GEGLU; GroupNorm + SiLU) compute torch's functions, forward and backward, where they apply."""
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ldm.modules.cpu_kernels as ck
+from _helpers import needs_compiler
+from ldm.modules.attention import GEGLU
+
+
+def _reference(h: torch.Tensor) -> torch.Tensor:
+    a, g = h.chunk(2, dim=-1)
+    return a * F.gelu(g)
+
+
+@needs_compiler
+# half-widths off the vector width (the scalar tail), one row, 3-d input, gates far into both tails of the GELU
+@pytest.mark.parametrize("shape,scale", [((2, 50, 512), 1.0), ((7, 262), 3.0), ((1, 6), 1.0), ((3, 5, 40), 8.0)])
+def test_kernel_matches_torch_forward_and_backward(shape, scale):
+    torch.manual_seed(0)
+    h = (torch.randn(shape) * scale).requires_grad_()
+    grad = torch.randn(*shape[:-1], shape[-1] // 2)
+    out = ck._FusedGeglu.apply(h * 1)  # a non-leaf input, as inside a model
+    out.backward(grad)
+    dh = h.grad.clone()
+    h.grad = None
+    ref = _reference(h * 1)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(dh, h.grad, atol=2e-6, rtol=2e-5)
+
+
+@needs_compiler
+def test_kernel_is_at_least_as_accurate_as_torch_against_float64():
+    g = torch.linspace(-12, 12, 4001)
+    h = torch.cat([torch.ones_like(g), g])[None]  # a = 1: the output is GELU(g)
+    exact = g.double() * 0.5 * (1 + torch.erf(g.double() / 2 ** 0.5))
+    ours = (ck._FusedGeglu.apply(h)[0].double() - exact).abs().max()
+    theirs = (F.gelu(g).double() - exact).abs().max()
+    assert ours <= max(theirs.item(), 5e-7)
+
+
+@needs_compiler
+def test_non_contiguous_input_and_gradient():
+    torch.manual_seed(1)
+    base = torch.randn(64, 24, requires_grad=True)
+    h = base.t()  # (24, 64) with a strided last dim
+    grad = torch.randn(32, 24).t()
+    ck._FusedGeglu.apply(h).backward(grad)
+    dh = base.grad.clone()
+    base.grad = None
+    _reference(base.t()).backward(grad)
+    torch.testing.assert_close(dh, base.grad, atol=2e-6, rtol=2e-5)
+
+
+@pytest.fixture
+def fused_ops():
+    yield ck.set_fused_cpu_ops
+    ck.set_fused_cpu_ops(True)
+
+
+@needs_compiler
+def test_geglu_module_uses_the_kernel_on_float32_cpu_only(fused_ops, monkeypatch):
+    used = []
+    real = ck._FusedGeglu.apply
+    monkeypatch.setattr(ck._FusedGeglu, "apply", lambda h: used.append(h.dtype) or real(h))
+    torch.manual_seed(0)
+    layer = GEGLU(16, 24)
+    x = torch.randn(2, 5, 16)
+    fused = layer(x)
+    layer.double()(x.double())  # float64: torch's ops
+    fused_ops(False)
+    torch.testing.assert_close(layer.float()(x), fused, atol=1e-6, rtol=1e-5)
+    assert used == [torch.float32]
+
+
+def test_geglu_falls_back_with_one_warning_when_the_kernel_cannot_be_built(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("could not build the CPU kernels (no compiler)")
+    monkeypatch.setattr(ck, "load_kernel", broken)
+    monkeypatch.setattr(ck, "_warned_fallback", False)
+    h = torch.randn(3, 8)
+    with caplog.at_level(logging.WARNING, logger=ck.__name__):
+        outs = [ck.geglu(h) for _ in range(2)]
+    torch.testing.assert_close(outs[0], _reference(h))
+    assert [r.getMessage() for r in caplog.records] == [
+        "fused CPU ops: could not build the CPU kernels (no compiler); using torch's ops"]
+
+
+def test_compiled_code_keeps_torch_ops(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not ck._kernel_applies(torch.randn(2, 8))
+
+
+def _gn_reference(norm, x, silu):
+    y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return F.silu(y) if silu else y
+
+
+@needs_compiler
+# channels-last and contiguous; channels and positions off the vector width (scalar tails); one channel per group;
+# 1-d and 3-d spatial shapes (contiguous); a mean far from zero (the variance from sums of squares, in double)
+@pytest.mark.parametrize("shape,groups,layout,offset", [
+    ((2, 64, 8, 8), 32, "cl", 0.0), ((2, 64, 8, 8), 32, "contiguous", 0.0), ((3, 40, 5, 7), 8, "cl", 0.0),
+    ((1, 24, 3, 5), 24, "contiguous", 0.0), ((2, 32, 300), 4, "contiguous", 0.0),
+    ((1, 16, 3, 4, 5), 4, "contiguous", 0.0),
+    ((2, 96, 16, 16), 32, "cl", 50.0), ((2, 20, 17, 3), 4, "cl", 0.0)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_silu_matches_torch_forward_and_backward(shape, groups, layout, offset, silu):
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, shape[1], eps=1e-6)
+    with torch.no_grad():  # weights away from their initialisation (ones, zeros)
+        norm.weight.add_(torch.randn_like(norm.weight) * 0.5)
+        norm.bias.add_(torch.randn_like(norm.bias) * 0.5)
+    x = torch.randn(shape) * 2 + offset
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad = torch.randn(shape)
+    assert ck._channels_last(x) is (layout == "cl")
+    out = ck._FusedGroupNormSiLU.apply(x, norm.weight, norm.bias, groups, norm.eps, silu, layout == "cl")
+    assert out.stride() == x.stride()
+    out.backward(grad)
+    # against float64 (torch's own float32 channels-last kernel is 1e-3 off it at the offset mean)
+    norm64, x64 = copy.deepcopy(norm).double(), x.detach().double().requires_grad_()
+    ref = _gn_reference(norm64, x64, silu)
+    ref.backward(grad.double())
+    tol = dict(atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(out, ref.float(), **tol)
+    exact_grads = [x64.grad, norm64.weight.grad, norm64.bias.grad]
+    for mine, exact in zip([x.grad, norm.weight.grad, norm.bias.grad], exact_grads):
+        torch.testing.assert_close(mine, exact.float(), **tol)
+
+
+@needs_compiler
+def test_unet_transformer_and_autoencoder_blocks_use_the_fused_norm(fused_ops, monkeypatch):
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.diffusionmodules.model import ResnetBlock
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+    calls = []
+    real = ck._FusedGroupNormSiLU.apply
+    monkeypatch.setattr(ck._FusedGroupNormSiLU, "apply", lambda *a: calls.append(a[-2:]) or real(*a))
+    torch.manual_seed(0)
+    res = ResBlock(32, 16, 0.0, out_channels=64, down=True)
+    st = SpatialTransformer(32, 4, 8, context_dim=16)
+    ae = ResnetBlock(in_channels=32, out_channels=32, temb_channels=0, dropout=0.0)
+    for m in (res, st, ae):
+        for p in m.parameters():
+            p.data.add_(torch.randn_like(p) * 0.05)
+    x, emb, ctx = torch.randn(2, 32, 8, 8), torch.randn(2, 16), torch.randn(2, 5, 16)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        return [res(xcl, emb), st(xcl, ctx), ae(x)]
+    outs = run()
+    # (silu, channels-last): the ResBlock's in and out layers, the transformer's input norm, the autoencoder's two
+    assert calls == [(True, True), (True, True), (False, True), (True, False), (True, False)]
+    fused_ops(False)
+    for fused, plain in zip(outs, run()):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+    assert len(calls) == 5
+
+
+def test_group_norm_silu_keeps_hooks_and_other_dtypes_on_torch(monkeypatch):
+    monkeypatch.setattr(ck, "_FusedGroupNormSiLU", None)  # any use of the kernel would fail
+    norm = torch.nn.GroupNorm(4, 8)
+    x = torch.randn(2, 8, 4, 4)
+    seen = []
+    handle = norm.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    torch.testing.assert_close(ck.group_norm_silu(norm, x), F.silu(norm(x)))
+    handle.remove()
+    assert len(seen) == 2
+    torch.testing.assert_close(ck.group_norm_silu(norm.double(), x.double(), silu=False), norm(x.double()))
+    torch.testing.assert_close(ck.group_norm_silu(norm.float(), x[:, :, ::2]), F.silu(norm(x[:, :, ::2])))  # strided
