@@ -30,7 +30,7 @@ FUSED_ENV_VAR = "LDM_FUSED_CPU_OPS"  # "0": GEGLU and GroupNorm (+ SiLU) on torc
 _ext = None
 _build_error: Optional[BaseException] = None
 _fused_ops = os.environ.get(FUSED_ENV_VAR, "1") != "0"
-_warned_fallback = False
+_warned_fallback: set[str] = set()  # the users that warned of a failed build
 
 
 def _cpu_tag() -> str:
@@ -77,6 +77,18 @@ def load_kernel():
     return _ext
 
 
+def kernels_built(user: str, fallback: str) -> bool:
+    """Whether the extension is (or can now be) built; where it cannot, `user` warns once that it uses `fallback`."""
+    try:
+        load_kernel()
+    except RuntimeError as e:
+        if user not in _warned_fallback:
+            log.warning("%s: %s; using %s", user, e, fallback)
+            _warned_fallback.add(user)
+        return False
+    return True
+
+
 def set_fused_cpu_ops(enabled: bool) -> None:
     """Run GEGLU and GroupNorm (+ SiLU) on the kernels where they apply (default; also LDM_FUSED_CPU_OPS=1 / 0)
     or on torch's ops."""
@@ -90,15 +102,7 @@ def _kernel_applies(x: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():  # a traced graph keeps torch's ops, which the compiler fuses itself
         return False
-    global _warned_fallback
-    try:
-        load_kernel()
-    except RuntimeError as e:
-        if not _warned_fallback:
-            log.warning("fused CPU ops: %s; using torch's ops", e)
-            _warned_fallback = True
-        return False
-    return True
+    return kernels_built("fused CPU ops", "torch's ops")
 
 
 class _FusedGeglu(torch.autograd.Function):

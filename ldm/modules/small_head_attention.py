@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ldm.modules.cpu_kernels import load_kernel
+from ldm.modules.cpu_kernels import kernels_built, load_kernel
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ BACKENDS = ("sdpa", "fused_cpu", "auto")
 ENV_VAR = "LDM_ATTENTION_BACKEND"
 
 _backend = os.environ.get(ENV_VAR, "auto")
-_warned_fallback = False
 # 'auto': timed runs per backend and shape (the best of them counts), and the choice made per shape
 AUTO_REPEATS = 3
 _auto_choice: dict[tuple, bool] = {}
@@ -69,13 +68,7 @@ def use_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional
         return True
     if torch.compiler.is_compiling():  # a traced graph keeps SDPA, which the compiler knows
         return False
-    global _warned_fallback
-    try:
-        load_kernel()
-    except RuntimeError as e:
-        if not _warned_fallback:
-            log.warning("attention backend 'auto': %s; using scaled_dot_product_attention", e)
-            _warned_fallback = True
+    if not kernels_built("attention backend 'auto'", "scaled_dot_product_attention"):
         return False
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     key = (tuple(q.shape), tuple(q.stride()), tuple(k.shape), tuple(k.stride()), backward, torch.get_num_threads())
