@@ -175,3 +175,15 @@ def test_group_norm_silu_keeps_hooks_and_other_dtypes_on_torch(monkeypatch):
     assert len(seen) == 2
     torch.testing.assert_close(ck.group_norm_silu(norm.double(), x.double(), silu=False), norm(x.double()))
     torch.testing.assert_close(ck.group_norm_silu(norm.float(), x[:, :, ::2]), F.silu(norm(x[:, :, ::2])))  # strided
+
+
+def test_run_norm_silu_keeps_the_hooks_of_the_sequential_and_its_silu():
+    from ldm.modules.diffusionmodules.util import run_norm_silu
+    layers = torch.nn.Sequential(torch.nn.GroupNorm(4, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 1))
+    x = torch.randn(2, 8, 4, 4)
+    seen = []
+    for module in (layers, layers[1]):
+        handle = module.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+        torch.testing.assert_close(run_norm_silu(layers, x), layers(x), atol=1e-5, rtol=1e-4)
+        handle.remove()
+    assert seen == ["Sequential", "Sequential", "SiLU", "SiLU"]

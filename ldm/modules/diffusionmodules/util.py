@@ -47,9 +47,11 @@ class GroupNorm32(nn.GroupNorm):
 def run_norm_silu(layers: nn.Sequential, x: torch.Tensor, stop: Optional[int] = None) -> torch.Tensor:
     """`layers[:stop](x)` for a Sequential opening with GroupNorm then SiLU (ResBlock's in / out layers, the UNet's
     out): those two as one op (`ldm.modules.cpu_kernels.group_norm_silu`: the fused kernel where it applies)."""
+    if stop is None and (layers._forward_hooks or layers._forward_pre_hooks):
+        return layers(x)  # the Sequential's own hooks see the call
     mods = list(layers)[:stop]
-    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in [layers, *mods[1:2]])
-    if len(mods) >= 2 and isinstance(mods[0], nn.GroupNorm) and type(mods[1]) is nn.SiLU and not hooked:
+    if (len(mods) >= 2 and isinstance(mods[0], nn.GroupNorm) and type(mods[1]) is nn.SiLU
+            and not (mods[1]._forward_hooks or mods[1]._forward_pre_hooks)):  # the norm's hooks: group_norm_silu
         x, mods = group_norm_silu(mods[0], x), mods[2:]
     for m in mods:
         x = m(x)
