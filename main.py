@@ -310,7 +310,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if trainer is not None and trainer.global_rank == 0 and trainer.global_step > 0:
             path = str(layout.last)
             print(f"Summoning checkpoint: saving {path}", file=sys.stderr)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
 
     try:
         if opt.train:

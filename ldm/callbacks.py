@@ -177,7 +177,7 @@ class CheckpointOnSignal(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.requested:
             self.requested = False
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # with the optimizer: a run resumes from it
             logger.warning("checkpoint written to %s", self.ckpt_path)
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -199,7 +199,8 @@ class FinalCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step > 0 and self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.ckpt_path)  # every rank takes part (FSDP gathers); rank 0 writes the file
+            # every rank takes part (FSDP gathers); rank 0 writes the file, with the optimizer so a run resumes from it
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
             if trainer.global_rank == 0:
                 logger.info("training ended at step %d: checkpoint written to %s", trainer.global_step, self.ckpt_path)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import signal
 import time
@@ -25,7 +26,8 @@ def run(args, logdir):
     return main_mod.main(args + ["-l", str(logdir)])
 
 
-def test_train_then_resume_continues_at_saved_step(tmp_path):
+def test_train_then_resume_continues_at_saved_step(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     assert run(["--base", CFG, "-t", "-n", "tiny", "lightning.trainer.max_steps=4"] + TINY, tmp_path) == 0
     runs = sorted(glob.glob(str(tmp_path / "*_tiny")))
     assert len(runs) == 1
@@ -46,6 +48,9 @@ def test_train_then_resume_continues_at_saved_step(tmp_path):
                tmp_path) == 0
     ck = torch.load(rd / "checkpoints" / "last.ckpt", weights_only=True)
     assert ck["global_step"] == 7 and ck["ldm_batches_seen"] == 7
+    assert "optimizer_states" in ck  # the final save at step 7 (FinalCheckpoint) holds what a resume needs
+    # and says what it saves: no "`weights_only` was not set, defaulting to `False`" from Lightning
+    assert not [r.getMessage() for r in caplog.records if "weights_only" in r.getMessage()]
     assert not torch.equal(w4, ck["state_dict"]["decoder.conv_out.weight"])
     assert len(list((rd / "configs").glob("*-project.yaml"))) == 2  # the resumed run wrote its own copy
     # the resumed config kept the tiny overrides from the first run

@@ -236,7 +236,7 @@ class ProgressiveDistillation(Distillation):
             cb = self.trainer.checkpoint_callback
             folder = Path(cb.dirpath) if cb is not None and cb.dirpath else Path(self.trainer.default_root_dir)
             path = folder / f"round{done}_{steps}steps.ckpt"
-            self.trainer.save_checkpoint(path)
+            self.trainer.save_checkpoint(path, weights_only=False)
             logger.info("progressive distillation: round %d done, the %d-step student saved to %s", done, steps, path)
 
     def teacher_fn(self) -> Teacher:
