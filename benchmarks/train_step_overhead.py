@@ -2,7 +2,7 @@
 
     python benchmarks/train_step_overhead.py [--which ldm ae] [--steps 300] [--warmup 50] [--rounds 2] [--compile] \
         [--compile_mode MODE] [--device cpu|cuda] [--bare_only] [--keep_denormals] [--set KEY=VALUE ...] \
-        [--sync_check] [--profile]
+        [--sync_check] [--profile] [--split]
 
 For each model (the shapes text-to-image LDM of the quickstart, batch 64 of cached 8x8x4 latents; the shapes
 KL-f4 autoencoder, batch 16 of 32x32 images), in alternating rounds:
@@ -22,6 +22,13 @@ and each batch moved there); step times are then throughput over the timed steps
 synchronisation is added). With `--sync_check` (CUDA) the bare loop runs 10 more steps under torch's sync debug
 mode and counts the host-device synchronisations it reports; `--profile` writes a torch.profiler table of 5 bare
 steps (CPU time per op, CUDA kernel count) to the work folder.
+
+`--split` (the LDM) divides each step's wall time, in both loops, into the host time of the work the two share
+(the batch's fetch, the loss, backward, the optimizer's step without Lightning's closure inside it, the EMA update)
+and the rest: in main.py the rest is Lightning's loop, hooks and callbacks; in the bare loop, its few lines and the
+frees. The difference of the two rests is what main.py's loop adds, read from one run of each rather than from the
+difference of two noisy step times. On a GPU the parts are host times (launches are asynchronous), which is what
+bounds a small model's step there.
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -58,6 +66,86 @@ def random_autoencoder(workdir: Path) -> Path:
 EXTRA: list[str] = []  # --set
 
 
+class WorkClock:
+    """Host time, per step, inside the work a training step shares with the bare loop (`--split`): each wrapped
+    call's time less that of the wrapped calls inside it; Lightning's closure counts as not work, so the optimizer
+    step's own time excludes the forward and backward it runs."""
+
+    def __init__(self) -> None:
+        self.work, self.stack = 0.0, []
+
+    def wrap(self, owner: type, name: str, work: bool = True) -> None:
+        import functools
+        inner = getattr(owner, name)
+
+        @functools.wraps(inner)
+        def timed(*args, **kwargs):
+            self.stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                children = self.stack.pop()
+                if work:
+                    self.work += elapsed - children
+                if self.stack:
+                    self.stack[-1] += elapsed
+        setattr(owner, name, timed)
+
+    def install(self) -> "WorkClock":
+        import torch.utils.data.dataloader as dataloader
+        from pytorch_lightning.loops.optimization.automatic import Closure
+
+        from ldm.models.diffusion.latent import LatentDiffusion
+        from ldm.modules.ema import LitEma
+        self.wrap(dataloader._BaseDataLoaderIter, "__next__")
+        self.wrap(LatentDiffusion, "shared_step")
+        self.wrap(torch.Tensor, "backward")
+        self.wrap(torch.optim.AdamW, "step")
+        self.wrap(LitEma, "forward")
+        self.wrap(Closure, "__call__", work=False)
+        return self
+
+    def take(self) -> float:
+        """The work's seconds since the last call."""
+        work, self.work = self.work, 0.0
+        return work
+
+
+def split_summary(marks: list[tuple[float, float]]) -> dict:
+    """Median ms per step of the whole step, of the shared work, and of the rest, from (time, work) marks."""
+    steps = [(1000 * (b[0] - a[0]), 1000 * b[1]) for a, b in zip(marks, marks[1:])]
+    return {"step_ms": statistics.median(g for g, _ in steps), "work_ms": statistics.median(w for _, w in steps),
+            "rest_ms": statistics.median(g - w for g, w in steps), "steps": len(steps)}
+
+
+def main_split(out: str, argv: list[str]) -> int:
+    """main.py in this process with the work clock installed; the split of its timed steps written to `out`."""
+    import pytorch_lightning as pl
+    sys.path.insert(0, str(ROOT))
+    import main as main_py
+    clock, marks = WorkClock().install(), []
+    warmup = int(argv.pop(0))
+
+    class Marks(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            now, work = time.perf_counter(), clock.take()
+            if trainer.global_step >= warmup:
+                marks.append((now, work))
+
+    build = main_py.build_trainer_kwargs
+
+    def with_marks(*args, **kwargs) -> dict:
+        kw = build(*args, **kwargs)
+        kw["callbacks"].append(Marks())
+        return kw
+    main_py.build_trainer_kwargs = with_marks
+    rc = main_py.main(argv)
+    Path(out).write_text(json.dumps(split_summary(marks)))
+    return rc
+
+
 def overrides(which: str, workdir: Path, steps: int, compile_, device: str = "cpu") -> list[str]:
     out = [f"lightning.trainer.max_steps={steps}", "lightning.trainer.enable_progress_bar=false",
            f"lightning.trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}", "lightning.trainer.devices=1"]
@@ -71,11 +159,14 @@ def overrides(which: str, workdir: Path, steps: int, compile_, device: str = "cp
 
 
 def run_main(which: str, workdir: Path, steps: int, warmup: int, compile_,
-             device: str) -> tuple[float, float]:
-    """Mean and median ms per step of main.py after `warmup` steps (StepTimer)."""
+             device: str, split: bool = False):
+    """Mean and median ms per step of main.py after `warmup` steps (StepTimer); with `split`, the split_summary."""
     out = workdir / f"step_time_{which}.json"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "main.py", "--base", CONFIGS[which], "-t", "-n", f"overhead_{which}", "-l",
+    split_out = workdir / f"split_{which}.json"
+    head = ([sys.executable, __file__, "--_main_split", str(split_out), str(warmup)] if split
+            else [sys.executable, "main.py"])
+    cmd = [*head, "--base", CONFIGS[which], "-t", "-n", f"overhead_{which}", "-l",
            str(workdir / "logs"), *overrides(which, workdir, steps, compile_, device),
            "lightning.callbacks.step_timer.target=ldm.callbacks.StepTimer",
            f"lightning.callbacks.step_timer.params.warmup={warmup}", f"lightning.callbacks.step_timer.params.out={out}"]
@@ -85,14 +176,16 @@ def run_main(which: str, workdir: Path, steps: int, warmup: int, compile_,
     if rc != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"main.py exited with {rc} (log {log}):\n{tail}")
+    if split:
+        return json.loads(split_out.read_text())
     result = json.loads(out.read_text())
     return result["ms_per_step"], result["median_ms"]
 
 
 def run_bare(which: str, workdir: Path, steps: int, warmup: int, compile_, device: str,
-             sync_check: bool = False, profile: bool = False) -> tuple[float, float]:
+             sync_check: bool = False, profile: bool = False, clock: Optional[WorkClock] = None):
     """Mean and median ms per step of a plain loop over the same model, data module and optimizer (the modules'
-    train / eval modes left as built, as Lightning leaves them)."""
+    train / eval modes left as built, as Lightning leaves them); with `clock`, the split_summary."""
     from pytorch_lightning.utilities import move_data_to_device
     cfg = OmegaConf.merge(load_config(ROOT / CONFIGS[which]),
                           OmegaConf.from_dotlist(overrides(which, workdir, steps, compile_, device)))
@@ -133,11 +226,15 @@ def run_bare(which: str, workdir: Path, steps: int, warmup: int, compile_, devic
             yield from data.train_dataloader()
 
     source = batches()
-    times = []
+    times, marks = [], []
     for step in range(steps):
         one_step(next(source), step)
+        now, work = time.perf_counter(), clock.take() if clock else 0.0
         if step + 1 >= warmup:
-            times.append(time.perf_counter())
+            times.append(now)
+            marks.append((now, work))
+    if clock:
+        return split_summary(marks)
     gaps = [1000 * (b - a) for a, b in zip(times, times[1:])]
     if sync_check and device == "cuda":
         import warnings
@@ -186,9 +283,16 @@ def main() -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--bare_only", action="store_true", help="time the bare loop only")
     p.add_argument("--keep_denormals", action="store_true", help="do not flush subnormals (with --bare_only)")
+    p.add_argument("--split", action="store_true",
+                   help="the LDM's step split into the work both loops share and the rest (see above)")
     p.add_argument("--ldm_config", default=CONFIGS["ldm"],
                    help="the LDM's config (e.g. configs/ldm/shapes_uncond.yaml where the MiniLM wheel is missing)")
+    if len(sys.argv) > 2 and sys.argv[1] == "--_main_split":  # run_main's child: main.py with the work clock
+        flush_denormals()
+        return main_split(sys.argv[2], sys.argv[3:])
     args = p.parse_args()
+    if args.split and (args.which != ["ldm"] or args.bare_only):
+        p.error("--split times the LDM's main.py and bare loop: use it with --which ldm, without --bare_only")
     if args.keep_denormals and not args.bare_only:
         p.error("--keep_denormals needs --bare_only (main.py flushes them by default)")
     flushed = False if args.keep_denormals else flush_denormals()  # as main.py does, before torch starts its threads
@@ -206,6 +310,8 @@ def main() -> int:
             per_round = "; ".join(f"{m:.1f} / {d:.1f}" for m, d in runs)
             print(f"bare loop, {which}: mean / median ms per step, by round: {per_round}")
         return 0
+    if args.split:
+        return report_split(args, workdir, compile_)
     print("| model | main.py ms/step: mean / median | bare loop: mean / median | main.py / bare: mean / median |")
     print("| --- | ---: | ---: | ---: |")
     for which in args.which:
@@ -218,6 +324,19 @@ def main() -> int:
         rounds = "; ".join("/".join(f"{v:.1f}" for v in r) for r in runs)
         print(f"| {which} | {mm:.1f} / {md:.1f} | {bm:.1f} / {bd:.1f} | **{mm / bm:.3f}** / **{md / bd:.3f}** "
               f"(rounds, main mean/median/bare mean/median: {rounds}) |", flush=True)
+    return 0
+
+
+def report_split(args, workdir: Path, compile_) -> int:
+    """--split: per round, the median step, shared work and rest of main.py and of the bare loop."""
+    clock = WorkClock().install()
+    print("| round | main.py: step / work / rest ms | bare loop: step / work / rest ms | main.py's rest - bare's |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in range(args.rounds):
+        m = run_main("ldm", workdir, args.steps, args.warmup, compile_, args.device, split=True)
+        b = run_bare("ldm", workdir, args.steps, args.warmup, compile_, args.device, clock=clock)
+        print(f"| {r + 1} | {m['step_ms']:.2f} / {m['work_ms']:.2f} / {m['rest_ms']:.2f} | {b['step_ms']:.2f} / "
+              f"{b['work_ms']:.2f} / {b['rest_ms']:.2f} | **{m['rest_ms'] - b['rest_ms']:+.2f}** |", flush=True)
     return 0
 
 
