@@ -119,6 +119,42 @@ def test_training_steps_do_not_wait_for_the_host(tmp_path, monkeypatch):
                                                                           rel=1e-3)
 
 
+@pytest.mark.minilm
+def test_main_py_callbacks_do_not_wait_for_the_host(tmp_path, monkeypatch):
+    """The same count over main.py's trainer as it builds it: its default callbacks (checkpoints, image logger,
+    learning-rate monitor, signal and final checkpoints, progress bar) and CSV logger, at steps that write no log."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+
+    import main
+    from ldm.callbacks import FinalCheckpoint, ImageLogger
+    from ldm.data.shapes import ShapesDataset
+    cfg = tiny_txt2img_config(tmp_path)
+    lightning_config = cfg.pop("lightning")
+    lightning_config.trainer.max_steps = 8
+    model = instantiate_from_config(cfg.model)
+    model.learning_rate = 1e-4
+    counter = _SyncCounter(monkeypatch)
+
+    class Arm(pl.Callback):  # as above: the second epoch, after the bar's and the loggers' first-step reads
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            counter.armed = trainer.current_epoch >= 1
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            counter.armed = False
+
+    logdir = tmp_path / "run"
+    kwargs = main.build_trainer_kwargs(lightning_config, cfg, model, str(logdir), str(logdir / "checkpoints"),
+                                       str(logdir / "configs"), "now", resume=False)
+    kinds = (ModelCheckpoint, ImageLogger, LearningRateMonitor, ProgressBar, FinalCheckpoint)
+    assert all(any(isinstance(c, k) for c in kwargs["callbacks"]) for k in kinds), kwargs["callbacks"]
+    kwargs.update(accelerator="cpu", limit_val_batches=0, callbacks=[Arm(), *kwargs["callbacks"]])
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(model, torch.utils.data.DataLoader(ShapesDataset(num_samples=16), batch_size=4))
+    assert trainer.global_step == 8 and trainer.log_every_n_steps > 8
+    assert counter.sites == [], f"host round trips inside main.py's steps: {sorted(set(counter.sites))}"
+
+
 def _fit_counting_logs(cfg, tmp_path: Path, monkeypatch, run: str, gated_module, every_step: bool, key: str,
                        step_of, max_steps: int) -> tuple[list[int], str]:
     """Trains `cfg.model` on shapes with a CSV logger writing every 3 steps; the steps (`step_of(module)`) at which
