@@ -114,8 +114,8 @@ def test_checkpoint_on_sigusr1(tmp_path):
     saved = []
 
     class FakeTrainer:
-        def save_checkpoint(self, path):
-            saved.append(path)
+        def save_checkpoint(self, path, weights_only=None):
+            saved.append((path, weights_only))
 
     cb = CheckpointOnSignal(str(tmp_path / "last.ckpt"))
     cb.on_fit_start(None, None)
@@ -124,7 +124,7 @@ def test_checkpoint_on_sigusr1(tmp_path):
         cb.on_train_batch_end(FakeTrainer(), None, None, None, 0)
     finally:
         cb.on_fit_end(None, None)
-    assert saved == [str(tmp_path / "last.ckpt")]
+    assert saved == [(str(tmp_path / "last.ckpt"), False)]  # a full checkpoint: the run resumes from it
 
 
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
