@@ -142,7 +142,11 @@ def main_split(out: str, argv: list[str]) -> int:
         return kw
     main_py.build_trainer_kwargs = with_marks
     rc = main_py.main(argv)
-    Path(out).write_text(json.dumps(split_summary(marks)))
+    if rc == 0 and len(marks) < 2:
+        print(f"--split: main.py timed {len(marks)} steps after a warm-up of {warmup}: raise --steps", file=sys.stderr)
+        return 1
+    if rc == 0:
+        Path(out).write_text(json.dumps(split_summary(marks)))
     return rc
 
 
@@ -291,6 +295,8 @@ def main() -> int:
         flush_denormals()
         return main_split(sys.argv[2], sys.argv[3:])
     args = p.parse_args()
+    if args.steps < args.warmup + 3:
+        p.error(f"--steps {args.steps} leaves fewer than 3 steps to time after --warmup {args.warmup}")
     if args.split and (args.which != ["ldm"] or args.bare_only):
         p.error("--split times the LDM's main.py and bare loop: use it with --which ldm, without --bare_only")
     if args.keep_denormals and not args.bare_only:
