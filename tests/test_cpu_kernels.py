@@ -80,7 +80,9 @@ def test_geglu_module_uses_the_kernel_on_float32_cpu_only(fused_ops, monkeypatch
 def test_geglu_falls_back_with_one_warning_when_the_kernel_cannot_be_built(monkeypatch, caplog):
     def broken():
         raise RuntimeError("could not build the CPU kernels (no compiler)")
-    monkeypatch.setattr(ck, "load_kernel", broken)
+    calls = []
+    monkeypatch.setattr(ck, "load_kernel", lambda: (calls.append(1), broken()))
+    monkeypatch.setattr(ck, "_ext", None)  # as in a process whose build failed
     monkeypatch.setattr(ck, "_warned_fallback", set())
     h = torch.randn(3, 8)
     with caplog.at_level(logging.WARNING, logger=ck.__name__):
@@ -88,6 +90,10 @@ def test_geglu_falls_back_with_one_warning_when_the_kernel_cannot_be_built(monke
     torch.testing.assert_close(outs[0], _reference(h))
     assert [r.getMessage() for r in caplog.records] == [
         "fused CPU ops: could not build the CPU kernels (no compiler); using torch's ops"]
+    monkeypatch.setattr(ck, "_build_error", RuntimeError("no compiler"))  # once the failure is known and said,
+    n = len(calls)
+    ck.geglu(h)
+    assert len(calls) == n  # an op call does not try (and raise, and catch) again
 
 
 def test_compiled_code_keeps_torch_ops(monkeypatch):

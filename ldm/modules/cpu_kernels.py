@@ -79,6 +79,10 @@ def load_kernel():
 
 def kernels_built(user: str, fallback: str) -> bool:
     """Whether the extension is (or can now be) built; where it cannot, `user` warns once that it uses `fallback`."""
+    if _ext is not None:
+        return True
+    if _build_error is not None and user in _warned_fallback:  # per op call: no exception raised and caught
+        return False
     try:
         load_kernel()
     except RuntimeError as e:
