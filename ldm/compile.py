@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from ldm.config_keys import closest_name
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class CompileSettings:
             fields = {f.name for f in dataclasses.fields(cls)}
             unknown = sorted(set(value) - fields)
             if unknown:
-                raise ConfigError(f"{key}: unknown key(s) {unknown}; known: {sorted(fields)}")
+                hints = [f"'{k}': did you mean '{near}'?" for k in unknown if (near := closest_name(k, fields))]
+                raise ConfigError(f"{key}: unknown key(s) {unknown}; known: {sorted(fields)}"
+                                  + (f" ({'; '.join(hints)})" if hints else ""))
             return cls(**dict(value.items()))
         raise ConfigError(f"{key}: expected true/false, a mode name or a mapping, got {value!r}")
 

@@ -44,6 +44,18 @@ class LoraSettings:
         self.alpha = float(self.rank if self.alpha is None else self.alpha)
         self.target_modules = tuple(self.target_modules) + (FEED_FORWARD_TARGETS if self.feed_forward else ())
 
+    @classmethod
+    def from_config(cls, config: Mapping, key: str = "model.params.lora_config") -> "LoraSettings":
+        """The settings of a config mapping; a key that is not a field is refused with the closest field's name."""
+        from dataclasses import fields
+
+        from ldm.config_keys import unknown_keys_message
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in config if k not in names]
+        if unknown:
+            raise InputError(unknown_keys_message(key, unknown, names))
+        return cls(**dict(config.items()))
+
     @property
     def scaling(self) -> float:
         """alpha / rank: the factor of B A in the adapted weight."""

@@ -12,6 +12,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.config_keys import unknown_keys, unknown_keys_message
 from ldm.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,12 @@ def instantiate_from_config(config: Any, key: str = "<config>", extra_params: Op
         except (TypeError, ValueError):
             sig = None
         if sig is not None:
+            named = {n for n, p in sig.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+            open_ended = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+            typos = [] if open_ended else sorted(set(kwargs) - named)
+            if typos:
+                raise ConfigError(f"bad parameters for target '{target}': "
+                                  + unknown_keys_message(f"{path}.params", typos, named))
             try:
                 sig.bind(**kwargs)
             except TypeError as e:
@@ -119,6 +126,10 @@ def instantiate_from_config(config: Any, key: str = "<config>", extra_params: Op
                 raise ConfigError(
                     f"{path}.params: bad parameters for target '{target}': {e}. "
                     f"Accepted: {', '.join(accepted)}") from e
+        typos, accepted = unknown_keys(obj, kwargs)  # keys that a constructor chain of **kwargs never reads
+        if typos:
+            raise ConfigError(f"bad parameters for target '{target}': "
+                              + unknown_keys_message(f"{path}.params", typos, accepted))
     try:
         return obj(**kwargs)
     except ConfigError:

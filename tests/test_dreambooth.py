@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ldm.errors import InputError
+from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
 from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
 from ldm.modules.diffusionmodules.loss import DiffusionLoss, SimpleWeighting, UniformTimesteps
 from ldm.modules.model_inputs import PRIOR_FLAG, prior_weights, with_prior
@@ -28,13 +29,12 @@ def test_prior_preservation_loss_is_the_instance_mean_plus_the_weighted_class_me
     assert with_prior({"image": batch["image"]}).keys() == {"image"}  # an ordinary batch: as it is
     loss = DiffusionLoss(scaling_for("eps"), UniformTimesteps(1000), SimpleWeighting())
     alphas = torch.linspace(0.99, 0.05, 1000)
-    sigmas = (1 - alphas ** 2).sqrt()
     x0, t, noise = torch.randn(5, 4, 4, 4), torch.randint(0, 1000, (5,)), torch.randn(5, 4, 4, 4)
     net = torch.nn.Conv2d(4, 4, 1)
+    denoiser = Denoiser(lambda x, tt, c: net(x), scaling_for("eps"), DiscreteSchedule(alphas ** 2))
 
     def step(idx, weights=None):
-        return loss(lambda x, tt, c: net(x), x0[idx], None, alphas, sigmas, t=t[idx], noise=noise[idx],
-                    sample_weights=weights)[0]
+        return loss(denoiser, x0[idx], None, t=t[idx], noise=noise[idx], sample_weights=weights)[0]
 
     total = step(slice(None), prior_weights(merged, 0.5))
     expected = step(slice(0, 2)) + 0.5 * step(slice(2, 5))

@@ -116,6 +116,8 @@ def zero_module(module: nn.Module) -> nn.Module:
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map: norm, proj_in (1x1 conv or Linear), blocks, zero proj_out."""
 
+    block_inputs = ("context",)  # what a UNet block passes it (ldm.modules.diffusionmodules.openaimodel)
+
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
                  context_dim: Optional[Union[int, Sequence[int]]] = None, disable_self_attn: bool = False,
                  use_linear: bool = False, use_checkpoint: bool = False, norm_groups: int = 32):

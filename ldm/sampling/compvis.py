@@ -30,4 +30,13 @@ class CompVisDenoiser(Denoiser):
 
     def __init__(self, model: Any, quantize: bool = False):
         super().__init__(ApplyModelNetwork(model), scaling_for(getattr(model, "parameterization", "eps")),
-                         DiscreteSchedule(model.alphas_cumprod, quantize=quantize))
+                         model_schedule(model, quantize))
+
+
+def model_schedule(model: Any, quantize: bool = False) -> DiscreteSchedule:
+    """The model's one schedule object (`noise_schedule`, built once with it), or one built from a user's CompVis
+    model's `alphas_cumprod`; the integer-timestep view when `quantize`."""
+    schedule = getattr(model, "noise_schedule", None)
+    if not isinstance(schedule, DiscreteSchedule):
+        schedule = DiscreteSchedule(model.alphas_cumprod)
+    return schedule.quantized() if quantize else schedule

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from ldm import generation
-from ldm.sampling.compvis import CompVisDenoiser
+from ldm.sampling.compvis import CompVisDenoiser, model_schedule
 from ldm.sampling.entry import vp_scale
 from ldm.sampling.guidance import CFGDenoiser, Conditioning, ThresholdMode, threshold_x0
 from ldm.sampling.samplers import Generator, ddim_step, randn_like, to_d
@@ -43,7 +43,7 @@ class CompVisSamplerBase:
             raise NotImplementedError(f"ddim_discretize '{ddim_discretize}': only 'uniform' (CompVis default) is provided")
         self._check_eta(ddim_eta)
         self.ddim_timesteps = compvis_ddim_timesteps(self.ddpm_num_timesteps, ddim_num_steps)
-        ac = self.model.alphas_cumprod.detach().double().cpu()
+        ac = model_schedule(self.model).alphas_cumprod.detach().double().cpu()
         self.ddim_alphas = ac[self.ddim_timesteps]
         self.ddim_alphas_prev = torch.cat([ac[:1], ac[self.ddim_timesteps[:-1]]])
         self.ddim_sigmas = ddim_eta * torch.sqrt((1 - self.ddim_alphas_prev) / (1 - self.ddim_alphas)

@@ -21,6 +21,7 @@ from torch import nn
 from ldm.callbacks import step_scalars_read
 from ldm.checkpoint import ModelKind, init_from_ckpt
 from ldm.compile import CompileSettings, compile_networks
+from ldm.config_keys import accepted_keys, report_no_effect
 from ldm.lora import LoraFineTuning, LoraSettings
 from ldm.modules.diffusionmodules.batch_random import GlobalBatchRandom
 from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
@@ -31,9 +32,10 @@ from ldm.modules.ema import LitEma
 from ldm.parallel import FSDP, is_sharded, shard_diffusion_model
 from ldm import generation
 from ldm.modules.model_inputs import ConditionInput, InpaintMode, prior_weights, with_prior
-from ldm.sampling import CompVisDenoiser, Conditioning, Spacing
+from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
+from ldm.sampling import ApplyModelNetwork, CompVisDenoiser, Conditioning, Spacing
 from ldm.sampling.samplers import Generator
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +155,10 @@ class DDPM(pl.LightningModule):
                  loss_weighting=None, timestep_sampler=None, ema_decay: float = 0.9999, ucg_rate: float = 0.0,
                  sample_steps: int = 50, sampler: str = "ddim", guidance_scale: float = 1.0,
                  sample_spacing: str = "uniform", lora_config=None,
-                 prior_loss_weight: float = 1.0, compile: Any = None, noise_seed: Optional[int] = None,
-                 **unused: Any):
+                 prior_loss_weight: float = 1.0, compile: Any = None, noise_seed: Optional[int] = None):
         super().__init__()
-        if unused:
-            logger.warning("DDPM: ignoring unsupported config keys: %s", ", ".join(sorted(unused)))
+        report_no_effect("DDPM", [k for k, given in (("log_every_t", log_every_t != 100),
+                                                     ("use_positional_encodings", use_positional_encodings)) if given])
         self.scaling = scaling_for(parameterization)
         self.parameterization = self.scaling.parameterization
         self.cond_stage_model = None
@@ -182,11 +183,10 @@ class DDPM(pl.LightningModule):
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
                                zero_terminal_snr)
         self.register_load_state_dict_pre_hook(_float32_schedule_kept)
+        self.register_load_state_dict_post_hook(_schedule_from_loaded_buffers)
         self.loss_fn = DiffusionLoss(
             self.scaling,
-            timestep_sampler=(instantiate_from_config(timestep_sampler, key="model.params.timestep_sampler",
-                                                      extra_params={"num_timesteps": self.num_timesteps})
-                              if timestep_sampler is not None else UniformTimesteps(self.num_timesteps)),
+            timestep_sampler=self.build_level_sampler(timestep_sampler),
             weighting=(instantiate_from_config(loss_weighting, key="model.params.loss_weighting")
                        if loss_weighting is not None else SimpleWeighting()),
             loss_type=loss_type, l_simple_weight=l_simple_weight, original_elbo_weight=original_elbo_weight,
@@ -200,7 +200,7 @@ class DDPM(pl.LightningModule):
         self.learning_rate = 1e-4
         self.restarted_from_ckpt = False
         # LoRA fine-tuning (ldm.lora): the adapters are added when the base weights are loaded (init_from_ckpt)
-        self.finetuning = LoraFineTuning(LoraSettings(**lora_config)) if lora_config else None
+        self.finetuning = LoraFineTuning(LoraSettings.from_config(lora_config)) if lora_config else None
         # opt-in torch.compile (ldm.compile), applied when a Trainer sets the model up (configure_model)
         self.compile_settings = CompileSettings.parse(compile)
         # noise_seed: training draws made for the global batch from (noise_seed, batch number), the same on every
@@ -223,10 +223,24 @@ class DDPM(pl.LightningModule):
         self.schedule_buffer_names = tuple(buffers)
         for name, value in buffers.items():
             self.register_buffer(name, value)
+        # the one schedule object: training's noise levels, the samplers' denoiser and the CompVis DDIM / PLMS shells
+        self.noise_schedule = DiscreteSchedule(self.alphas_cumprod)
         if self.original_elbo_weight:  # the VLB weights only when the VLB term is used (infinite under ZTSNR + eps)
             self.register_buffer("lvlb_weights", vlb_weights(
                 self.parameterization, self.betas.double(), self.alphas_cumprod.double(),
                 self.posterior_variance.double().clamp_min(1e-20)).float(), persistent=False)
+
+    def build_level_sampler(self, config) -> Any:
+        """The training noise-level sampler (`timestep_sampler`: timesteps or sigmas, ldm.modules.diffusionmodules
+        .loss), uniform timesteps by default; a sampler taking `num_timesteps` is given the schedule's."""
+        if config is None:
+            return UniformTimesteps(self.num_timesteps)
+        key = "model.params.timestep_sampler"
+        target = get_obj_from_str(config.get("target") if hasattr(config, "get") else None, key=f"{key}.target")
+        takes_t = "num_timesteps" in (accepted_keys(target) or ())
+        given = config.get("params") or {}
+        extra = {"num_timesteps": self.num_timesteps} if takes_t and "num_timesteps" not in given else None
+        return instantiate_from_config(config, key=key, extra_params=extra)
 
     # -- precision ------------------------------------------------------------------------------
     def networks(self) -> list[nn.Module]:
@@ -339,9 +353,8 @@ class DDPM(pl.LightningModule):
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: Optional[torch.Tensor] = None,
                  noise: Optional[torch.Tensor] = None, sample_weights: Optional[torch.Tensor] = None):
-        """The denoising loss at timesteps t (drawn when None): one call of `self.loss_fn`."""
-        return self.loss_fn(self.apply_model, x_start, cond, self.sqrt_alphas_cumprod,
-                            self.sqrt_one_minus_alphas_cumprod, t=t, noise=noise, logvar=self.logvar,
+        """The denoising loss at timesteps t (drawn when None): one call of `self.loss_fn` through the denoiser."""
+        return self.loss_fn(self.training_denoiser(), x_start, cond, t=t, noise=noise, logvar=self.logvar,
                             vlb_weights=getattr(self, "lvlb_weights", None),
                             prefix="train" if self.training else "val", sample_weights=sample_weights,
                             rng=self.batch_random)
@@ -420,6 +433,10 @@ class DDPM(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=schedule.schedule)
         return [opt], [{"scheduler": sched, "interval": "step", "frequency": 1}]
 
+    def training_denoiser(self) -> Denoiser:
+        """D(x, sigma) of the UNet being trained, with gradients: the denoiser of sampling (`denoiser`), unquantized."""
+        return Denoiser(ApplyModelNetwork(self), self.scaling, self.noise_schedule)
+
     # -- sampling -------------------------------------------------------------------------------
     def denoiser(self, quantize: bool = False) -> CompVisDenoiser:
         """D(x, sigma) of this model for ldm.sampling, the network told the fractional timestep of sigma."""
@@ -474,6 +491,15 @@ def _float32_schedule_kept(module: DDPM, state_dict: dict, prefix: str, *args) -
             logger.warning("checkpoint buffer %s (%s) does not match the schedule of the config; the config's "
                            "float32 schedule is used", key, stored.dtype)
         state_dict[key] = ours.detach().clone()
+
+
+def _schedule_from_loaded_buffers(module: DDPM, incompatible) -> None:
+    """Load hook: a checkpoint whose float32 cumulative alphas differ from the config's rebuilds the schedule object
+    from the loaded ones (the samplers and training read them, as CompVis' did)."""
+    loaded = module.alphas_cumprod.detach().to(torch.float64)
+    kept = module.noise_schedule.alphas_cumprod.to(loaded.device)
+    if loaded.shape != kept.shape or not torch.equal(loaded, kept):
+        module.noise_schedule = DiscreteSchedule(module.alphas_cumprod)
 
 
 def _ema_from_loaded_weights(module: DDPM, incompatible) -> None:

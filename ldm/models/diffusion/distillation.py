@@ -22,7 +22,7 @@ from torch import nn
 from ldm.checkpoint import init_from_ckpt
 from ldm.models.diffusion.diffusion_module import disabled_train
 from ldm.models.diffusion.latent import LatentDiffusion
-from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
+from ldm.modules.diffusionmodules.denoiser import Denoiser
 from ldm.modules.diffusionmodules.denoiser_scaling import DenoiserScaling, scaling_for
 from ldm.modules.diffusionmodules.distillation import (ConsistencyBoundary, ConsistencyDistillationLoss,
                                                        ConsistencyFunction, GuidanceScales, GuidedDistillationLoss,
@@ -83,7 +83,6 @@ class Distillation(LatentDiffusion):
                                     else scaling_for(teacher_parameterization))
         except ValueError as e:
             raise ConfigError(f"model.params.teacher_parameterization: {e}") from None
-        self.noise_schedule = DiscreteSchedule(self.alphas_cumprod)
         self.teacher = frozen_copy(self.model, keep_guidance=self.teacher_takes_guidance)
         self.build_extras()
         self._loaded_takes_guidance: Optional[bool] = None

@@ -34,12 +34,33 @@ class DiscreteSchedule(nn.Module):
     def __init__(self, alphas_cumprod: torch.Tensor, quantize: bool = False):
         super().__init__()
         ac = torch.as_tensor(alphas_cumprod).detach().to(torch.float64)
+        # the cumulative alphas as given, in float64 (the CompVis DDIM / PLMS shells read them)
+        self.register_buffer("alphas_cumprod", ac.clone(), persistent=False)
         ac = torch.where(ac > 0, ac, torch.full_like(ac, TERMINAL_ALPHA_MIN))  # zero terminal SNR: finite sigma
         sigmas = ((1 - ac) / ac).sqrt().float()
         self.register_buffer("sigmas", sigmas, persistent=False)
         # log-sigmas of the float32 grid, in float32: a grid sigma maps back to exactly its index
         self.register_buffer("log_sigmas", sigmas.log(), persistent=False)
         self.quantize = quantize
+
+    def quantized(self) -> "DiscreteSchedule":
+        """The same schedule (its buffers shared, not recomputed) sending integer timesteps, as CompVis samplers do."""
+        if self.quantize:
+            return self
+        twin = DiscreteSchedule.__new__(DiscreteSchedule)
+        nn.Module.__init__(twin)
+        for name, buf in self.named_buffers(recurse=False):
+            twin.register_buffer(name, buf, persistent=False)
+        twin.quantize = True
+        return twin
+
+    def _apply(self, fn, recurse: bool = True):
+        """Follows a module's device moves but keeps its dtypes: `.half()` on a model must not round the noise levels
+        (a half-precision sigma misses its grid timestep)."""
+        for name, buf in self.named_buffers(recurse=False):
+            moved = fn(buf)
+            self._buffers[name] = buf.to(moved.device)
+        return self
 
     @property
     def num_timesteps(self) -> int:
@@ -94,10 +115,15 @@ class Denoiser(nn.Module):
         return sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
 
     def forward(self, x: torch.Tensor, sigma: Union[float, torch.Tensor], **cond) -> torch.Tensor:
+        return self.denoise_with_output(x, sigma, **cond)[0]
+
+    def denoise_with_output(self, x: torch.Tensor, sigma: Union[float, torch.Tensor],
+                            **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D(x, sigma), the network output F it came from): training regresses F (ldm.modules.diffusionmodules.loss)."""
         c_skip, c_out, c_in, c_noise = self.scaling(self._sigma(sigma, x))
         t = self.schedule.sigma_to_t(c_noise)
         out = self.net(x * append_dims(c_in, x.dim()).to(x.dtype), t, **cond)
-        return append_dims(c_skip, x.dim()) * x + append_dims(c_out, x.dim()) * out  # EDM eq. 7
+        return append_dims(c_skip, x.dim()) * x + append_dims(c_out, x.dim()) * out, out  # EDM eq. 7
 
     def _skip_out(self, x: torch.Tensor, sigma: Union[float, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         c_skip, c_out, _, _ = self.scaling(self._sigma(sigma, x))

@@ -7,7 +7,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ldm.modules.diffusionmodules.batch_random import GlobalBatchRandom
-from ldm.modules.diffusionmodules.denoiser_scaling import DenoiserScaling
+from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule, append_dims
+from ldm.modules.diffusionmodules.denoiser_scaling import DenoiserScaling, vp_coefficients
 from ldm.modules.diffusionmodules.parameterization import Parameterization
 
 
@@ -22,14 +23,55 @@ def elementwise_loss(kind: Union[LossType, str], pred: torch.Tensor, target: tor
     return (pred - target).pow(2) if kind is LossType.L2 else (pred - target).abs()
 
 
+class DrawDomain(str, Enum):
+    """What a noise-level sampler draws: indices of the discrete schedule, or the levels sigma themselves."""
+    TIMESTEP = "timestep"
+    SIGMA = "sigma"
+
+
 class UniformTimesteps:
     """t ~ U{0, ..., T-1} (Ho et al. 2020)."""
+
+    draws = DrawDomain.TIMESTEP
 
     def __init__(self, num_timesteps: int):
         self.num_timesteps = num_timesteps
 
     def __call__(self, n: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator).long()
+
+
+class EDMLogNormalSigmas:
+    """log sigma ~ N(p_mean, p_std^2) (Karras et al. 2022, EDM, Table 1 "Training"; SVD trains so)."""
+
+    draws = DrawDomain.SIGMA
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+
+    def __call__(self, n: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return (self.p_mean + self.p_std * torch.randn((n,), device=device, generator=generator)).exp()
+
+
+class LogitNormalTimesteps:
+    """u = sigmoid(N(mean, std^2)) placed on the schedule as the fractional timestep u (T - 1) (the logit-normal
+    density of Esser et al. 2024, Sec. 3.1, on a VP schedule); the sigma of that timestep by log-sigma interpolation."""
+
+    draws = DrawDomain.SIGMA
+
+    def __init__(self, num_timesteps: int, mean: float = 0.0, std: float = 1.0):
+        self.num_timesteps, self.mean, self.std = int(num_timesteps), float(mean), float(std)
+        self.schedule: Optional[DiscreteSchedule] = None  # the loss gives its own (bind)
+
+    def bind(self, schedule: DiscreteSchedule) -> "LogitNormalTimesteps":
+        self.schedule = schedule
+        return self
+
+    def __call__(self, n: int, device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if self.schedule is None:
+            raise RuntimeError("LogitNormalTimesteps: no schedule bound (DiffusionLoss binds the model's)")
+        u = torch.sigmoid(self.mean + self.std * torch.randn((n,), device=device, generator=generator))
+        return self.schedule.t_to_sigma(u * (self.num_timesteps - 1)).to(device)
 
 
 class SimpleWeighting:
@@ -77,12 +119,14 @@ def vlb_weights(param: Parameterization, betas: torch.Tensor, alphas_cumprod: to
 
 
 class DiffusionLoss:
-    """Weighted denoising regression (Ho et al. 2020's L_simple, with CompVis' VLB term and learned log-variance).
+    """Weighted denoising regression through the denoiser the samplers call (Ho et al. 2020's L_simple, Karras et
+    al. 2022's training, with CompVis' VLB term and learned log-variance).
 
-    Called with the network `net(x_t, t, cond)`, clean latents x0 and the conditioning, it draws t and
-    noise, forms x_t = alpha_t x0 + sigma_t noise, and regresses the network output on the target of
-    the model's scaling (ldm.modules.diffusionmodules.denoiser_scaling), the object D(x, sigma) uses.
-    Returns (loss, log dict with the CompVis keys).
+    Called with D(x, sigma) (ldm.modules.diffusionmodules.denoiser.Denoiser), clean latents x0 and the conditioning,
+    it draws noise levels (timesteps of the schedule, or sigmas) and noise, forms x = x0 + sigma * noise, denoises,
+    and regresses the network's output F on the target F* of the model's scaling: F - F* = (D - x0) / c_out, so this
+    is the denoising loss weighted by 1 / c_out^2 (EDM's lambda), which for eps / v / x0 is L_simple. The weighting
+    object multiplies per item. Returns (loss, log dict with the CompVis keys).
     """
 
     def __init__(self, scaling: DenoiserScaling, timestep_sampler: Callable, weighting: Callable,
@@ -91,6 +135,10 @@ class DiffusionLoss:
         self.scaling, self.timestep_sampler, self.weighting = scaling, timestep_sampler, weighting
         self.loss_type = LossType(loss_type)
         self.l_simple_weight, self.original_elbo_weight, self.offset_noise = l_simple_weight, original_elbo_weight, offset_noise
+
+    @property
+    def draws(self) -> DrawDomain:
+        return DrawDomain(getattr(self.timestep_sampler, "draws", DrawDomain.TIMESTEP))
 
     def make_noise(self, x: torch.Tensor, rng: Optional[GlobalBatchRandom] = None) -> torch.Tensor:
         """Gaussian noise, plus per-channel offset noise (Guttenberg 2023) when `offset_noise` > 0; drawn from `rng`
@@ -104,25 +152,38 @@ class DiffusionLoss:
             noise = noise + self.offset_noise * torch.randn(offset_shape, device=x.device, dtype=x.dtype)
         return noise
 
-    def __call__(self, net: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Any, alphas: torch.Tensor,
-                 sigmas: torch.Tensor, t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                 logvar: Optional[torch.Tensor] = None, vlb_weights: Optional[torch.Tensor] = None,
-                 prefix: str = "train", sample_weights: Optional[torch.Tensor] = None,
-                 rng: Optional[GlobalBatchRandom] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """`alphas`, `sigmas`: the schedule's sqrt(a_t) and sqrt(1 - a_t) tables; `vlb_weights` when the VLB term is on;
-        `sample_weights`: the items' weights, summing the weighted losses in place of their mean (DreamBooth's
-        prior preservation); `rng`: draw t and the noise for the global batch (ldm.modules.diffusionmodules.batch_random)."""
+    def noise_levels(self, schedule: DiscreteSchedule, n: int, device: torch.device, t: Optional[torch.Tensor] = None,
+                     rng: Optional[GlobalBatchRandom] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sigma, the nearest timestep index) of each item: `t` when given, else drawn by the sampler."""
         if t is None:
-            t = (rng.timesteps(self.timestep_sampler, x0.shape[0]) if rng is not None
-                 else self.timestep_sampler(x0.shape[0], x0.device))
+            if hasattr(self.timestep_sampler, "bind"):
+                self.timestep_sampler.bind(schedule)
+            draw = (rng.timesteps(self.timestep_sampler, n) if rng is not None
+                    else self.timestep_sampler(n, device))
+            if self.draws is DrawDomain.SIGMA:
+                sigma = draw.float()
+                return sigma, schedule.sigma_to_t(sigma).round().long().clamp(0, schedule.num_timesteps - 1)
+            t = draw
+        t = t.long()
+        return schedule.sigmas.to(t.device)[t], t
+
+    def __call__(self, denoiser: Denoiser, x0: torch.Tensor, cond: Any, t: Optional[torch.Tensor] = None,
+                 noise: Optional[torch.Tensor] = None, logvar: Optional[torch.Tensor] = None,
+                 vlb_weights: Optional[torch.Tensor] = None, prefix: str = "train",
+                 sample_weights: Optional[torch.Tensor] = None,
+                 rng: Optional[GlobalBatchRandom] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`denoiser(x, sigma, c=cond)`; `t`: timesteps instead of drawn levels; `vlb_weights` when the VLB term is on;
+        `sample_weights`: the items' weights, summing the weighted losses in place of their mean (DreamBooth's prior
+        preservation); `rng`: draw the levels and the noise for the global batch
+        (ldm.modules.diffusionmodules.batch_random)."""
+        sigma, t = self.noise_levels(denoiser.schedule, x0.shape[0], x0.device, t, rng)
         noise = self.make_noise(x0, rng) if noise is None else noise
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        alpha, sigma = alphas[t].view(shape), sigmas[t].view(shape)
-        out = net(alpha * x0 + sigma * noise, t, cond)
-        target = self.scaling.target(x0, noise, alpha, sigma)
+        s = append_dims(sigma, x0.dim())
+        _, out = denoiser.denoise_with_output(x0 + s * noise, sigma, c=cond)
+        alpha, s_vp = vp_coefficients(s)
+        target = self.scaling.target(x0, noise, alpha, s_vp)
         loss_simple = elementwise_loss(self.loss_type, out, target).mean(dim=list(range(1, out.dim())))
-        snr = (alphas[t] / sigmas[t]) ** 2
-        loss = self.weighting(t, snr, self.scaling.parameterization) * loss_simple
+        loss = self.weighting(t, sigma.reciprocal().square(), self.scaling.parameterization) * loss_simple  # SNR
         if logvar is not None:
             logvar_t = logvar[t]
             loss = loss / torch.exp(logvar_t) + logvar_t

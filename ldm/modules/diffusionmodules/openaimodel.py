@@ -1,7 +1,7 @@
 """Time-conditional UNet with SpatialTransformer cross-attention (CompVis `UNetModel`, SD v1/v2 layout)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from ldm.modules.attention import SpatialTransformer, zero_module
-from ldm.util import report_once
+from ldm.config_keys import report_no_effect
 from ldm.modules.diffusionmodules.guidance_embedding import GuidanceEmbedding
 from ldm.modules.diffusionmodules.util import (UNET_NORM_GROUPS, avg_pool_nd, conv_nd, linear, normalization,
                                                run_norm_silu, timestep_embedding, to_channels_last,
@@ -20,32 +20,31 @@ from ldm.modules.diffusionmodules.util import (UNET_NORM_GROUPS, avg_pool_nd, co
 class TimestepBlock(nn.Module):
     """A module whose forward takes the timestep embedding as a second argument."""
 
+    block_inputs: tuple[str, ...] = ("emb",)
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
-    """Sequential that passes the embedding to TimestepBlocks, the context to SpatialTransformers, and the size
-    an upsampling layer must reach (`output_size`, for inputs whose side is not a multiple of the UNet's factor)."""
+    """Sequential that gives each layer the inputs its `block_inputs` names, as keywords: the timestep embedding
+    (`emb`), the cross-attention `context`, the size an upsampling layer must reach (`output_size`, for inputs whose
+    side is not a multiple of the UNet's factor) and any input a UNet subclass adds (`num_frames`); a layer that
+    declares none (a plain convolution) gets x alone."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None,
-                output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+                output_size: Optional[Sequence[int]] = None, **inputs: Any) -> torch.Tensor:
+        given = {"emb": emb, "context": context, "output_size": output_size, **inputs}
         for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb, output_size=output_size)
-            elif isinstance(layer, TimestepBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            elif isinstance(layer, Upsample):
-                x = layer(x, output_size=output_size)
-            else:
-                x = layer(x)
+            names = getattr(layer, "block_inputs", ())
+            x = layer(x, **{n: given[n] for n in names if n in given}) if names else layer(x)
         return x
 
 
 class Upsample(nn.Module):
     """Nearest x2 (or to `output_size`, the skip's size, when a side was odd) then an optional 3x3 conv (key `conv`)."""
+
+    block_inputs = ("output_size",)
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None,
                  padding: int = 1):
@@ -85,6 +84,8 @@ class Downsample(nn.Module):
 
 class ResBlock(TimestepBlock):
     """Residual block with timestep embedding: in_layers, emb_layers, out_layers (zero conv), skip_connection."""
+
+    block_inputs = ("emb", "output_size")
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: Optional[int] = None,
                  use_conv: bool = False, use_scale_shift_norm: bool = False, dims: int = 2,
@@ -212,8 +213,7 @@ class UNetModel(nn.Module):
         self.channel_mult, self.conv_resample = channel_mult, conv_resample
         self.num_classes, self.use_checkpoint = num_classes, use_checkpoint
         if use_fp16:  # CompVis cast the UNet to float16 here; precision is a run-time choice in this framework
-            report_once("UNetModel: use_fp16 is accepted and ignored; choose the precision at run time "
-                        "(trainer precision, or --precision for sampling)")
+            report_no_effect("UNetModel", ["use_fp16"])
         self.num_heads, self.num_head_channels = num_heads, num_head_channels
         self.predict_codebook_ids = False
         ted = model_channels * 4
@@ -231,71 +231,109 @@ class UNetModel(nn.Module):
                 raise ValueError(f"num_classes must be an int, 'continuous' or 'sequential', got {num_classes!r}")
         # guidance_embed: the classifier-free guidance scale is an input (guidance-distilled students, ldm.distillation)
         self.guidance_embed = GuidanceEmbedding(model_channels, ted) if guidance_embed else None
-
-        def heads_for(ch: int) -> tuple[int, int]:
-            if num_head_channels == -1:
-                nh, dh = num_heads, ch // num_heads
-            else:
-                nh, dh = ch // num_head_channels, num_head_channels
-            if legacy:
-                dh = ch // nh if use_spatial_transformer else num_head_channels
-            return nh, dh
-
-        def attention(ch: int, level: int, nh_override: Optional[int] = None, self_attn_off: bool = False) -> nn.Module:
-            nh, dh = heads_for(ch)
-            if use_spatial_transformer:
-                return SpatialTransformer(ch, nh, dh, depth=depth[level], context_dim=context_dim,
-                                          disable_self_attn=self_attn_off, use_linear=use_linear_in_transformer,
-                                          use_checkpoint=use_checkpoint, norm_groups=norm_groups)
-            return AttentionBlock(ch, num_heads=nh_override or nh, num_head_channels=dh if num_head_channels != -1 else -1,
-                                  use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order,
-                                  norm_groups=norm_groups)
-
-        def resblock(ch_in: int, ch_out: int, **kw) -> ResBlock:
-            return ResBlock(ch_in, ted, dropout, out_channels=ch_out, dims=dims, use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm, norm_groups=norm_groups, **kw)
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
-        chans = [model_channels]
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for nr in range(nrb[level]):
-                layers: list[nn.Module] = [resblock(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if ds in self.attention_resolutions:
-                    off = disable_self_attentions[level] if disable_self_attentions is not None else False
-                    layers.append(attention(ch, level, self_attn_off=off))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = (resblock(ch, ch, down=True) if resblock_updown
-                        else Downsample(ch, conv_resample, dims=dims, out_channels=ch))
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                chans.append(ch)
-                ds *= 2
-        self.middle_block = TimestepEmbedSequential(
-            resblock(ch, ch), attention(ch, len(channel_mult) - 1, self_attn_off=disable_middle_self_attn),
-            resblock(ch, ch))
-        self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(nrb[level] + 1):
-                ich = chans.pop()
-                layers = [resblock(ch + ich, model_channels * mult)]
-                ch = model_channels * mult
-                if ds in self.attention_resolutions:
-                    off = disable_self_attentions[level] if disable_self_attentions is not None else False
-                    layers.append(attention(ch, level, nh_override=num_heads_upsample if num_heads_upsample > 0 else None,
-                                            self_attn_off=off))
-                if level and i == nrb[level]:
-                    layers.append(resblock(ch, ch, up=True) if resblock_updown
-                                  else Upsample(ch, conv_resample, dims=dims, out_channels=ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(normalization(ch, norm_groups), nn.SiLU(),
-                                 zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+        # what the block factories read (plain attributes: the state dict is the CompVis one)
+        self.dims, self.emb_channels, self.norm_groups = dims, ted, norm_groups
+        self.use_scale_shift_norm, self.resblock_updown = use_scale_shift_norm, resblock_updown
+        self.use_spatial_transformer, self.context_dim, self.transformer_depth = use_spatial_transformer, context_dim, depth
+        self.use_linear_in_transformer, self.legacy = use_linear_in_transformer, legacy
+        self.use_new_attention_order, self.num_heads_upsample = use_new_attention_order, num_heads_upsample
+        self.disable_self_attentions = disable_self_attentions
+        self.build_blocks(disable_middle_self_attn)
         # channels_last: conv weights, and so every activation, in channels-last memory (the state dict is unchanged)
         if channels_last:
             to_channels_last(self, dims)
+
+    # -- block factories: a subclass overrides one to change every block of its kind ------------------------
+    def heads_for(self, ch: int) -> tuple[int, int]:
+        """(heads, head width) of an attention layer over `ch` channels (CompVis' `legacy` rule included)."""
+        if self.num_head_channels == -1:
+            nh, dh = self.num_heads, ch // self.num_heads
+        else:
+            nh, dh = ch // self.num_head_channels, self.num_head_channels
+        if self.legacy:
+            dh = ch // nh if self.use_spatial_transformer else self.num_head_channels
+        return nh, dh
+
+    def make_resblock(self, ch_in: int, ch_out: int, level: int, **kw: Any) -> nn.Module:
+        """The residual block at `level` (`up` / `down`: the resampling variant)."""
+        return ResBlock(ch_in, self.emb_channels, self.dropout, out_channels=ch_out, dims=self.dims,
+                        use_checkpoint=self.use_checkpoint, use_scale_shift_norm=self.use_scale_shift_norm,
+                        norm_groups=self.norm_groups, **kw)
+
+    def make_attention(self, ch: int, level: int, self_attn_off: bool = False,
+                       num_heads: Optional[int] = None) -> nn.Module:
+        """The attention layer at `level`: a SpatialTransformer (cross-attention) or a self-attention block."""
+        nh, dh = self.heads_for(ch)
+        if self.use_spatial_transformer:
+            return SpatialTransformer(ch, nh, dh, depth=self.transformer_depth[level], context_dim=self.context_dim,
+                                      disable_self_attn=self_attn_off, use_linear=self.use_linear_in_transformer,
+                                      use_checkpoint=self.use_checkpoint, norm_groups=self.norm_groups)
+        return AttentionBlock(ch, num_heads=num_heads or nh, num_head_channels=dh if self.num_head_channels != -1 else -1,
+                              use_checkpoint=self.use_checkpoint, use_new_attention_order=self.use_new_attention_order,
+                              norm_groups=self.norm_groups)
+
+    def make_downsample(self, ch: int, level: int) -> nn.Module:
+        """The downsampling layer after `level`."""
+        if self.resblock_updown:
+            return self.make_resblock(ch, ch, level, down=True)
+        return Downsample(ch, self.conv_resample, dims=self.dims, out_channels=ch)
+
+    def make_upsample(self, ch: int, level: int) -> nn.Module:
+        """The upsampling layer that ends `level` of the decoder."""
+        if self.resblock_updown:
+            return self.make_resblock(ch, ch, level, up=True)
+        return Upsample(ch, self.conv_resample, dims=self.dims, out_channels=ch)
+
+    def make_block(self, layers: Sequence[nn.Module], part: str, level: int) -> TimestepEmbedSequential:
+        """One block of `part` ('input', 'middle' or 'output') at `level` from its layers."""
+        return TimestepEmbedSequential(*layers)
+
+    def _self_attn_off(self, level: int) -> bool:
+        return self.disable_self_attentions[level] if self.disable_self_attentions is not None else False
+
+    def build_blocks(self, disable_middle_self_attn: bool = False) -> None:
+        """input_blocks, middle_block, output_blocks and out, from the factories above (CompVis key layout)."""
+        mc, dims, nrb = self.model_channels, self.dims, self.num_res_blocks
+        self.input_blocks = nn.ModuleList([
+            self.make_block([conv_nd(dims, self.in_channels, mc, 3, padding=1)], "input", 0)])
+        chans = [mc]
+        ch, ds = mc, 1
+        last = len(self.channel_mult) - 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(nrb[level]):
+                layers: list[nn.Module] = [self.make_resblock(ch, mult * mc, level)]
+                ch = mult * mc
+                if ds in self.attention_resolutions:
+                    layers.append(self.make_attention(ch, level, self_attn_off=self._self_attn_off(level)))
+                self.input_blocks.append(self.make_block(layers, "input", level))
+                chans.append(ch)
+            if level != last:
+                self.input_blocks.append(self.make_block([self.make_downsample(ch, level)], "input", level))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = self.make_block(
+            [self.make_resblock(ch, ch, last), self.make_attention(ch, last, self_attn_off=disable_middle_self_attn),
+             self.make_resblock(ch, ch, last)], "middle", last)
+        self.output_blocks = nn.ModuleList([])
+        heads_up = self.num_heads_upsample if self.num_heads_upsample > 0 else None
+        for level, mult in list(enumerate(self.channel_mult))[::-1]:
+            for i in range(nrb[level] + 1):
+                ich = chans.pop()
+                layers = [self.make_resblock(ch + ich, mc * mult, level)]
+                ch = mc * mult
+                if ds in self.attention_resolutions:
+                    layers.append(self.make_attention(ch, level, self_attn_off=self._self_attn_off(level),
+                                                      num_heads=heads_up))
+                if level and i == nrb[level]:
+                    layers.append(self.make_upsample(ch, level))
+                    ds //= 2
+                self.output_blocks.append(self.make_block(layers, "output", level))
+        self.out = nn.Sequential(normalization(ch, self.norm_groups), nn.SiLU(),
+                                 zero_module(conv_nd(dims, mc, self.out_channels, 3, padding=1)))
+
+    # inputs beyond (x, timesteps, context, y, guidance) that this UNet takes and passes to every block (a video
+    # UNet: num_frames); any other keyword is refused by name
+    extra_inputs: tuple[str, ...] = ()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -303,7 +341,12 @@ class UNetModel(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def forward(self, x: torch.Tensor, timesteps: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None, guidance: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+                y: Optional[torch.Tensor] = None, guidance: Optional[torch.Tensor] = None, **inputs: Any) -> torch.Tensor:
+        unknown = sorted(set(inputs) - set(self.extra_inputs))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward: unknown input{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(unknown)}; it takes x, timesteps, context, y, guidance"
+                            + "".join(f", {n}" for n in self.extra_inputs))
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("y must be given if and only if the model is class-conditional (num_classes set)")
         if (guidance is not None) != (self.guidance_embed is not None):
@@ -327,11 +370,11 @@ class UNetModel(nn.Module):
         hs = []
         h = x
         for module in self.input_blocks:
-            h = module(h, emb, context)
+            h = module(h, emb, context, **inputs)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, **inputs)
         for module in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)
             # an upsampling block ends at the size of the skip it meets next (odd sides: not simply x2)
-            h = module(h, emb, context, output_size=hs[-1].shape[2:] if hs else None)
+            h = module(h, emb, context, output_size=hs[-1].shape[2:] if hs else None, **inputs)
         return run_norm_silu(self.out, h).contiguous()  # the usual layout out, whatever the memory format inside
