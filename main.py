@@ -42,7 +42,6 @@ def get_parser() -> argparse.ArgumentParser:
                    help="configs merged left to right; trailing `key=value` arguments override them")
     p.add_argument("-t", "--train", action="store_true", help="train")
     p.add_argument("--no-test", action="store_true", help="skip the test run after training")
-    p.add_argument("-p", "--project", help="name of a new or path to an existing project")
     p.add_argument("-d", "--debug", action="store_true",
                    help="debug: log at DEBUG level and open a post-mortem debugger on an exception (interactive only)")
     p.add_argument("-s", "--seed", type=int, default=23, help="seed for seed_everything")
@@ -121,7 +120,7 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
     """Trainer keyword arguments: logger, callbacks (setup, checkpoints, images, lr, signal) and trainer config."""
     from pytorch_lightning.callbacks import ProgressBar
 
-    from ldm.callbacks import CheckpointOnSignal, FinalCheckpoint, bounded_progress_bar
+    from ldm.callbacks import CheckpointOnSignal, FinalCheckpoint, LogWhereRead, bounded_progress_bar
 
     trainer_opts = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
     trainer_opts.setdefault("accelerator", "auto")
@@ -199,6 +198,7 @@ def build_trainer_kwargs(lightning_config: DictConfig, config: DictConfig, model
         else:
             callbacks.append(instantiate_from_config(c, key=f"lightning.callbacks.{k}"))
     callbacks.append(CheckpointOnSignal(str(RunDir(logdir).last)))
+    callbacks.append(LogWhereRead())  # the module logs its step scalars only where they are read
     if OmegaConf.select(callbacks_cfg, "checkpoint_callback.params.save_last", default=False):
         callbacks.append(FinalCheckpoint(str(RunDir(logdir).last)))  # only where last.ckpt is wanted
     if trainer_opts.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):

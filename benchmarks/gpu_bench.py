@@ -241,8 +241,8 @@ class Bench:
         """50-step CFG sampling of one image: the UNet's time (50 pair forwards) and the whole DDIM loop."""
         from diffusers import DDIMScheduler
 
-        from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
-        from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
+        from ldm.core.denoiser import Denoiser, DiscreteSchedule
+        from ldm.core.scaling import scaling_for
         from ldm.modules.diffusionmodules.schedule import make_beta_schedule
         from ldm.sampling import CFGDenoiser, get_sigmas, sample
         steps, dev = self.args.sample_steps, self.dev

@@ -301,6 +301,19 @@ def step_scalars_read(trainer: Optional[pl.Trainer], optimizer_steps: int = 1) -
     return bar is not None and (trainer.global_step + optimizer_steps) % rate == 0
 
 
+class LogWhereRead(pl.Callback):
+    """Tells the module before each training batch whether that step's logged scalars will be read
+    (`step_scalars_read`), as its `log_scalars_now`; the module asks nothing of the trainer itself. Without this
+    callback a module logs every step."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        steps = pl_module.optimizer_steps_next() if hasattr(pl_module, "optimizer_steps_next") else 1
+        pl_module.log_scalars_now = step_scalars_read(trainer, optimizer_steps=steps)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log_scalars_now = True
+
+
 def bounded_progress_bar(refresh_rate: int = PROGRESS_REFRESH_STEPS) -> pl.Callback:
     """Lightning's progress bar (rich when installed, else tqdm) with `epoch_description` as the epoch label, updated
     every `refresh_rate` steps."""

@@ -24,7 +24,7 @@ from ldm.generation import first_stage_factor
 from ldm.precision import Precision, WeightsDType
 from ldm.runs import load_for_sampling
 from ldm.sampling import SAMPLERS
-from ldm.sampling.spacing import Spacing
+from ldm.core.spacing import Spacing
 
 # The sampler the originals' DPM-Solver flags select: multistep second order with data prediction (DPM-Solver++).
 DPM_SOLVER = "dpmpp_2m"

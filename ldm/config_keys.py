@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 from typing import Any, Iterable, Mapping, Optional
+
+logger = logging.getLogger(__name__)
 
 # Packages whose constructors pass **kwargs only on to their bases: a key that no constructor of the chain names is
 # a typo. A chain that reaches a class of another package (torch, Lightning, transformers) is not judged.
@@ -70,10 +73,20 @@ def unknown_keys(obj: Any, params: Mapping[str, Any]) -> tuple[list[str], set[st
     return sorted(k for k in params if k not in accepted), accepted
 
 
+_reported: set[str] = set()
+
+
+def report_once(message: str, *args: Any) -> None:
+    """Log `message` at INFO the first time it is seen in this process (parameters accepted but meaningless here,
+    substituted targets)."""
+    text = message % args if args else message
+    if text not in _reported:
+        _reported.add(text)
+        logger.info(text)
+
+
 def report_no_effect(owner: str, given: Iterable[str]) -> None:
     """Log once each key of `given` that `owner` accepts for compatibility only (NO_EFFECT_KEYS)."""
-    from ldm.util import report_once
-
     for key in sorted(given):
         why = NO_EFFECT_KEYS.get(owner, {}).get(key)
         if why is not None:

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from ldm.errors import InputError
 from ldm.modules.model_inputs import ConditionInput, Encoding, latent_known_region
 from ldm.precision import Precision, precision_scope
 from ldm.sampling import (CFGDenoiser, CompVisDenoiser, Conditioning, Spacing, ThresholdedDenoiser, ThresholdMode,
@@ -51,9 +52,15 @@ def start_noise(n: int, shape: Sequence[int], device: Union[str, torch.device], 
 
 # -- sizes ------------------------------------------------------------------------------------------------
 def first_stage_factor(model) -> int:
-    """The first stage's downsampling factor f (image side / latent side); 1 for a pixel-space model."""
-    enc = getattr(getattr(model, "first_stage_model", None), "encoder", None)
-    return 2 ** (len(enc.down) - 1) if enc is not None and hasattr(enc, "down") else 1
+    """The first stage's downsampling factor f (image side / latent side), as the first stage states it; 1 for a
+    pixel-space model (no first stage)."""
+    first = getattr(model, "first_stage_model", None)
+    if first is None:
+        return 1
+    if not hasattr(first, "downsampling_factor"):
+        raise InputError(f"first stage {type(first).__name__} does not state its downsampling_factor (image side / "
+                         f"latent side); give the class that property")
+    return int(first.downsampling_factor)
 
 
 def size_multiple(model) -> int:

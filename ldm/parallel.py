@@ -87,21 +87,9 @@ def check_shardable(model: nn.Module) -> None:
                           f"{type(model).__module__}.{type(model).__name__} has none; train it with strategy: ddp")
 
 
-def frozen_copies(model: nn.Module) -> list[nn.Module]:
-    """Other UNet wrappers a model calls (ldm.models.diffusion.distillation's `teacher`, `target_model`)."""
-    return [m for m in (getattr(model, name, None) for name in ("teacher", "target_model")) if isinstance(m, nn.Module)]
-
-
 def unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    """The units FSDP gathers one at a time: the UNet's input blocks, middle block and output blocks."""
-    blocks: list[nn.Module] = []
-    for name in ("input_blocks", "middle_block", "output_blocks"):
-        part = getattr(unet, name, None)
-        if isinstance(part, nn.ModuleList):
-            blocks += list(part)
-        elif isinstance(part, nn.Module):
-            blocks.append(part)
-    return blocks
+    """The units FSDP gathers one at a time: the network's `block_units()` (none: the network is one unit)."""
+    return list(unet.block_units()) if hasattr(unet, "block_units") else []
 
 
 def shard_diffusion_model(model: nn.Module, strategy: FSDP) -> None:
@@ -118,13 +106,15 @@ def shard_diffusion_model(model: nn.Module, strategy: FSDP) -> None:
         if any(p.requires_grad for p in block.parameters()):
             fully_shard(block, **kwargs)
     fully_shard(wrapper, **kwargs)
-    for copy in frozen_copies(model):  # a distillation teacher, a target network: gathered whole when called
+    copies = model.frozen_unet_copies() if hasattr(model, "frozen_unet_copies") else []
+    for copy in copies:  # a distillation teacher, a target network: gathered whole when called
         fully_shard(copy, **kwargs)
-    cond = getattr(model, "cond_stage_model", None)
-    if isinstance(cond, nn.Module) and any(p.requires_grad for p in cond.parameters()):
-        fully_shard(cond, **kwargs)
-        if hasattr(cond, "encode"):  # LatentDiffusion calls encode(), not forward(): gather around it too
-            register_fsdp_forward_method(cond, "encode")
+    conditioner = getattr(model, "conditioner", None)  # each embedder (CompVis: the cond_stage_model)
+    for cond in ([e.module for e in conditioner.entries] if conditioner is not None else []):
+        if any(p.requires_grad for p in cond.parameters()):
+            fully_shard(cond, **kwargs)
+            if hasattr(cond, "encode"):  # LatentDiffusion calls encode(), not forward(): gather around it too
+                register_fsdp_forward_method(cond, "encode")
     if getattr(model, "use_ema", False):
         shard_ema_like(model.model_ema, wrapper)
     left = [name for name, p in model.named_parameters() if p.requires_grad and not is_sharded([p])]

@@ -62,12 +62,6 @@ class RunDir:
         return sorted(p for k in kinds for p in glob.glob(os.path.join(glob.escape(str(self.configs)), f"*-{k}.yaml")))
 
 
-def run_configs(logdir: str) -> list[str]:
-    """Every config a run saved (configs/<time>-project.yaml and <time>-lightning.yaml), oldest first, as CompVis'
-    main.py reloads them on resume."""
-    return RunDir(logdir).saved_configs()
-
-
 def _flat(node: Any, prefix: str) -> dict[str, Any]:
     """{dotted key: leaf value} of a config section (interpolations resolved where they can be)."""
     container = node

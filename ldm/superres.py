@@ -27,11 +27,6 @@ def check_superres_model(model) -> None:
                          f"cond_stage_key LR_image or lr)")
 
 
-def upscale_factor(model) -> int:
-    """Output side / input side: the first stage's factor (the low-resolution image has the latent's size)."""
-    return first_stage_factor(model)
-
-
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of size `tile` covering [0, length) with at least `overlap` shared pixels."""
     if length <= tile:
@@ -85,7 +80,7 @@ def upscale(model, lr: torch.Tensor, prompts: Optional[Sequence[str]] = None, *,
     if reads(model, ConditionInput.NOISE_LEVEL) and noise_level is None:
         raise InputError("this model is noise-augmented (LatentUpscaleDiffusion): give a noise_level "
                          f"(0 to {model.low_scale_model.max_noise_level - 1}; Stable Diffusion 2 suggests 20)")
-    device, f = model.device, upscale_factor(model)
+    device, f = model.device, first_stage_factor(model)  # the low-resolution image has the latent's size
     tile = int(tile or model.image_size)
     overlap = tile // 4 if overlap is None else int(overlap)
     scale = model.guidance_scale if scale is None else scale

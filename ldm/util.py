@@ -12,7 +12,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm.config_keys import unknown_keys, unknown_keys_message
+from ldm.config_keys import report_once, unknown_keys, unknown_keys_message
 from ldm.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -47,18 +47,6 @@ TAMING_EQUIVALENTS = {
     "taming.modules.vqvae.quantize": "ldm.modules.vqvae.quantize",
     "taming.data.faceshq": "ldm.data.faceshq",
 }
-_reported: set[str] = set()
-
-
-def report_once(message: str, *args: Any) -> None:
-    """Log `message` at INFO the first time it is seen in this process (parameters accepted but meaningless here,
-    substituted targets)."""
-    text = message % args if args else message
-    if text not in _reported:
-        _reported.add(text)
-        logger.info(text)
-
-
 def _taming_module(module_name: str) -> Optional[str]:
     """This project's module for a `taming.*` module when the taming package is not installed, else None."""
     if not (module_name == "taming" or module_name.startswith("taming.")):

@@ -22,7 +22,8 @@ from ldm.cli import (UsageError, add_folder_task_arguments, add_model_arguments,
 from ldm.data.folder import IMAGE_EXTENSIONS
 from ldm.errors import entry_point
 from ldm.files import ImageReadError, check_outputs, file_hash, load_image, save_png, to_uint8
-from ldm.superres import check_superres_model, upscale, upscale_factor
+from ldm.generation import first_stage_factor
+from ldm.superres import check_superres_model, upscale
 
 COMPVIS_CONFIG = "models/ldm/bsr_sr/config.yaml"
 COMPVIS_CKPT = "models/ldm/bsr_sr/model.ckpt"
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     check_superres_model(model)
     out.mkdir(parents=True, exist_ok=True)
     h = file_hash(opt.ckpt)
-    f = upscale_factor(model)
+    f = first_stage_factor(model)
     written, skipped = [], []
     for k, path in enumerate(tqdm(files, desc="super-resolution")):
         try:

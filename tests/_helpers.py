@@ -5,7 +5,10 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import Dataset
+
+from ldm.modules.model_inputs import ConditionInput
 
 
 class FailingDataset(Dataset):
@@ -115,3 +118,22 @@ def _has_ninja() -> bool:
 # the CPU kernels (ldm.modules.cpu_kernels) are built by the tests that need them
 needs_compiler = pytest.mark.skipif((shutil.which("c++") is None and shutil.which("g++") is None) or not _has_ninja(),
                                     reason="no C++ compiler or ninja to build the CPU kernels")
+
+
+class PooledTextStandIn(torch.nn.Module):
+    """A second text encoder of SDXL's shape at tiny width: token states (B, T, D) and a pooled vector (B, D), as
+    sgm's FrozenOpenCLIPEmbedder2 with always_return_pooled. Built on the framework's BERTEmbedder (no weights to
+    download); the pooled vector is the first token's state, projected."""
+
+    condition_input = ConditionInput.PROMPTS
+
+    def __init__(self, n_embed: int = 12, max_seq_len: int = 8):
+        super().__init__()
+        from ldm.modules.encoders.modules import BERTEmbedder
+
+        self.text = BERTEmbedder(n_embed=n_embed, n_layer=1, max_seq_len=max_seq_len, n_heads=2)
+        self.pool = torch.nn.Linear(n_embed, n_embed)
+
+    def forward(self, text):
+        tokens = self.text(text)
+        return tokens, self.pool(tokens[:, 0])

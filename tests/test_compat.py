@@ -78,8 +78,8 @@ def test_meaningless_parameters_are_reported_once(caplog):
         UNetModel(**kw)
         UNetModel(**kw)
     assert sum("use_fp16" in r.getMessage() for r in caplog.records) <= 1
-    import ldm.util
-    assert any("use_fp16" in m for m in ldm.util._reported)
+    import ldm.config_keys
+    assert any("use_fp16" in m for m in ldm.config_keys._reported)
 
 
 def test_image_logger_takes_the_published_parameters():

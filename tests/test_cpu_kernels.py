@@ -1,5 +1,6 @@
 """The fused CPU ops (GEGLU; GroupNorm + SiLU) compute torch's functions, forward and backward, where they apply."""
 import copy
+import os
 import logging
 
 import pytest
@@ -193,3 +194,89 @@ def test_run_norm_silu_keeps_the_hooks_of_the_sequential_and_its_silu():
         torch.testing.assert_close(run_norm_silu(layers, x), layers(x), atol=1e-5, rtol=1e-4)
         handle.remove()
     assert seen == ["Sequential", "Sequential", "SiLU", "SiLU"]
+
+
+# -- the build: a stale lock, a wheel in a fresh venv --------------------------------------------------------------
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_stale_build_lock_is_reported_instead_of_waited_on(tmp_path, monkeypatch):
+    """A build killed mid-way leaves torch's lock file, on which torch waits forever: the next process says which
+    file, and why it is stale, and falls back."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    # torch < 2.14 waits while the lock file exists; 2.14 holds an OS-level lock (cpp_extension.FileLock) instead
+    file_lock = getattr(cpp_extension, "FileLock", None)
+    monkeypatch.delattr(cpp_extension, "FileLock", raising=False)
+    monkeypatch.setattr(ck, "_ext", None)
+    monkeypatch.setattr(ck, "_build_error", None)
+    build = ck.build_directory(f"ldm_cpu_kernels_{ck._cpu_tag()}")
+    build.mkdir(parents=True)
+    (build / "lock").touch()
+    (build / ck.OWNER_FILE).write_text(str(_dead_pid()))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError) as e:
+        ck.load_kernel()
+    assert time.monotonic() - started < 5  # reported, not waited on
+    assert str(build / "lock") in str(e.value) and "has exited" in str(e.value)
+
+    # a lock with no recorded builder, older than any build takes, is stale too; a fresh one or a live builder's not
+    (build / ck.OWNER_FILE).unlink()
+    assert ck.stale_lock(build) is None
+    old = time.time() - 2 * ck.STALE_LOCK_SECONDS
+    os.utime(build / "lock", (old, old))
+    assert "minutes old" in ck.stale_lock(build)
+    (build / ck.OWNER_FILE).write_text(str(os.getppid()))  # a live process
+    assert ck.stale_lock(build) is None
+    if file_lock is not None:  # where torch's lock dies with its holder, a leftover file blocks nothing
+        (build / ck.OWNER_FILE).write_text(str(_dead_pid()))
+        assert ck.stale_lock(build) is not None
+        monkeypatch.setattr(cpp_extension, "FileLock", file_lock, raising=False)
+        assert ck.stale_lock(build) is None
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_a_wheel_installed_in_a_fresh_venv_builds_the_kernels(tmp_path):
+    """The wheel carries the kernels' sources and headers; installed outside the repository, it builds them."""
+    import subprocess
+    import sys
+    import sysconfig
+    import venv
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(dist)], check=True, cwd=tmp_path)
+    (wheel,) = dist.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.rsplit("/", 1)[-1] for n in names if "/csrc/" in n}
+    assert {p.name for p in ck.CSRC.iterdir() if p.suffix in (".cpp", ".h")} <= shipped, shipped
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # torch and the other dependencies from this environment; the package itself only from the wheel
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True)
+    out = subprocess.run([str(python), "-m", "ldm.modules.cpu_kernels"], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": os.environ["PATH"], "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+                              "HOME": str(tmp_path)}, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "CPU kernels ready" in out.stdout and str(tmp_path / "ext") in out.stdout
+    where = subprocess.run([str(python), "-c", "import ldm; print(ldm.__file__)"], cwd=tmp_path, check=True,
+                           capture_output=True, text=True).stdout
+    assert str(repo) not in where and site in where  # the installed package, not the repository's

@@ -9,8 +9,8 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.diffusionmodules.schedule import make_beta_schedule, rescale_zero_terminal_snr
 from ldm.sampling import (SAMPLERS, Denoiser, DiscreteSchedule, get_sigmas, karras_sigmas, randn_like,
                           sample, scaling_for, vp_scale)
-from ldm.modules.diffusionmodules.denoiser_scaling import vp_coefficients
-from ldm.sampling.spacing import compvis_ddim_timesteps
+from ldm.core.scaling import vp_coefficients
+from ldm.core.spacing import compvis_ddim_timesteps
 
 
 def sd_ac(zero_terminal_snr: bool = False) -> torch.Tensor:

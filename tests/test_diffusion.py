@@ -11,10 +11,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.diffusionmodules.loss import MinSNRWeighting, vlb_weights
-from ldm.modules.diffusionmodules.parameterization import Parameterization
+from ldm.core.parameterization import Parameterization
 from ldm.modules.diffusionmodules.schedule import ddpm_buffers, make_beta_schedule, rescale_zero_terminal_snr
 from ldm.modules.ema import LitEma
-from ldm.sampling.spacing import compvis_ddim_timesteps
+from ldm.core.spacing import compvis_ddim_timesteps
 from ldm.util import instantiate_from_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_ldm_state_dict_prefixes_and_frozen_parts(ae_ckpt):
 
 
 def test_guidance_dropout_rate():
-    from ldm.models.diffusion.latent import drop_conditions, null_condition_like
+    from ldm.modules.encoders.conditioner import drop_conditions, null_input_like as null_condition_like
     torch.manual_seed(0)
     caps = ["a small red circle in the center"] * 20000
     dropped = drop_conditions(caps, 0.1, null_condition_like(caps, "caption"))

@@ -158,8 +158,9 @@ def test_a_v_student_of_an_eps_teacher_reads_the_teacher_as_eps(teacher_ckpt):
 
 
 def test_progressive_target_is_the_two_teacher_steps_one_student_step_reaches():
-    from ldm.modules.diffusionmodules.denoiser import DiscreteSchedule
-    from ldm.modules.diffusionmodules.distillation import ProgressiveDistillationLoss, Teacher, ddim_move, \
+    from ldm.core.denoiser import DiscreteSchedule
+    from ldm.core.algebra import ddim_move
+    from ldm.modules.diffusionmodules.distillation import ProgressiveDistillationLoss, Teacher, \
         progressive_grid
     from ldm.modules.diffusionmodules.schedule import make_beta_schedule
     import numpy as np

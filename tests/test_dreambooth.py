@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from ldm.errors import InputError
-from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
-from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
+from ldm.core.denoiser import Denoiser, DiscreteSchedule
+from ldm.core.scaling import scaling_for
 from ldm.modules.diffusionmodules.loss import DiffusionLoss, SimpleWeighting, UniformTimesteps
 from ldm.modules.model_inputs import PRIOR_FLAG, prior_weights, with_prior
 

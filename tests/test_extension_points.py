@@ -66,9 +66,9 @@ def test_lora_and_compile_sub_configs_refuse_typos():
 
 def test_compatibility_keys_without_effect_are_listed_and_logged_once(caplog):
     from ldm.config_keys import NO_EFFECT_KEYS
-    import ldm.util
+    import ldm.config_keys
     assert "use_fp16" in NO_EFFECT_KEYS["UNetModel"] and "use_positional_encodings" in NO_EFFECT_KEYS["DDPM"]
-    ldm.util._reported.clear()
+    ldm.config_keys._reported.clear()
     cfg = _tiny_ddpm_config(use_positional_encodings=True)
     with caplog.at_level(logging.INFO):
         instantiate_from_config(cfg.model)
@@ -234,3 +234,73 @@ def test_one_schedule_object_feeds_training_sampling_and_the_compvis_shells():
     ddim = DDIMSampler(model)
     ddim.make_schedule(10, verbose=False)
     assert torch.equal(ddim.ddim_alphas, sched.alphas_cumprod[ddim.ddim_timesteps])
+
+
+# -- layering ---------------------------------------------------------------------------------------------------
+def _import_graph() -> dict[str, dict[str, list[str]]]:
+    """{node: {imported node: [file:line, ...]}} over every import statement of the package (lazy ones too), with a
+    node per subpackage (ldm.core, ldm.modules, ldm.sampling, ...) and per top-level module (ldm.util, ...)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ldm"
+
+    def node(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    graph: dict[str, dict[str, list[str]]] = {}
+    for f in root.rglob("*.py"):
+        mod = ".".join(f.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        for n in ast.walk(ast.parse(f.read_text())):
+            names = [n.module] if isinstance(n, ast.ImportFrom) and n.module and n.level == 0 else \
+                [a.name for a in n.names] if isinstance(n, ast.Import) else []
+            for name in names:
+                if name.split(".")[0] == "ldm" and node(name) != node(mod):
+                    graph.setdefault(node(mod), {}).setdefault(node(name), []).append(f"{f.name}:{n.lineno}")
+    return graph
+
+
+def _cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_package_import_graph_has_no_cycle():
+    graph = _import_graph()
+    cycles = _cycles(graph)
+    detail = [f"{a} -> {b}: {graph[a][b][:3]}" for c in cycles for a in c for b in c if b in graph.get(a, {})]
+    assert not cycles, f"import cycles between packages: {cycles}; {detail}"
+    # the core math imports nothing else of the framework; the networks and the samplers both stand on it
+    assert set(graph.get("ldm.core", {})) == set(), graph.get("ldm.core")
+    assert "ldm.sampling" not in graph.get("ldm.modules", {}), graph["ldm.modules"].get("ldm.sampling")
+    assert {"ldm.core"} <= set(graph["ldm.sampling"]) and {"ldm.core"} <= set(graph["ldm.modules"])
+    # models know no callbacks, CLI or datasets
+    assert not {"ldm.callbacks", "ldm.cli", "ldm.data"} & set(graph.get("ldm.models", {})), graph["ldm.models"]
+

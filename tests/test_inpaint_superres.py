@@ -57,7 +57,7 @@ def test_mask_generator_deterministic_full_and_scaled():
 
 
 def test_masked_inputs_conventions():
-    from ldm.data.inpainting import masked_inputs
+    from ldm.modules.model_inputs import masked_inputs
     img = torch.full((1, 3, 4, 4), 0.5)
     m = torch.zeros(1, 1, 4, 4)
     m[..., :2, :] = 1
@@ -245,7 +245,7 @@ def tiny_txt2img(ae_ckpt: str):
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler_ancestral", "heun", "plms", "unipc"])
 def test_known_region_replacement_keeps_the_known_latents(sampler):
     """Any sampler: the known region of the result is the known latents (latent space)."""
-    from ldm.modules.diffusionmodules.denoiser import DiscreteSchedule
+    from ldm.core.denoiser import DiscreteSchedule
     from ldm.sampling import get_sigmas, inpaint_sample, randn_like
     from ldm.modules.diffusionmodules.schedule import make_beta_schedule
     ac = torch.cumprod(1 - torch.from_numpy(make_beta_schedule("linear", 1000, 0.00085, 0.012)), 0)

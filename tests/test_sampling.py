@@ -11,7 +11,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.sampling import (SAMPLERS, STOCHASTIC, CFGDenoiser, Denoiser, DiscreteSchedule, MaskedDenoiser,
                           ThresholdedDenoiser, get_sampler, get_sigmas, img2img_start, karras_sigmas, scaling_for)
-from ldm.sampling.spacing import compvis_ddim_timesteps
+from ldm.core.spacing import compvis_ddim_timesteps
 
 
 def vp_denoiser(net, ac, parameterization):

@@ -349,7 +349,7 @@ def tiny_vq_ldm() -> torch.nn.Module:
 def test_img2img_on_a_vq_based_ldm():
     """img2img took torch's statistical `.mode()` of the VQ encoder's tensor and failed on every VQ-based model."""
     from ldm.generation import img2img
-    from ldm.models.diffusion.latent import Encoding
+    from ldm.modules.model_inputs import Encoding
     model = tiny_vq_ldm()
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():

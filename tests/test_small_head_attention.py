@@ -138,3 +138,41 @@ def test_auto_times_inside_a_gradient_checkpointed_block(backend):
         block(x, ctx).square().sum().backward()
         grads[name] = x.grad.clone()
     torch.testing.assert_close(grads["auto"], grads["sdpa"], atol=1e-4, rtol=1e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("m", [77, 16, 5])  # keys padded to the vector width, none padded, fewer than one vector
+def test_kernel_with_inf_and_nan_inputs_and_fully_masked_rows_behaves_as_sdpa(m):
+    """Non-finite inputs reach the kernel's row maxima and exponentials, padded keys included: a row whose every
+    score is -inf (fully masked) gives 0, as SDPA, with no gradient; a row of +inf scores and a row with NaN give
+    NaN, as SDPA; the finite rows are untouched."""
+    torch.manual_seed(2)
+    b, h, n, d = 1, 2, 6, 8
+    q, k, v = torch.randn(b, h, n, d), torch.randn(b, h, m, d), torch.randn(b, h, m, d)
+    k[..., 0] = -1.0 - k[..., 0].abs()  # every key's first feature negative
+    q[:, :, 0] = 0.0
+    q[:, :, 0, 0] = float("inf")   # row 0: every score -inf (a fully masked row)
+    q[:, :, 1] = 0.0
+    q[:, :, 1, 0] = -float("inf")  # row 1: every score +inf
+    q[:, :, 2, 3] = float("nan")   # row 2: NaN scores
+    ref = F.scaled_dot_product_attention(q, k, v)
+    out = sha.small_head_attention(q, k, v)
+    assert torch.equal(out[:, :, 0], torch.zeros_like(out[:, :, 0])) and torch.equal(ref[:, :, 0], out[:, :, 0])
+    assert torch.isnan(out[:, :, 1]).all() and torch.isnan(ref[:, :, 1]).all()
+    assert torch.isnan(out[:, :, 2]).all()
+    if m >= 16:  # (SDPA's CPU kernel returns 0 for this NaN row below 16 keys, NaN from there on)
+        assert torch.isnan(ref[:, :, 2]).all()
+    torch.testing.assert_close(out[:, :, 3:], ref[:, :, 3:], atol=1e-5, rtol=1e-4)
+
+    # forward and backward with the fully masked row among finite ones: SDPA's values and gradients
+    qm = torch.cat([q[:, :, :1], q[:, :, 3:]], 2).requires_grad_()
+    km, vm = k.clone().requires_grad_(), v.clone().requires_grad_()
+    g = torch.randn(b, h, qm.shape[2], d)
+    ref = F.scaled_dot_product_attention(qm, km, vm)
+    ref_grads = torch.autograd.grad(ref, (qm, km, vm), g)
+    out = sha.small_head_attention(qm * 1, km * 1, vm * 1)
+    grads = torch.autograd.grad(out, (qm, km, vm), g)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for got, want in zip(grads, ref_grads):  # NaN where SDPA's is (0 * inf in the products with that q row)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, equal_nan=True)
+    assert torch.isfinite(grads[2]).all() and torch.isfinite(grads[0][:, :, 1:]).all()  # dV, the finite rows' dQ

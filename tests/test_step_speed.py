@@ -91,7 +91,7 @@ def tiny_txt2img_config(tmp_path: Path):
 def test_training_steps_do_not_wait_for_the_host(tmp_path, monkeypatch):
     import pytorch_lightning as pl
 
-    from ldm.callbacks import bounded_progress_bar
+    from ldm.callbacks import LogWhereRead, bounded_progress_bar
     from ldm.data.shapes import ShapesDataset
     cfg = tiny_txt2img_config(tmp_path)
     model = instantiate_from_config(cfg.model)
@@ -108,7 +108,8 @@ def test_training_steps_do_not_wait_for_the_host(tmp_path, monkeypatch):
     data = ShapesDataset(num_samples=16)
     loader = torch.utils.data.DataLoader(data, batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, callbacks=[Arm(), bar := bounded_progress_bar()],
+                         enable_model_summary=False,  # main.py's logging gate and progress bar
+                         callbacks=[Arm(), LogWhereRead(), bar := bounded_progress_bar()],
                          limit_val_batches=0, log_every_n_steps=50)
     trainer.fit(model, loader)
     assert trainer.global_step == 8  # 4 steps counted, logging every 50
@@ -155,17 +156,17 @@ def test_main_py_callbacks_do_not_wait_for_the_host(tmp_path, monkeypatch):
     assert counter.sites == [], f"host round trips inside main.py's steps: {sorted(set(counter.sites))}"
 
 
-def _fit_counting_logs(cfg, tmp_path: Path, monkeypatch, run: str, gated_module, every_step: bool, key: str,
+def _fit_counting_logs(cfg, tmp_path: Path, monkeypatch, run: str, every_step: bool, key: str,
                        step_of, max_steps: int) -> tuple[list[int], str]:
     """Trains `cfg.model` on shapes with a CSV logger writing every 3 steps; the steps (`step_of(module)`) at which
-    `key` was logged, and the CSV file. `every_step` replaces `gated_module`'s gate by one that always logs."""
+    `key` was logged, and the CSV file. `every_step`: without main.py's LogWhereRead callback (the module logs
+    every step)."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
 
+    from ldm.callbacks import LogWhereRead
     from ldm.data.shapes import ShapesDataset
     monkeypatch.undo()
-    if every_step:
-        monkeypatch.setattr(gated_module, "step_scalars_read", lambda trainer, optimizer_steps=1: True, raising=False)
     torch.manual_seed(0)
     model = instantiate_from_config(cfg.model)
     model.learning_rate = 1e-4
@@ -179,7 +180,7 @@ def _fit_counting_logs(cfg, tmp_path: Path, monkeypatch, run: str, gated_module,
     loader = torch.utils.data.DataLoader(ShapesDataset(num_samples=28), batch_size=4)
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=CSVLogger(tmp_path, name=run),
                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                         limit_val_batches=0, log_every_n_steps=3)
+                         limit_val_batches=0, log_every_n_steps=3, callbacks=[] if every_step else [LogWhereRead()])
     trainer.fit(model, loader)
     return logged_at, (Path(trainer.logger.log_dir) / "metrics.csv").read_text()
 
@@ -188,9 +189,8 @@ def _fit_counting_logs(cfg, tmp_path: Path, monkeypatch, run: str, gated_module,
 def test_step_scalars_logged_only_where_read_and_loggers_see_the_same_values(tmp_path, monkeypatch):
     """A training step logs its scalars on the steps a logger writes (every log_every_n_steps), the progress bar
     reads, and the first; the CSV logger's file is the same as when every step logs."""
-    import ldm.models.diffusion.diffusion_module as dm
     cfg = tiny_txt2img_config(tmp_path)
-    runs = [_fit_counting_logs(cfg, tmp_path, monkeypatch, name, dm, every, "loss", lambda m: m.trainer.global_step, 7)
+    runs = [_fit_counting_logs(cfg, tmp_path, monkeypatch, name, every, "loss", lambda m: m.trainer.global_step, 7)
             for name, every in (("every", True), ("read", False))]
     (every, every_csv), (read, read_csv) = runs
     assert every == list(range(7))
@@ -202,11 +202,10 @@ def test_step_scalars_logged_only_where_read_and_loggers_see_the_same_values(tmp
 def test_autoencoder_logs_only_where_read_and_loggers_see_the_same_values(tmp_path, monkeypatch):
     """The autoencoder's training step (two optimizers once its discriminator starts) gates its scalars the same
     way: logged on the first batch and where Lightning writes, and the CSV logger's file is unchanged."""
-    import ldm.models.autoencoder as ae_module
     cfg = load_config(ROOT / "configs/autoencoder/shapes_kl_f4.yaml")
     cfg.model.params.lossconfig.params.disc_start = 3  # the discriminator's optimizer steps from batch 3 on
     # 11 optimizer steps: batches 0-2 one each, then two per batch
-    runs = [_fit_counting_logs(cfg, tmp_path, monkeypatch, name, ae_module, every, "aeloss",
+    runs = [_fit_counting_logs(cfg, tmp_path, monkeypatch, name, every, "aeloss",
                                lambda m: m.batches_seen, 11) for name, every in (("every", True), ("read", False))]
     (every, every_csv), (read, read_csv) = runs
     assert every == list(range(7))

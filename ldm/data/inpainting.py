@@ -1,7 +1,7 @@
 """Inpainting data: any dataset with masks added (image, mask, masked_image), and the shapes inpainting task.
 
 The mask conventions (`sd`, `compvis`) and `masked_inputs` are the models' inputs, defined in
-ldm.modules.model_inputs (imported here under their former names).
+ldm.modules.model_inputs.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.masks import MaskGenerator, object_box_mask
 from ldm.data.shapes import JITTER, POSITIONS, SIZES, ShapesDataset
-from ldm.modules.model_inputs import MaskConvention, masked_inputs  # (also imported from here: former path)
+from ldm.modules.model_inputs import MaskConvention, masked_inputs
 from ldm.util import instantiate_from_config
 
 def _mask_generator(masks: Union[None, Mapping, MaskGenerator], seed: int) -> MaskGenerator:

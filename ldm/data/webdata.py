@@ -27,7 +27,8 @@ import torch
 
 from ldm.data.local import DatasetNotFound
 from ldm.data.shards import ResumableShards
-from ldm.util import ConfigError, instantiate_from_config, report_once
+from ldm.config_keys import report_once
+from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 

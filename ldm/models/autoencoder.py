@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.callbacks import step_scalars_read
 from ldm.checkpoint import ModelKind, init_from_ckpt
 from ldm.metrics import reconstruction_metrics
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
@@ -34,6 +33,11 @@ class _FirstStageBase(pl.LightningModule):
 
     # The discriminator takes no part in the loss before disc_start, so DDP must allow unused parameters.
     ddp_find_unused_parameters = True
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image side / latent side (f of the paper's KL-f8, VQ-f4, ...)."""
+        return self.encoder.downsampling_factor
 
     def _init_common(self, ddconfig, lossconfig, embed_dim: int, image_key: str, colorize_nlabels: Optional[int],
                      monitor: Optional[str]) -> None:
@@ -76,6 +80,13 @@ class _FirstStageBase(pl.LightningModule):
     def _ae_parameters(self) -> list:
         raise NotImplementedError
 
+    # whether this training step's scalars will be read: set before each batch by ldm.callbacks.LogWhereRead
+    log_scalars_now: bool = True
+
+    def optimizer_steps_next(self) -> int:
+        """How many optimizer steps the next training batch takes: 2 once the discriminator trains, else 1."""
+        return 2 if hasattr(self.loss, "discriminator") and self.loss.disc_active(self.batches_seen) else 1
+
     def configure_optimizers(self):
         lr = self.learning_rate
         opt_ae = torch.optim.Adam(self._ae_parameters(), lr=lr * getattr(self, "lr_g_factor", 1.0),
@@ -113,7 +124,7 @@ class _FirstStageBase(pl.LightningModule):
         step = self.batches_seen
         # The discriminator is only trained once it is active (disc_start), as in CompVis.
         train_disc = opt_disc is not None and self.loss.disc_active(step)
-        logs = step_scalars_read(self._trainer, optimizer_steps=2 if train_disc else 1)  # where they are read
+        logs = self.log_scalars_now  # where they are read (ldm.callbacks.LogWhereRead)
         aeloss, log_ae = self._loss_call(x, rec, aux, 0, "train", step, grad_scale=self._loss_scale())
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(aeloss)
@@ -368,6 +379,7 @@ class IdentityFirstStage(nn.Module):
     """No first stage: diffusion directly in pixel space (encode/decode are the identity)."""
 
     model_kind = ModelKind.AUTOENCODER
+    downsampling_factor = 1  # pixel space
 
     def __init__(self, *args: Any, vq_interface: bool = False, **kwargs: Any):
         super().__init__()

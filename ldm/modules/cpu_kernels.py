@@ -3,7 +3,7 @@
 It holds the small-head attention kernel (`ldm.modules.small_head_attention` decides where it runs), a one-pass
 GEGLU and GroupNorm followed by SiLU in two passes, forward and backward (float32 CPU tensors; torch's ops elsewhere
 and under torch.compile, which fuses its own). It is built with the system C++ compiler and ninja (about half a
-minute, logged) and cached by torch under TORCH_EXTENSIONS_DIR, per source, flags and CPU; `python -m
+minute, logged) and cached under TORCH_EXTENSIONS_DIR (else torch's default root), per source, flags and CPU; `python -m
 ldm.modules.cpu_kernels` builds it ahead of time. Where it cannot be built, attention uses SDPA and the other ops
 torch's, each with a warning; LDM_FUSED_CPU_OPS=0 keeps GEGLU and GroupNorm on torch's ops.
 """
@@ -14,6 +14,8 @@ import logging
 import os
 import platform
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +54,56 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+# A build takes about half a minute (a few on a loaded machine); torch's lock file older than this with no live owner
+# is taken for the leftover of a build killed mid-way.
+STALE_LOCK_SECONDS = 600
+OWNER_FILE = "ldm_build_owner"  # the pid of the process building, written beside torch's lock
+
+
+def build_directory(name: str) -> Path:
+    """Where extension `name` is built and cached (given to torch's `load`): under TORCH_EXTENSIONS_DIR, else torch's
+    default root, per Python version."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return root / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def stale_lock(build_dir: Path) -> Optional[str]:
+    """Why torch's build lock in `build_dir` is a leftover (its builder is gone), or None (no lock, a live build, or a
+    torch that holds an OS-level lock). torch releases < 2.14 wait while that file exists, forever when a build
+    killed mid-way left it; later ones hold an advisory lock (`cpp_extension.FileLock`) that dies with its holder."""
+    from torch.utils import cpp_extension
+
+    lock = build_dir / "lock"
+    if getattr(cpp_extension, "FileLock", None) is not None or not lock.exists():
+        return None
+    owner = build_dir / OWNER_FILE
+    try:
+        pid = int(owner.read_text().strip()) if owner.exists() else None
+    except (OSError, ValueError):
+        pid = None
+    if pid is not None and pid != os.getpid():
+        return None if _pid_alive(pid) else f"the process that took it (pid {pid}) has exited"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return None  # released meanwhile
+    if pid is None and age > STALE_LOCK_SECONDS:
+        return f"it is {age / 60:.0f} minutes old and no builder is recorded"
+    return None
+
+
 def load_kernel():
     """Build (once per process, cached on disk) and return the extension; raise a RuntimeError naming the cause."""
     global _ext, _build_error
@@ -61,19 +113,35 @@ def load_kernel():
         raise RuntimeError(f"the CPU kernels ({CSRC}) failed to build earlier: {_build_error}")
     from torch.utils.cpp_extension import load
     _put_ninja_on_path()
-    flags = ["-O3", "-ffast-math", "-march=native", "-fopenmp"]
+    # fast math but for the finite-math assumption: the attention kernel masks padded keys with -inf and tests row
+    # maxima against it (fully masked rows), which -ffinite-math-only would let the compiler fold away
+    flags = ["-O3", "-ffast-math", "-fno-finite-math-only", "-march=native", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags.append("-mprefer-vector-width=256")  # some CPUs' default tuning keeps GCC at 128-bit vectors
     name = f"ldm_cpu_kernels_{_cpu_tag()}"
+    build_dir = build_directory(name)
+    why = stale_lock(build_dir)
+    if why is not None:
+        _build_error = RuntimeError(f"torch's build lock {build_dir / 'lock'} is stale ({why}): a build was killed "
+                                    f"mid-way. Delete that file (no build of it is running) and the kernels build "
+                                    f"again")
+        raise RuntimeError(str(_build_error))
     log.info("loading the CPU kernels %s (built once from %s with the system C++ compiler, about half a minute, "
              "then cached by torch)", name, CSRC)
+    owner = build_dir / OWNER_FILE
     try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not (build_dir / "lock").exists():  # a live builder's record stays until it is done
+            owner.write_text(str(os.getpid()))
         _ext = load(name=name, sources=[str(s) for s in SOURCES], extra_include_paths=[str(CSRC)],
-                    extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+                    extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as e:  # compiler missing or failing: report it, never half-load
         _build_error = e
         raise RuntimeError(f"could not build the CPU kernels from {CSRC} ({e}); they need a C++ compiler with OpenMP "
                            f"and ninja. LDM_ATTENTION_BACKEND=sdpa and {FUSED_ENV_VAR}=0 run without them.") from e
+    finally:
+        if owner.exists() and owner.read_text().strip() == str(os.getpid()):
+            owner.unlink(missing_ok=True)
     return _ext
 
 
@@ -185,9 +253,7 @@ def main() -> int:
     except RuntimeError as e:
         print(f"{e}\nAttention will use scaled_dot_product_attention and GEGLU torch's ops instead.")
         return 1
-    from torch.utils.cpp_extension import get_default_build_root
-    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    print(f"CPU kernels ready (cached under {cache})")
+    print(f"CPU kernels ready (cached in {build_directory(f'ldm_cpu_kernels_{_cpu_tag()}')})")
     return 0
 
 

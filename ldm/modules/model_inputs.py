@@ -11,8 +11,9 @@ import datasets. Two inpainting input conventions exist in published models and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,6 +54,31 @@ class ConditionInput(str, Enum):
     NOISE_LEVEL = "noise_level"  # the augmentation level of a noise-augmented upscaler
     MASK = "mask"                # an image and the mask of its pixels to fill (inpainting models)
     RAW = "raw"                  # anything else the conditioner takes as it is (layouts, segmentation maps)
+
+
+@dataclass
+class ConditionValues:
+    """What one `conditioning()` call was given; a model kind reads the inputs its `condition_inputs` name.
+
+    `image` (B, C, H, W in [-1, 1]) with `mask` (B, 1, H, W; 1 = fill) for inpainting, `low_res` for
+    super-resolution, `raw` for a conditioner that takes its input as it is (a mapping of batch keys for a
+    conditioner of several embedders), `generator` for an upscaler's augmentation noise.
+    """
+    prompts: Optional[Sequence[str]] = None
+    labels: Any = None
+    image: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    low_res: Optional[torch.Tensor] = None
+    noise_level: Any = None
+    raw: Any = None
+    generator: Any = None
+
+    def given(self, what: ConditionInput) -> Any:
+        """The value that fills input `what` (an inpainting model's MASK input is the image to fill)."""
+        return {ConditionInput.PROMPTS: self.prompts, ConditionInput.LABELS: self.labels,
+                ConditionInput.RAW: self.raw, ConditionInput.NOISE_LEVEL: self.noise_level,
+                ConditionInput.LOW_RES: self.low_res if self.low_res is not None else self.image,
+                ConditionInput.MASK: self.image}[ConditionInput(what)]
 
 
 class InpaintMode(str, Enum):

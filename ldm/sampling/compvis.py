@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
-from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
+from ldm.core.denoiser import Denoiser, DiscreteSchedule
+from ldm.core.scaling import scaling_for
 
 
 class ApplyModelNetwork:

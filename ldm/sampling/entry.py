@@ -7,7 +7,7 @@ import torch
 
 from ldm.sampling.registry import get_sampler, sampler_info
 from ldm.sampling.samplers import Callback, Generator
-from ldm.sampling.spacing import check_sigmas
+from ldm.core.spacing import check_sigmas
 
 
 def vp_scale(sigma: torch.Tensor) -> torch.Tensor:

@@ -9,20 +9,8 @@ import torch
 from torch import nn
 
 from ldm.errors import InputError
-from ldm.modules.diffusionmodules.denoiser import append_dims
-
-
-def cat_conditioning(a: Any, b: Any) -> Any:
-    """Concatenate two conditionings along the batch: tensors, lists of tensors, or dicts of those."""
-    if a is None and b is None:
-        return None
-    if isinstance(a, torch.Tensor):
-        return torch.cat([a, b])
-    if isinstance(a, dict):
-        return {k: cat_conditioning(a[k], b[k]) for k in a}
-    if isinstance(a, (list, tuple)):
-        return [cat_conditioning(x, y) for x, y in zip(a, b)]
-    raise TypeError(f"cannot batch conditioning of type {type(a).__name__}")
+from ldm.core.algebra import cat_conditioning, cfg_combine
+from ldm.core.denoiser import append_dims
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
@@ -96,7 +84,7 @@ class CFGDenoiser(nn.Module):
         x_in = torch.cat([x, x])
         sigma_in = torch.cat([sigma, sigma])
         out_u, out_c = self.inner(x_in, sigma_in, **cat_conditioning(uncond, cond), **kwargs).chunk(2)
-        guided = out_u + self.scale * (out_c - out_u)  # linear in the output, so the same for D and for eps / v
+        guided = cfg_combine(out_u, out_c, self.scale)
         if self.rescale > 0:
             f = rescale_guidance(self.inner.model_output(x, sigma, guided), self.inner.model_output(x, sigma, out_c),
                                  self.rescale)

@@ -14,7 +14,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm.auto import trange
 
-from ldm.modules.diffusionmodules.denoiser import append_dims
+from ldm.core.algebra import ddim_move, to_d
+from ldm.core.denoiser import append_dims
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Optional[Callable[[dict], None]]
@@ -29,11 +30,6 @@ def randn_like(x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
     if len(gens) != x.shape[0]:
         raise ValueError(f"{len(gens)} generators given for a batch of {x.shape[0]}: pass one per image, or one")
     return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in gens])
-
-
-def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (the eps estimate)."""
-    return (x - denoised) / append_dims(sigma, x.dim())
 
 
 def _report(callback: Callback, x, i, sigma, sigma_hat, denoised) -> None:
@@ -106,8 +102,7 @@ def ddim_step(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, de
     """One DDIM step from the x0 estimate `denoised`; `eps` defaults to the one implied by x (CompVis passes the
     model's own eps when x0 was thresholded)."""
     sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-    eps = to_d(x, sigma, denoised) if eps is None else eps
-    x = denoised + eps * sigma_down  # DDIM update, Song et al. 2021, eq. 12
+    x = ddim_move(x, sigma, sigma_down, denoised, eps)  # DDIM update, Song et al. 2021, eq. 12
     if float(sigma_up) > 0:
         x = x + randn_like(x, generator) * sigma_up
     return x

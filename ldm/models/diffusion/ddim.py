@@ -16,8 +16,9 @@ from ldm import generation
 from ldm.sampling.compvis import CompVisDenoiser, model_schedule
 from ldm.sampling.entry import vp_scale
 from ldm.sampling.guidance import CFGDenoiser, Conditioning, ThresholdMode, threshold_x0
-from ldm.sampling.samplers import Generator, ddim_step, randn_like, to_d
-from ldm.sampling.spacing import Spacing, compvis_ddim_timesteps, get_sigmas
+from ldm.core.algebra import to_d
+from ldm.sampling.samplers import Generator, ddim_step, randn_like
+from ldm.core.spacing import Spacing, compvis_ddim_timesteps, get_sigmas
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ldm.callbacks import step_scalars_read
 from ldm.checkpoint import ModelKind, init_from_ckpt
 from ldm.compile import CompileSettings, compile_networks
 from ldm.config_keys import accepted_keys, report_no_effect
 from ldm.lora import LoraFineTuning, LoraSettings
 from ldm.modules.diffusionmodules.batch_random import GlobalBatchRandom
-from ldm.modules.diffusionmodules.denoiser_scaling import scaling_for
+from ldm.core.scaling import scaling_for
 from ldm.modules.diffusionmodules.loss import DiffusionLoss, SimpleWeighting, UniformTimesteps, vlb_weights
 from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_tensor, make_beta_schedule, \
     rescale_zero_terminal_snr
@@ -32,7 +31,7 @@ from ldm.modules.ema import LitEma
 from ldm.parallel import FSDP, is_sharded, shard_diffusion_model
 from ldm import generation
 from ldm.modules.model_inputs import ConditionInput, InpaintMode, prior_weights, with_prior
-from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule
+from ldm.core.denoiser import Denoiser, DiscreteSchedule
 from ldm.sampling import ApplyModelNetwork, CompVisDenoiser, Conditioning, Spacing
 from ldm.sampling.samplers import Generator
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
@@ -50,6 +49,7 @@ class ConditioningKey(str, Enum):
     HYBRID = "hybrid"          # both
     ADM = "adm"                # c_crossattn[0] as the class / vector label y
     HYBRID_ADM = "hybrid-adm"  # concat + cross-attention + c_adm as y (SD2 x4 upscaler)
+    ROUTED = "routed"          # each input given goes to its place (an embedder list: conditioner_config)
 
     @property
     def reads_text(self) -> bool:
@@ -103,7 +103,9 @@ def disabled_train(self, mode: bool = True):
 
 
 class DiffusionWrapper(nn.Module):
-    """Routes conditioning into the UNet by `conditioning_key`: concat, crossattn, hybrid, adm, hybrid-adm."""
+    """Routes conditioning into the UNet: c_concat channels concatenated to x, c_crossattn as the cross-attention
+    context (concatenated on features), c_adm as the vector input y; CompVis' `adm` takes y from c_crossattn[0].
+    Any other keyword (a video UNet's num_frames) goes to the UNet, which refuses those it does not take."""
 
     def __init__(self, diff_model_config, conditioning_key: Optional[str]):
         super().__init__()
@@ -112,22 +114,19 @@ class DiffusionWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
                 c_crossattn: Optional[list] = None, c_adm: Optional[torch.Tensor] = None,
-                guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+                guidance: Optional[torch.Tensor] = None, **inputs: Any) -> torch.Tensor:
         """`guidance`: the guidance scale, for a UNet that takes it as an input (guidance-distilled students)."""
-        key = self.conditioning_key
-        extra = {} if guidance is None else {"guidance": guidance}
-        if key is None:
-            return self.diffusion_model(x, t, **extra)
-        if key is ConditioningKey.ADM:  # class / vector conditioning
-            return self.diffusion_model(x, t, y=c_crossattn[0], **extra)
-        if key.concatenates:
+        if guidance is not None:
+            inputs["guidance"] = guidance
+        if self.conditioning_key is ConditioningKey.ADM and c_adm is None:  # class / vector conditioning
+            return self.diffusion_model(x, t, y=c_crossattn[0], **inputs)
+        if c_concat is not None:
             x = torch.cat([x] + list(c_concat), dim=1)
-        context = torch.cat(list(c_crossattn), 1) if key.reads_text else None
-        if key is ConditioningKey.HYBRID_ADM:
-            return self.diffusion_model(x, t, context=context, y=c_adm, **extra)
-        if context is not None:
-            extra["context"] = context
-        return self.diffusion_model(x, t, **extra)
+        if c_crossattn is not None:
+            inputs["context"] = torch.cat(list(c_crossattn), 1)
+        if c_adm is not None:
+            inputs["y"] = c_adm
+        return self.diffusion_model(x, t, **inputs)
 
     @property
     def takes_guidance(self) -> bool:
@@ -142,6 +141,9 @@ class DDPM(pl.LightningModule):
     # shown by main.py's progress bar when it refreshes (ldm.callbacks.bounded_progress_bar), read from the callback
     # metrics: logged with prog_bar=True, Lightning would read them on the host after every step
     progress_bar_keys = ("loss",)
+    # whether this training step's scalars will be read: set before each batch by ldm.callbacks.LogWhereRead (main.py
+    # adds it), which asks the trainer; logging on the other steps costs host time only
+    log_scalars_now: bool = True
 
     def __init__(self, unet_config, timesteps: int = 1000, beta_schedule: str = "linear", loss_type: str = "l2",
                  ckpt_path: Optional[str] = None, ignore_keys: Sequence[str] = (), load_only_unet: bool = False,
@@ -243,6 +245,10 @@ class DDPM(pl.LightningModule):
         return instantiate_from_config(config, key=key, extra_params=extra)
 
     # -- precision ------------------------------------------------------------------------------
+    def frozen_unet_copies(self) -> list[nn.Module]:
+        """Other UNet wrappers this model calls but does not train (a distillation teacher, a target network)."""
+        return []
+
     def networks(self) -> list[nn.Module]:
         """The modules holding network weights (the UNet wrapper and its EMA copy); not the schedule buffers."""
         return [self.model] + ([self.model_ema] if self.use_ema else [])
@@ -389,7 +395,7 @@ class DDPM(pl.LightningModule):
             loss, log = self.shared_step(batch)
         finally:
             self.batch_random = None
-        if step_scalars_read(self._trainer):  # the steps whose values a logger or the progress bar reads
+        if self.log_scalars_now:  # the steps whose values a logger or the progress bar reads
             self.log_dict(log, prog_bar=False, on_step=True, on_epoch=False, batch_size=self._bs(batch))
             self.log("loss", loss.detach(), on_step=True, on_epoch=False, batch_size=self._bs(batch))
             if self.scheduler_config is not None:

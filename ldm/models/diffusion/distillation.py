@@ -22,8 +22,8 @@ from torch import nn
 from ldm.checkpoint import init_from_ckpt
 from ldm.models.diffusion.diffusion_module import disabled_train
 from ldm.models.diffusion.latent import LatentDiffusion
-from ldm.modules.diffusionmodules.denoiser import Denoiser
-from ldm.modules.diffusionmodules.denoiser_scaling import DenoiserScaling, scaling_for
+from ldm.core.denoiser import Denoiser
+from ldm.core.scaling import DenoiserScaling, scaling_for
 from ldm.modules.diffusionmodules.distillation import (ConsistencyBoundary, ConsistencyDistillationLoss,
                                                        ConsistencyFunction, GuidanceScales, GuidedDistillationLoss,
                                                        ProgressiveDistillationLoss, Teacher, XWeighting,
@@ -57,6 +57,10 @@ class Distillation(LatentDiffusion):
     copy_prefixes: tuple[str, ...] = ("teacher.",)
     # the teacher has the student's architecture (progressive rounds): it takes the scale when the student does
     teacher_like_student = False
+
+    def frozen_unet_copies(self) -> list[nn.Module]:
+        """The frozen teacher (sharded whole under FSDP, called but never trained)."""
+        return [self.teacher]
 
     def __init__(self, *args: Any, guidance_scales: Sequence[float] = (1.0, 1.0),
                  teacher_takes_guidance: bool = False, x_weighting: str = XWeighting.SNR_PLUS_ONE.value,
@@ -270,6 +274,9 @@ class ConsistencyDistillation(Distillation):
         self.num_intervals, self.loss_type, self.huber_c = int(num_intervals), loss_type, float(huber_c)
         super().__init__(*args, **kwargs)
         self._target_step = -1
+
+    def frozen_unet_copies(self) -> list[nn.Module]:
+        return super().frozen_unet_copies() + [self.target_model]
 
     def build_extras(self) -> None:
         self.target_model = frozen_copy(self.model, keep_guidance=True)

@@ -14,7 +14,8 @@ import torch
 
 from ldm.models.diffusion.diffusion_module import ConditioningKey
 from ldm.models.diffusion.latent import LatentDiffusion
-from ldm.modules.model_inputs import ConditionInput, InpaintMode, MaskConvention, masked_inputs, resize_mask
+from ldm.modules.model_inputs import (ConditionInput, ConditionValues, InpaintMode, MaskConvention, masked_inputs,
+                                      resize_mask)
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +105,17 @@ class LatentInpaintDiffusion(LatentDiffusion):
     def inpaint_mode(self) -> InpaintMode:
         return InpaintMode.MODEL
 
-    def condition_parts(self, *, prompts, labels, image, mask, low_res, noise_level, raw, guidance: bool,
-                        generator) -> tuple[dict, dict]:
+    def condition_parts(self, given: ConditionValues, guidance: bool) -> tuple[dict, dict]:
         """The mask and the masked image's latent (mode) in `concat_keys` order and this model's mask convention,
         plus the text; guidance nulls the text only."""
+        image, mask = given.image, given.mask
         mask_in, masked = masked_inputs(image, self._fill_all(image) if mask is None else mask, self.mask_convention)
         latent = self.encode_latents(masked)
         parts = [latent if k == self.masked_image_key else resize_mask(mask_in, latent.shape[-2:])
                  for k in self.concat_keys]
         c = uc = None
         if ConditionInput.PROMPTS in self.condition_inputs:
-            c, uc = self.guidance_pair(list(prompts), guidance)
+            c, uc = self.guidance_pair(list(given.prompts), guidance)
         cond = self._with_concat(c, torch.cat(parts, 1))
         return cond, ({"c_crossattn": [uc]} if uc is not None else {})
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ldm import generation
 from ldm.errors import InputError
@@ -13,10 +15,12 @@ from ldm.generation import first_stage_factor
 from ldm.models.diffusion.diffusion_module import DDPM, ConditioningKey, disabled_train
 from ldm.modules.diffusionmodules.batch_random import GlobalBatchRandom, posterior_sample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.model_inputs import (LATENT_KEY, ConditionInput, Encoding, InpaintMode, MaskConvention,  # noqa: F401
-                                      masked_inputs, resize_mask, unscaled_latents)  # (Encoding: former import path)
+from ldm.modules.encoders.conditioner import (EmbedderRole, Feed, GeneralConditioner, Null, drop_conditions,
+                                              null_input_like)
+from ldm.modules.model_inputs import (LATENT_KEY, ConditionInput, ConditionValues, Encoding, InpaintMode,
+                                      MaskConvention, masked_inputs, resize_mask, unscaled_latents)
 from ldm.sampling import Conditioning
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -31,28 +35,37 @@ MASKED_IMAGE_KEY = "masked_image"
 NON_TEXT_KEYS = ("coordinates_bbox", "image", "segmentation")
 
 
-def null_condition_like(c: Any, key: str, null_label: Optional[int] = None) -> Any:
-    """The raw "no condition" of the kind of `c` (condition key `key`): empty strings, the null class, zeros."""
-    if isinstance(c, (list, tuple)) and all(isinstance(s, str) for s in c):
-        return [""] * len(c)
-    if isinstance(c, torch.Tensor) and not torch.is_floating_point(c):
-        if null_label is None:
-            raise ValueError(f"cond_stage_key '{key}': the conditioner has no null class "
-                             f"(set ucg_rate: 0 or use a ClassEmbedder with a null class)")
-        return torch.full_like(c, int(null_label))
-    if isinstance(c, torch.Tensor):
-        return torch.zeros_like(c)
-    raise TypeError(f"cannot form a null condition for '{key}' of type {type(c).__name__}")
+def compvis_role(cond_stage_key: str, key: Optional[ConditioningKey], cond_stage_model: Optional[nn.Module],
+                first_stage_model: nn.Module, trainable: bool, ucg_rate: float) -> Optional[EmbedderRole]:
+    """The embedder role the CompVis keys describe (`cond_stage_key`, `conditioning_key`, the conditioner), or None
+    for an unconditional model: the one place where a CompVis config's strings say what a model is conditioned on."""
+    if key is None or cond_stage_model is None:
+        return None
+    if key is ConditioningKey.CONCAT and cond_stage_key == MASKED_IMAGE_KEY and cond_stage_model is first_stage_model:
+        reads = ConditionInput.MASK
+    elif key is ConditioningKey.CONCAT and cond_stage_key in LOW_RES_KEYS:
+        reads = ConditionInput.LOW_RES
+    elif getattr(cond_stage_model, "n_classes", None) is not None:
+        reads = ConditionInput.LABELS
+    elif key.reads_text and cond_stage_key not in NON_TEXT_KEYS:
+        reads = ConditionInput.PROMPTS
+    else:
+        reads = ConditionInput.RAW
+    feed = {ConditioningKey.CONCAT: Feed.CONCAT, ConditioningKey.ADM: Feed.VECTOR}.get(key, Feed.CROSSATTN)
+    return EmbedderRole(input_keys=(cond_stage_key,), trainable=trainable, ucg_rate=ucg_rate, null=Null.NULL_INPUT,
+                        feeds=(feed,), reads=reads,
+                        guided=reads in (ConditionInput.PROMPTS, ConditionInput.LABELS))
 
 
-def drop_conditions(c: Any, p: float, null: Any, rng: Optional[GlobalBatchRandom] = None) -> Any:
-    """Each item of `c` replaced by its item of `null` with probability p (classifier-free guidance training); the
-    draws from `rng` (the global batch's) when given."""
-    if isinstance(c, torch.Tensor):  # drawn where `c` lives: a host-to-device copy would wait for the GPU
-        drop = (rng.rand(len(c)).to(c.device) if rng is not None else torch.rand(len(c), device=c.device)) < p
-        return torch.where(drop.view(-1, *([1] * (c.dim() - 1))), null, c)
-    drop = (rng.rand_host(len(c)) if rng is not None else torch.rand(len(c))) < p  # host data, host draws
-    return [nl if d else x for x, nl, d in zip(c, null, drop.tolist())]
+def learned_conditioning(cond_stage_model: nn.Module, c: Any, forward_name: Optional[str] = None) -> Any:
+    """A CompVis conditioner's output for `c`: `cond_stage_forward` when named, else `encode` (a KL posterior's
+    mode), else the module called."""
+    if forward_name is not None:
+        return getattr(cond_stage_model, forward_name)(c)
+    if hasattr(cond_stage_model, "encode") and callable(cond_stage_model.encode):
+        c = cond_stage_model.encode(c)
+        return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
+    return cond_stage_model(c)
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -64,10 +77,13 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 class LatentDiffusion(DDPM):
     """The LDM: `first_stage_model` (frozen AE), `cond_stage_model` (conditioner), `model` (UNet wrapper)."""
 
-    def __init__(self, first_stage_config, cond_stage_config, num_timesteps_cond: Optional[int] = None,
+    def __init__(self, first_stage_config, cond_stage_config=None, num_timesteps_cond: Optional[int] = None,
                  cond_stage_key: str = "image", cond_stage_trainable: bool = False, concat_mode: bool = True,
                  cond_stage_forward: Optional[str] = None, conditioning_key: Optional[str] = None,
-                 scale_factor: float = 1.0, scale_by_std: bool = False, *args: Any, **kwargs: Any):
+                 scale_factor: float = 1.0, scale_by_std: bool = False, conditioner_config=None,
+                 *args: Any, **kwargs: Any):
+        """The conditioning: CompVis' `cond_stage_config` (with `cond_stage_key`, `conditioning_key`) or sgm's
+        `conditioner_config` (a GeneralConditioner of `emb_models`, each with its input key and drop rate)."""
         self.num_timesteps_cond = num_timesteps_cond or 1
         self.scale_by_std = scale_by_std
         if self.num_timesteps_cond > kwargs.get("timesteps", 1000):
@@ -75,9 +91,20 @@ class LatentDiffusion(DDPM):
         if self.num_timesteps_cond > 1:  # CompVis' shortened conditioning schedule; no published config uses it
             raise ValueError(f"num_timesteps_cond={self.num_timesteps_cond}: noising the conditioning on a shortened "
                              f"schedule is not implemented here; use 1 (every published config does)")
-        if conditioning_key is None:
+        if conditioner_config is not None:
+            if cond_stage_config not in (None, "__is_unconditional__"):
+                raise ConfigError("model.params: give cond_stage_config (CompVis) or conditioner_config (sgm), "
+                                  "not both")
+            if conditioning_key not in (None, ConditioningKey.ROUTED.value):
+                raise ConfigError(f"model.params.conditioning_key '{conditioning_key}': a conditioner_config "
+                                  f"routes each embedder by what it feeds; leave conditioning_key unset")
+            if kwargs.get("ucg_rate", 0.0):
+                raise ConfigError("model.params.ucg_rate: with a conditioner_config each embedder has its own "
+                                  "ucg_rate (conditioner_config.params.emb_models[i].ucg_rate)")
+            conditioning_key = ConditioningKey.ROUTED.value
+        elif conditioning_key is None:
             conditioning_key = "concat" if concat_mode else "crossattn"
-        if cond_stage_config == "__is_unconditional__":
+        if conditioner_config is None and cond_stage_config in ("__is_unconditional__", None):
             conditioning_key = None
         ckpt_path = kwargs.pop("ckpt_path", None)
         ignore_keys = kwargs.pop("ignore_keys", [])
@@ -88,8 +115,19 @@ class LatentDiffusion(DDPM):
         else:
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         self.instantiate_first_stage(first_stage_config)
-        self.instantiate_cond_stage(cond_stage_config)
         self.cond_stage_forward = cond_stage_forward
+        if conditioner_config is not None:
+            self.cond_stage_model = None
+            self.conditioner = self.instantiate_conditioner(conditioner_config)
+        else:
+            self.instantiate_cond_stage(cond_stage_config)
+            self.conditioner = GeneralConditioner()  # borrows cond_stage_model (its parameters keep their names)
+            role = compvis_role(cond_stage_key, self.model.conditioning_key, self.cond_stage_model,
+                                self.first_stage_model, cond_stage_trainable, self.ucg_rate)
+            if role is not None:
+                self.conditioner.add(self.cond_stage_model, role, own=False,
+                                     encode=partial(learned_conditioning, self.cond_stage_model,
+                                                    forward_name=cond_stage_forward))
         self.clip_denoised = False
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
@@ -118,15 +156,30 @@ class LatentDiffusion(DDPM):
                 p.requires_grad = False
         self.cond_stage_model = model
 
+    @staticmethod
+    def instantiate_conditioner(config) -> GeneralConditioner:
+        conditioner = instantiate_from_config(config, key="model.params.conditioner_config")
+        if not isinstance(conditioner, GeneralConditioner):
+            raise ConfigError(f"model.params.conditioner_config: target {config.get('target')} built a "
+                              f"{type(conditioner).__name__}, not a GeneralConditioner")
+        return conditioner
+
+    @property
+    def routed(self) -> bool:
+        """Whether the conditioning is sgm's embedder list (`conditioner_config`) rather than CompVis' one conditioner."""
+        return self.model.conditioning_key is ConditioningKey.ROUTED
+
     def networks(self) -> list[torch.nn.Module]:
-        """UNet (and EMA copy), first stage and conditioner: what `set_weights_dtype` casts."""
+        """UNet (and EMA copy), first stage and conditioner(s): what `set_weights_dtype` casts."""
         parts = super().networks() + [self.first_stage_model]
         if self.cond_stage_model is not None and self.cond_stage_model is not self.first_stage_model:
             parts.append(self.cond_stage_model)
-        return parts
+        return parts + self.conditioner.modules_owned()
 
     def trainable_parameters(self) -> list:
         params = super().trainable_parameters()
+        if self.routed:
+            return params + self.conditioner.trainable_parameters()
         if self.cond_stage_trainable and self.cond_stage_model is not None:
             params += list(self.cond_stage_model.parameters())
         return params
@@ -195,30 +248,42 @@ class LatentDiffusion(DDPM):
 
     # -- conditioning -----------------------------------------------------------------------------
     def get_learned_conditioning(self, c: Any) -> Any:
-        if self.cond_stage_forward is not None:
-            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
-        if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
-            c = self.cond_stage_model.encode(c)
-            return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
-        return self.cond_stage_model(c)
+        """The conditioner's output for the raw condition `c` (for a conditioner_config: a batch mapping, and the
+        UNet's conditioning keywords come back)."""
+        if self.routed:
+            if not isinstance(c, dict):
+                raise InputError(f"this model's conditioner (conditioner_config) embeds a batch: a mapping of its "
+                                 f"input keys {sorted({k for r in self.conditioner.roles for k in r.input_keys})}, "
+                                 f"not a {type(c).__name__}")
+            return self.conditioner(c)
+        return learned_conditioning(self.cond_stage_model, c, self.cond_stage_forward)
 
     def null_condition(self, c: Any) -> Any:
         """The raw "no condition" of the same kind: empty strings, the null class, zeros."""
-        return null_condition_like(c, self.cond_stage_key, getattr(self.cond_stage_model, "null_label", None))
+        return null_input_like(c, self.cond_stage_key, getattr(self.cond_stage_model, "null_label", None))
 
     def drop_condition(self, c: Any, p: float) -> Any:
         """Classifier-free guidance training: replace each item's condition by the null one with probability p."""
         return drop_conditions(c, p, self.null_condition(c), self.batch_random) if p > 0 else c
 
     def get_unconditional_conditioning(self, c_raw: Any) -> Any:
+        if self.routed:
+            return self.conditioner.with_unconditional(c_raw)[1]
         return self.get_learned_conditioning(self.null_condition(c_raw))
 
-    # keys of a dict conditioning that classifier-free guidance replaces by their null form (the rest is shared)
-    guided_keys: tuple[str, ...] = ("c_crossattn",)
+    @property
+    def guided_keys(self) -> tuple[str, ...]:
+        """Keys of a dict conditioning that classifier-free guidance may replace by their null form (the rest is
+        shared): the cross-attention context, and for an embedder list whatever its guided embedders feed."""
+        if self.routed:
+            return tuple(f.unet_key for f in Feed)
+        return ("c_crossattn",)
 
     def unconditional_like(self, c: Any, c_raw: Any) -> Any:
         """The guidance's unconditional input matching the conditioning `c` (of the raw condition `c_raw`): its
         guided keys nulled, the rest (mask, low-resolution image, noise level) shared."""
+        if self.routed:
+            return self.get_unconditional_conditioning(c_raw)
         if not isinstance(c, dict):
             return self.get_unconditional_conditioning(c_raw)
         guided = [k for k in self.guided_keys if k in c]
@@ -230,21 +295,9 @@ class LatentDiffusion(DDPM):
     # -- conditioning for sampling: the model kind answers what it reads and how -----------------------
     @property
     def condition_inputs(self) -> frozenset[ConditionInput]:
-        """What `conditioning()` needs: prompts, class labels, a low-resolution image, an image and mask, or the
-        raw condition; nothing for an unconditional model."""
-        key = self.model.conditioning_key
-        if key is None or self.cond_stage_model is None:
-            return frozenset()
-        if (key is ConditioningKey.CONCAT and self.cond_stage_key == MASKED_IMAGE_KEY
-                and self.cond_stage_model is self.first_stage_model):
-            return frozenset({ConditionInput.MASK})
-        if key is ConditioningKey.CONCAT and self.cond_stage_key in LOW_RES_KEYS:
-            return frozenset({ConditionInput.LOW_RES})
-        if getattr(self.cond_stage_model, "n_classes", None) is not None:
-            return frozenset({ConditionInput.LABELS})
-        if key.reads_text and self.cond_stage_key not in NON_TEXT_KEYS:
-            return frozenset({ConditionInput.PROMPTS})
-        return frozenset({ConditionInput.RAW})
+        """What `conditioning()` needs: what the embedders read (prompts, class labels, a low-resolution image, an
+        image and mask, or raw values); nothing for an unconditional model."""
+        return self.conditioner.condition_inputs
 
     @property
     def inpaint_mode(self) -> InpaintMode:
@@ -260,22 +313,23 @@ class LatentDiffusion(DDPM):
 
         `image` (B, C, H, W in [-1, 1]) with `mask` (B, 1, H, W, 1 = fill; default: everything) for
         inpainting models; `low_res` (or `image`, downscaled by the first stage's factor) for
-        super-resolution models; `guidance`: also build the unconditional branch (null prompts/labels).
+        super-resolution models; `raw`: a conditioner's input as it is (for an embedder list, a mapping of its
+        batch keys); `guidance`: also build the unconditional branch (null prompts/labels).
         `generator`: the noise of an upscaler's augmentation (one, or one per image).
         """
-        given = {ConditionInput.PROMPTS: prompts, ConditionInput.LABELS: labels, ConditionInput.RAW: raw,
-                 ConditionInput.LOW_RES: low_res if low_res is not None else image, ConditionInput.MASK: image,
-                 ConditionInput.NOISE_LEVEL: noise_level}
-        missing = sorted(x.value for x in self.condition_inputs if given[x] is None)
+        given = ConditionValues(prompts=prompts, labels=labels, image=image, mask=mask, low_res=low_res,
+                                noise_level=noise_level, raw=raw, generator=generator)
+        missing = sorted(x.value for x in self.condition_inputs if given.given(x) is None)
         if missing:
-            raise InputError(f"this {type(self).__name__} (cond_stage_key '{self.cond_stage_key}') is conditioned on "
+            what = (f"conditioner_config ({len(self.conditioner.entries)} embedders)" if self.routed
+                    else f"cond_stage_key '{self.cond_stage_key}'")
+            raise InputError(f"this {type(self).__name__} ({what}) is conditioned on "
                              f"{', '.join(sorted(x.value for x in self.condition_inputs))}: give {', '.join(missing)}"
                              + (" (the image to fill)" if "mask" in missing else ""))
         if low_res is None and image is not None and ConditionInput.LOW_RES in self.condition_inputs:
             f = first_stage_factor(self)
-            low_res = torch.nn.functional.interpolate(image.float(), scale_factor=1 / f, mode="area")
-        cond, null = self.condition_parts(prompts=prompts, labels=labels, image=image, mask=mask, low_res=low_res,
-                                          noise_level=noise_level, raw=raw, guidance=guidance, generator=generator)
+            given.low_res = torch.nn.functional.interpolate(image.float(), scale_factor=1 / f, mode="area")
+        cond, null = self.condition_parts(given, guidance)
         return Conditioning.guided(cond or None, {k: v for k, v in null.items() if k in self.guided_keys})
 
     def guidance_pair(self, raw: Any, guidance: bool) -> tuple[Any, Any]:
@@ -283,25 +337,51 @@ class LatentDiffusion(DDPM):
         c = self.get_learned_conditioning(raw)
         return c, (self.get_unconditional_conditioning(raw) if guidance else None)
 
-    def condition_parts(self, *, prompts, labels, image, mask, low_res, noise_level, raw, guidance: bool,
-                        generator) -> tuple[dict, dict]:
+    def condition_batch(self, given: ConditionValues) -> dict[str, Any]:
+        """The batch an embedder list reads, from what `conditioning()` was given: each embedder's keys filled
+        with the input it reads (prompts, labels, or `raw[key]`)."""
+        batch: dict[str, Any] = {}
+        for role in self.conditioner.roles:
+            value = given.given(role.reads)
+            for key in role.input_keys:
+                if role.reads is ConditionInput.RAW and isinstance(value, dict):
+                    if key not in value:
+                        raise InputError(f"raw conditioning has no key '{key}' (an embedder's input_key); "
+                                         f"keys: {sorted(value)}")
+                    batch[key] = value[key]
+                elif role.reads is ConditionInput.PROMPTS:
+                    batch[key] = list(value)
+                elif role.reads is ConditionInput.LABELS:
+                    batch[key] = torch.as_tensor(value, device=self.device).long()
+                elif role.reads is ConditionInput.RAW:
+                    batch[key] = value
+                else:
+                    raise InputError(f"an embedder of conditioner_config reads '{role.reads.value}', which only "
+                                     f"the CompVis model kinds supply")
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def condition_parts(self, given: ConditionValues, guidance: bool) -> tuple[dict, dict]:
         """(the UNet's conditioning keys, their null forms for guidance) of this model kind's inputs."""
         needs = self.condition_inputs
         if not needs:
             return {}, {}
+        if self.routed:
+            cond, uncond = self.conditioner.with_unconditional(self.condition_batch(given), guidance)
+            return cond, (uncond or {})
         key = self.model.conditioning_key.plain_key
         if ConditionInput.MASK in needs:  # the paper's inpainting model: no guidance (nothing to null)
-            mask_in, masked = masked_inputs(image, self._fill_all(image) if mask is None else mask,
+            image = given.image
+            mask_in, masked = masked_inputs(image, self._fill_all(image) if given.mask is None else given.mask,
                                             MaskConvention.COMPVIS)
             return {key: [self.with_mask(self.get_learned_conditioning(masked), mask_in)]}, {}
         if ConditionInput.LOW_RES in needs:
-            return {key: [self.get_learned_conditioning(low_res)]}, {}
+            return {key: [self.get_learned_conditioning(given.low_res)]}, {}
         if ConditionInput.RAW in needs:
-            return {key: [self.get_learned_conditioning(raw)]}, {}
+            return {key: [self.get_learned_conditioning(given.raw)]}, {}
         if ConditionInput.PROMPTS in needs:
-            c, uc = self.guidance_pair(list(prompts), guidance)
+            c, uc = self.guidance_pair(list(given.prompts), guidance)
         else:
-            c, uc = self.guidance_pair(torch.as_tensor(labels, device=self.device).long(), guidance)
+            c, uc = self.guidance_pair(torch.as_tensor(given.labels, device=self.device).long(), guidance)
         return {key: [c]}, ({key: [uc]} if uc is not None else {})
 
     @staticmethod
@@ -314,6 +394,15 @@ class LatentDiffusion(DDPM):
         return torch.cat([c, resize_mask(mask_in.to(c.device), c.shape[-2:])], 1)
 
     def raw_condition(self, batch: dict, bs: Optional[int] = None) -> Any:
+        """The condition of `batch` as the conditioner takes it (for an embedder list: its keys of the batch)."""
+        if self.routed:
+            keys = {k for role in self.conditioner.roles for k in role.input_keys}
+            missing = sorted(keys - set(batch))
+            if missing:
+                raise KeyError(f"batch has no key {', '.join(map(repr, missing))} (input_key of an embedder of "
+                               f"conditioner_config); keys: {sorted(batch)}")
+            return {k: (batch[k].to(self.device) if isinstance(batch[k], torch.Tensor) else batch[k])[:bs]
+                    for k in sorted(keys)}
         key = self.cond_stage_key
         if key not in batch:
             raise KeyError(f"batch has no key '{key}' (cond_stage_key); keys: {sorted(batch)}")
@@ -332,7 +421,10 @@ class LatentDiffusion(DDPM):
                   drop_cond: float = 0.0):
         z = self.get_first_stage_encoding(self.encode_batch(batch, k, bs)).detach()
         c = xc = None
-        if self.model.conditioning_key is not None:
+        if self.routed:  # an embedder list: each drops at its own rate (drop_cond > 0: training)
+            xc = self.raw_condition(batch, bs)
+            c = self.conditioner(xc, drop=drop_cond > 0, rng=self.batch_random)
+        elif self.model.conditioning_key is not None:
             xc = self.raw_condition(batch, bs)
             c = self.drop_condition(xc, drop_cond)
             if not self.cond_stage_trainable or force_c_encode:
@@ -349,6 +441,10 @@ class LatentDiffusion(DDPM):
         return out
 
     def shared_step(self, batch: dict):
+        if self.routed:  # the embedders' gradients flow where they train
+            z = self.get_first_stage_encoding(self.encode_batch(batch, self.first_stage_key)).detach()
+            c = self.conditioner(self.raw_condition(batch), drop=self.training, rng=self.batch_random)
+            return self.p_losses(z, c, sample_weights=self.item_weights(batch))
         z, c = self.get_input(batch, self.first_stage_key, drop_cond=self.ucg_rate if self.training else 0.0)
         if self.cond_stage_trainable and c is not None:
             with torch.enable_grad():

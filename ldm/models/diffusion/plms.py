@@ -6,7 +6,8 @@ from typing import Callable, Optional
 import torch
 
 from ldm.models.diffusion.ddim import CompVisSamplerBase
-from ldm.sampling.samplers import Generator, plms_step, to_d
+from ldm.core.algebra import to_d
+from ldm.sampling.samplers import Generator, plms_step
 
 
 class PLMSSampler(CompVisSamplerBase):

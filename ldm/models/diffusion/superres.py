@@ -9,7 +9,7 @@ import torch
 
 from ldm.errors import InputError
 from ldm.models.diffusion.latent import LatentDiffusion
-from ldm.modules.model_inputs import ConditionInput
+from ldm.modules.model_inputs import ConditionInput, ConditionValues
 from ldm.util import instantiate_from_config
 
 
@@ -50,10 +50,10 @@ class LatentUpscaleDiffusion(LatentDiffusion):
         text = {ConditionInput.PROMPTS} if self.model.conditioning_key.reads_text else set()
         return frozenset({ConditionInput.LOW_RES, ConditionInput.NOISE_LEVEL, *text})
 
-    def condition_parts(self, *, prompts, labels, image, mask, low_res, noise_level, raw, guidance: bool,
-                        generator) -> tuple[dict, dict]:
+    def condition_parts(self, given: ConditionValues, guidance: bool) -> tuple[dict, dict]:
         """The low-resolution image noise-augmented to `noise_level` (each image from its own generator when a list
         is given) and the level as the UNet's class label, plus the text; guidance nulls the text only."""
+        low_res, noise_level, generator = given.low_res, given.noise_level, given.generator
         n = low_res.shape[0]
         top = self.low_scale_model.max_noise_level
         if not 0 <= int(noise_level) < top:
@@ -67,7 +67,7 @@ class LatentUpscaleDiffusion(LatentDiffusion):
             zx, level = self.low_scale_conditioning(low_res, level, generator=generator)
         c = uc = None
         if ConditionInput.PROMPTS in self.condition_inputs:
-            c, uc = self.guidance_pair(list(prompts), guidance)
+            c, uc = self.guidance_pair(list(given.prompts), guidance)
         return self._conds(c, zx, level), ({"c_crossattn": [uc]} if uc is not None else {})
 
     @torch.no_grad()

@@ -117,12 +117,17 @@ static void fwd_block(const float* Q, const float* K, const float* V, float* O, 
   for (int64_t j = 0; j < last; j += W) scores(j, bc(0.f));
   scores(last, tail);
   float m[R], l[R];
+  bool masked[R];
   for (int r = 0; r < R; ++r) {
     m[r] = hmax(mv[r]);
+    // every score -inf (a fully masked row): no probability anywhere; its output is 0 and its log-sum-exp -inf,
+    // as SDPA's (shifting by -inf would make each exponent NaN)
+    masked[r] = m[r] == -INFINITY;
+    const float shift = masked[r] ? 0.f : m[r];
     float* sr = S + r * Mp;
     vf acc = bc(0.f);
     for (int64_t j = 0; j < Mp; j += W) {
-      const vf e = vexp(ld(sr + j) - bc(m[r]));
+      const vf e = vexp(ld(sr + j) - bc(shift));
       st(sr + j, e);
       acc += e;
     }
@@ -134,8 +139,8 @@ static void fwd_block(const float* Q, const float* K, const float* V, float* O, 
   rows_dot<D, R>(S, Mp, V, Mp, Mp, o);
   for (int r = 0; r < R; ++r) {
     const float inv = 1.f / l[r];
-    for (int d = 0; d < D; ++d) O[r * rs + d] = hsum(o[r][d]) * inv;
-    L[r] = m[r] + std::log(l[r]);
+    for (int d = 0; d < D; ++d) O[r * rs + d] = masked[r] ? 0.f : hsum(o[r][d]) * inv;
+    L[r] = masked[r] ? -INFINITY : m[r] + std::log(l[r]);
   }
 }
 
@@ -147,7 +152,7 @@ static void bwd_block(const float* G, const float* Q, const float* K, const floa
   float qs[R][D], q[R][D], g[R][D], Di[R], lr[R];
   for (int r = 0; r < R; ++r) {
     Di[r] = 0.f;
-    lr[r] = L[r];
+    lr[r] = L[r] == -INFINITY ? INFINITY : L[r];  // a fully masked row: every p = exp(s - inf) = 0, no gradient
     for (int d = 0; d < D; ++d) {
       q[r][d] = Q[r * rs + d];
       qs[r][d] = q[r][d] * sc;

@@ -1,7 +1,7 @@
 """Distillation objectives as callables: guided distillation, progressive distillation, consistency distillation.
 
 All three work in the variance-exploding view the samplers use (x = x0 + sigma * eps, a denoiser
-D(x, sigma) returns the x0 estimate; ldm.modules.diffusionmodules.denoiser), on networks given to
+D(x, sigma) returns the x0 estimate; ldm.core.denoiser), on networks given to
 them: the student (with gradients), a frozen teacher, and for consistency distillation a target
 network. Guidance scales are in the convention of the rest of the framework, u + s (c - u) (Meng et
 al.'s w is s - 1). Which teacher, which weights, which rounds: the Lightning glue
@@ -15,9 +15,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ldm.modules.diffusionmodules.denoiser import DiscreteSchedule, append_dims
-from ldm.sampling.guidance import cat_conditioning
-from ldm.sampling.spacing import Spacing, get_sigmas
+from ldm.core.algebra import cat_conditioning, cfg_combine, ddim_move
+from ldm.core.denoiser import DiscreteSchedule, append_dims
+from ldm.core.spacing import Spacing, get_sigmas
 
 DenoiserFn = Callable[..., torch.Tensor]
 
@@ -87,13 +87,7 @@ class Teacher:
             raise ValueError("guided distillation needs the unconditional input of the teacher")
         out_u, out_c = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                      c=cat_conditioning(uncond, cond)).chunk(2)
-        return out_u + append_dims(scale, x.dim()).to(x.dtype) * (out_c - out_u)  # Ho & Salimans 2022
-
-
-def ddim_move(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM step (Song et al. 2021, eq. 12, eta 0) with per-item levels, in VE form."""
-    ratio = append_dims(sigma_next / sigma, x.dim()).to(x.dtype)
-    return denoised + ratio * (x - denoised)
+        return cfg_combine(out_u, out_c, scale.to(x.dtype))
 
 
 class GuidedDistillationLoss:

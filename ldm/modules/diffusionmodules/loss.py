@@ -7,9 +7,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ldm.modules.diffusionmodules.batch_random import GlobalBatchRandom
-from ldm.modules.diffusionmodules.denoiser import Denoiser, DiscreteSchedule, append_dims
-from ldm.modules.diffusionmodules.denoiser_scaling import DenoiserScaling, vp_coefficients
-from ldm.modules.diffusionmodules.parameterization import Parameterization
+from ldm.core.denoiser import Denoiser, DiscreteSchedule, append_dims
+from ldm.core.scaling import DenoiserScaling, vp_coefficients
+from ldm.core.parameterization import Parameterization
 
 
 class LossType(str, Enum):
@@ -122,7 +122,7 @@ class DiffusionLoss:
     """Weighted denoising regression through the denoiser the samplers call (Ho et al. 2020's L_simple, Karras et
     al. 2022's training, with CompVis' VLB term and learned log-variance).
 
-    Called with D(x, sigma) (ldm.modules.diffusionmodules.denoiser.Denoiser), clean latents x0 and the conditioning,
+    Called with D(x, sigma) (ldm.core.denoiser.Denoiser), clean latents x0 and the conditioning,
     it draws noise levels (timesteps of the schedule, or sigmas) and noise, forms x = x0 + sigma * noise, denoises,
     and regresses the network's output F on the target F* of the model's scaling: F - F* = (D - x0) / c_out, so this
     is the denoising loss weighted by 1 / c_out^2 (EDM's lambda), which for eps / v / x0 is L_simple. The weighting

@@ -131,6 +131,11 @@ def _check_resolution(resolution: int, ch_mult: Sequence[int]) -> None:
 class Encoder(nn.Module):
     """Image -> latent moments: conv_in, `down` levels, mid (res-attn-res), norm, conv_out."""
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Image side / latent side: each level but the last halves the resolution."""
+        return 2 ** (self.num_resolutions - 1)
+
     def __init__(self, *, ch: int, out_ch: int = 3, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,

@@ -291,6 +291,11 @@ class UNetModel(nn.Module):
     def _self_attn_off(self, level: int) -> bool:
         return self.disable_self_attentions[level] if self.disable_self_attentions is not None else False
 
+    def block_units(self) -> list[nn.Module]:
+        """The blocks in call order: input blocks, middle block, output blocks (the units FSDP gathers one at a
+        time; a subclass with other blocks lists them here)."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
+
     def build_blocks(self, disable_middle_self_attn: bool = False) -> None:
         """input_blocks, middle_block, output_blocks and out, from the factories above (CompVis key layout)."""
         mc, dims, nrb = self.model_channels, self.dims, self.num_res_blocks

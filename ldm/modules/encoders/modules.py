@@ -13,7 +13,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ldm.pretrained import PretrainedWeightsMissing, looks_like_path, resolve_hf_model, resolve_open_clip  # noqa: F401
+from ldm.modules.diffusionmodules.util import MAX_PERIOD, timestep_embedding
+from ldm.modules.model_inputs import ConditionInput
+from ldm.pretrained import PretrainedWeightsMissing, looks_like_path, resolve_hf_model, resolve_open_clip
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class IdentityEncoder(AbstractEncoder):
 
 class ClassEmbedder(nn.Module):
     """Class label -> (B, 1, embed_dim) token; with `add_null_class`, index n_classes is the guidance null class."""
+
+    condition_input = ConditionInput.LABELS  # what `conditioning()` fills its key with when sampling
 
     def __init__(self, embed_dim: int, n_classes: int = 1000, key: str = "class", add_null_class: bool = False):
         super().__init__()
@@ -146,6 +150,8 @@ class TransformerEmbedder(AbstractEncoder):
 class BERTEmbedder(AbstractEncoder):
     """Text -> BERT WordPiece tokens -> TransformerEmbedder (trained with the LDM; `cond_stage_trainable: true`)."""
 
+    condition_input = ConditionInput.PROMPTS
+
     def __init__(self, n_embed: int, n_layer: int, vocab_size: int = 30522, max_seq_len: int = CLIP_MAX_LENGTH,
                  device: Optional[str] = None, use_tokenizer: bool = True, embedding_dropout: float = 0.0,
                  n_heads: int = 8, vocab_dir: Optional[str] = None):
@@ -166,6 +172,8 @@ class BERTEmbedder(AbstractEncoder):
 
 class _CachedTextEncoder(AbstractEncoder):
     """Frozen text encoder whose per-prompt outputs can be cached (they never change)."""
+
+    condition_input = ConditionInput.PROMPTS
 
     def __init__(self, cache: bool):
         super().__init__()
@@ -315,6 +323,24 @@ class FrozenOpenCLIPEmbedder(_CachedTextEncoder):
         if seq_first:
             x = x.permute(1, 0, 2)
         return self.model.ln_final(x)
+
+
+class ConcatTimestepEmbedderND(nn.Module):
+    """Each of a vector's values embedded sinusoidally to `outdim` features, concatenated (SDXL's micro-conditioning
+    on original size, crop and target size, Podell et al. 2023, sec. 2.2): (B, n) -> (B, n * outdim)."""
+
+    def __init__(self, outdim: int, max_period: int = MAX_PERIOD):
+        super().__init__()
+        if outdim < 1:
+            raise ValueError(f"ConcatTimestepEmbedderND: outdim must be >= 1, got {outdim}")
+        self.outdim, self.max_period = int(outdim), int(max_period)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if x.dim() == 1:
+            x = x[:, None]
+        b = x.shape[0]
+        return timestep_embedding(x.reshape(-1), self.outdim, self.max_period).reshape(b, -1)
 
 
 class SpatialRescaler(nn.Module):

@@ -7,7 +7,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from ldm.modules.diffusionmodules.denoiser import DiscreteSchedule
+from ldm.core.denoiser import DiscreteSchedule
 
 
 class Spacing(str, Enum):

@@ -12,7 +12,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from ldm.modules.diffusionmodules.denoiser_scaling import DenoiserScaling
+from ldm.core.scaling import DenoiserScaling
 
 # Smallest cumulative alpha used for sampling: a zero-terminal-SNR schedule (a_T = 0, sigma = inf) is
 # sampled from a_T = 2^-24 instead (the smallest positive float16 subnormal; diffusers does the same).

@@ -8,7 +8,7 @@ for x = x0 + sigma * eps (the variance-exploding view that samplers use). For a 
 c_in * x = alpha * x0 + s * eps is the VP sample with alpha = 1 / sqrt(1 + sigma^2) and
 s = sigma * alpha, so the same object also states the estimate in VP form,
 x0 = skip * x_vp + out * F (method `vp`), and the regression target F* that makes D exact
-(method `target`). Sampling (ldm.modules.diffusionmodules.denoiser) and training
+(method `target`). Sampling (ldm.core.denoiser) and training
 (ldm.modules.diffusionmodules.loss) both read these; nothing else writes the eps/x0/v algebra.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Union
 
 import torch
 
-from ldm.modules.diffusionmodules.parameterization import Parameterization
+from ldm.core.parameterization import Parameterization
 
 
 def vp_coefficients(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
