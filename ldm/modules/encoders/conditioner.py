@@ -13,7 +13,7 @@ CompVis names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -132,11 +132,7 @@ class _Entry:
     module: nn.Module
     role: EmbedderRole
     encode: Callable[..., Any]
-    null_label: Optional[int] = field(default=None)
-
-
-def _module_encode(module: nn.Module) -> Callable[..., Any]:
-    return module
+    null_label: Optional[int] = None
 
 
 class GeneralConditioner(nn.Module):
@@ -161,7 +157,7 @@ class GeneralConditioner(nn.Module):
                 for p in module.parameters():
                     p.requires_grad_(False)
             self.embedders.append(module)
-        self.entries.append(_Entry(module, role, encode or _module_encode(module),
+        self.entries.append(_Entry(module, role, encode or module,
                                    getattr(module, "null_label", None)))
 
     @property
@@ -246,7 +242,9 @@ class GeneralConditioner(nn.Module):
         cond = self.routed([p for parts in per for p in parts])
         if not (guidance and self.guided):
             return cond, None
-        null = [self.embed_one(e, batch, null=True) if e.role.guided else parts for e, parts in zip(self.entries, per)]
+        null = [parts if not e.role.guided
+                else [(f, torch.zeros_like(t)) for f, t in parts] if e.role.null is Null.ZEROS  # no second encoding
+                else self.embed_one(e, batch, null=True) for e, parts in zip(self.entries, per)]
         return cond, self.routed([p for parts in null for p in parts])
 
 
