@@ -11,6 +11,7 @@ GroupNorm + SiLU on and off in alternate steps. The UNet step itself: benchmarks
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ldm.modules import cpu_kernels  # noqa: E402
 from ldm.modules.diffusionmodules.model import Decoder, Encoder  # noqa: E402
+from ldm.modules.diffusionmodules.util import GroupNorm32  # noqa: E402
+from ldm.modules.kernel_backend import CpuKernels, use_cpu_kernels  # noqa: E402
 
 # (tokens, half width) of the SD-v1-shape UNet's GEGLU at width 64 (inner 4 x channels), and its GroupNorm inputs
 GEGLU_SHAPES = [(1024, 256), (256, 512), (64, 1024)]
@@ -59,18 +62,16 @@ def geglu_row(batch: int, tokens: int, half: int, rounds: int) -> str:
 
 
 def norm_row(batch: int, channels: int, size: int, rounds: int) -> str:
-    norm = torch.nn.GroupNorm(32, channels)
+    plain = torch.nn.Sequential(GroupNorm32(32, channels), torch.nn.SiLU())
+    fused = copy.deepcopy(plain)
+    use_cpu_kernels(fused, CpuKernels())
     x = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
     grad = torch.randn_like(x)
 
-    def run(fused: bool) -> Callable[[], None]:
-        def step() -> None:
-            cpu_kernels.set_fused_cpu_ops(fused)
-            cpu_kernels.group_norm_silu(norm, x).backward(grad)
-        return step
+    def run(layers: torch.nn.Module) -> Callable[[], None]:
+        return lambda: layers(x).backward(grad)
 
-    ms = alternate({"torch": run(False), "kernel": run(True)}, rounds)
-    cpu_kernels.set_fused_cpu_ops(True)
+    ms = alternate({"torch": run(plain), "kernel": run(fused)}, rounds)
     return f"| GroupNorm + SiLU ({batch}, {channels}, {size}, {size}) channels-last | {ms['torch']:.3f} | " \
            f"{ms['kernel']:.3f} | {ms['torch'] / ms['kernel']:.2f}x |"
 
@@ -78,17 +79,18 @@ def norm_row(batch: int, channels: int, size: int, rounds: int) -> str:
 def autoencoder_row(batch: int, rounds: int) -> str:
     dd = OmegaConf.load(ROOT / "configs/autoencoder/shapes_kl_f4.yaml").model.params.ddconfig
     torch.manual_seed(0)
-    enc, dec = Encoder(**dd), Decoder(**dd)
+    nets = {"kernel": (Encoder(**dd), Decoder(**dd))}
+    nets["torch"] = copy.deepcopy(nets["kernel"])
+    for net in nets["torch"]:
+        use_cpu_kernels(net, CpuKernels(fused_ops=False))
+    for net in nets["kernel"]:
+        use_cpu_kernels(net, CpuKernels(fused_ops=True))
     x = torch.randn(batch, dd.in_channels, dd.resolution, dd.resolution)
 
-    def run(fused: bool) -> Callable[[], None]:
-        def step() -> None:
-            cpu_kernels.set_fused_cpu_ops(fused)
-            dec(enc(x)[:, :dd.z_channels]).square().mean().backward()
-        return step
+    def run(enc: torch.nn.Module, dec: torch.nn.Module) -> Callable[[], None]:
+        return lambda: dec(enc(x)[:, :dd.z_channels]).square().mean().backward()
 
-    ms = alternate({"torch": run(False), "kernel": run(True)}, rounds)
-    cpu_kernels.set_fused_cpu_ops(True)
+    ms = alternate({"torch": run(*nets["torch"]), "kernel": run(*nets["kernel"])}, rounds)
     return f"| shapes autoencoder, encoder + decoder, batch {batch} | {ms['torch']:.1f} | {ms['kernel']:.1f} | " \
            f"{ms['torch'] / ms['kernel']:.2f}x |"
 

@@ -20,6 +20,7 @@ second time in each round with them off, so their effect is measured in the same
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -30,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.convert.diffusers_unet import compvis_to_diffusers_unet  # noqa: E402
 from ldm.models.diffusion.diffusion_module import _fused_ok  # noqa: E402
-from ldm.modules.cpu_kernels import set_fused_cpu_ops  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
-from ldm.modules.small_head_attention import BACKENDS, get_attention_backend, set_attention_backend  # noqa: E402
+from ldm.modules.kernel_backend import CpuKernels, use_cpu_kernels  # noqa: E402
+from ldm.modules.small_head_attention import BACKENDS  # noqa: E402
 
 
 def main() -> int:
@@ -44,14 +45,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--optimizer", choices=["same", "framework"], default="same",
                    help="same: torch.optim.AdamW defaults for both; framework: each framework's training optimizer")
-    p.add_argument("--attention", choices=BACKENDS, default=get_attention_backend(),
+    p.add_argument("--attention", choices=BACKENDS, default=CpuKernels.from_environment().attention,
                    help="our attention backend (default: the package's, 'auto' unless LDM_ATTENTION_BACKEND says "
                         "otherwise; fused_cpu: the small-head kernel; sdpa: torch's SDPA, as diffusers)")
     p.add_argument("--fused-ops", choices=["on", "off", "both"], default="on",
                    help="our fused GEGLU and GroupNorm + SiLU CPU kernels; both: ours timed with and without them")
     args = p.parse_args()
-    set_attention_backend(args.attention)
-    set_fused_cpu_ops(args.fused_ops != "off")
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import UNet2DConditionModel
@@ -65,6 +64,7 @@ def main() -> int:
     with torch.no_grad():  # no zero-initialised layers, so the parity check below is meaningful
         for prm in ours.parameters():
             prm.add_(torch.randn_like(prm) * 0.02)
+    use_cpu_kernels(ours, CpuKernels(attention=args.attention, fused_ops=args.fused_ops != "off"))
     theirs = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, block_out_channels=tuple(mc * m for m in (1, 2, 4, 4)),
         layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -95,14 +95,11 @@ def main() -> int:
 
     step_ours = make_step(ours, lambda: ours(x, t, context=ctx), True)
     step_theirs = make_step(theirs, lambda: theirs(x, t, encoder_hidden_states=ctx).sample, False)
-    def step_ours_unfused() -> float:
-        set_fused_cpu_ops(False)
-        try:
-            return step_ours()
-        finally:
-            set_fused_cpu_ops(True)
-
-    rounds = [step_ours, step_theirs] + ([step_ours_unfused] if args.fused_ops == "both" else [])
+    rounds = [step_ours, step_theirs]
+    if args.fused_ops == "both":  # a copy of ours on torch's GEGLU and GroupNorm, its own optimizer
+        unfused = copy.deepcopy(ours)
+        use_cpu_kernels(unfused, CpuKernels(attention=args.attention, fused_ops=False))
+        rounds.append(make_step(unfused, lambda: unfused(x, t, context=ctx), True))
     for _ in range(args.warmup):
         for step in rounds:
             step()

@@ -70,6 +70,33 @@ def size_multiple(model) -> int:
     return first_stage_factor(model) * (2 ** (len(mult) - 1) if mult is not None else 1)
 
 
+def needs_unconditional(model, scale: float) -> bool:
+    """Whether sampling `model` at guidance `scale` needs the unconditional branch: guided (scale != 1), by a model
+    that does not take the scale as an input (a guidance-distilled student needs none)."""
+    return scale != 1.0 and not guidance_as_input(model)
+
+
+def check_rescale(model, rescale: float) -> None:
+    """Refuse guidance rescale for a model that takes the guidance scale as an input (it gives only the guided output,
+    and rescale needs the conditional one apart)."""
+    if rescale and guidance_as_input(model):
+        raise ValueError("guidance rescale needs the conditional and the guided outputs apart; this model takes the "
+                         "guidance scale as an input and gives only the guided one")
+
+
+def guidance_setup(model, den, conditioning: Conditioning, scale: float, n: int, device: torch.device,
+                   rescale: float = 0.0) -> tuple[CFGDenoiser, dict]:
+    """The guided denoiser and its `extra_args`: batched classifier-free guidance at `scale`, or, for a model that
+    takes the scale as an input, one forward per step with the scale given to each of the n images."""
+    check_rescale(model, rescale)
+    as_input = guidance_as_input(model)
+    guided = CFGDenoiser(den, scale=1.0 if as_input else scale, rescale=rescale)
+    extra = conditioning.extra_args(1.0 if as_input else scale)
+    if as_input:  # the scale as the network's input, one per image
+        extra["cond"]["guidance"] = torch.full((n,), float(scale), device=device)
+    return guided, extra
+
+
 def guidance_as_input(model) -> bool:
     """Whether `model` takes the guidance scale as a network input (one forward per step, no unconditional branch)."""
     return bool(getattr(model, "takes_guidance", False))
@@ -169,7 +196,6 @@ def generate(model, conditioning: Optional[Conditioning] = None, n: Optional[int
     sampler = sampler or getattr(model, "sampler_name", "ddim")
     scale = getattr(model, "guidance_scale", 1.0) if scale is None else scale
     spacing = spacing or getattr(model, "sample_spacing", Spacing.UNIFORM)
-    as_input = guidance_as_input(model)
     den = model.denoiser(quantize=quantize) if hasattr(model, "denoiser") else CompVisDenoiser(model, quantize=quantize)
     if sigmas is None:
         steps = steps or getattr(model, "sample_steps", None)
@@ -177,13 +203,7 @@ def generate(model, conditioning: Optional[Conditioning] = None, n: Optional[int
             raise ValueError("generate: give the number of steps (or sigmas)")
         sigmas = get_sigmas(den.schedule, steps, spacing)
     sigmas = sigmas.to(device)
-    if as_input and rescale:
-        raise ValueError("guidance rescale needs the conditional and the guided outputs apart; this model takes the "
-                         "guidance scale as an input and gives only the guided one")
-    guided = CFGDenoiser(den, scale=1.0 if as_input else scale, rescale=rescale)
-    if getattr(model, "clip_denoised", False) if threshold is None else threshold:
-        guided = ThresholdedDenoiser(guided, mode=ThresholdMode.STATIC)  # pixel space: x0 within the data range
-    extra = conditioning.extra_args(1.0 if as_input else scale)
+    check_rescale(model, rescale)  # refused before any work
     z0 = None
     if image is not None and (strength is not None or mask is not None):
         z0 = encode_image(model, image.to(device), encoding)
@@ -194,8 +214,9 @@ def generate(model, conditioning: Optional[Conditioning] = None, n: Optional[int
     else:
         x = start_noise(_batch_size(n, conditioning, z0), _sample_shape(model, shape, conditioning, z0), device,
                         generator)
-    if as_input:  # the scale as the network's input, one per image
-        extra["cond"]["guidance"] = torch.full((x.shape[0],), float(scale), device=device)
+    guided, extra = guidance_setup(model, den, conditioning, scale, x.shape[0], device, rescale)
+    if getattr(model, "clip_denoised", False) if threshold is None else threshold:
+        guided = ThresholdedDenoiser(guided, mode=ThresholdMode.STATIC)  # pixel space: x0 within the data range
     if mask is not None:
         if z0 is None:
             raise ValueError("generate: a mask needs the image whose unmasked region it keeps")
@@ -222,7 +243,7 @@ def sample_prompts(model, prompts: Sequence[str], *, steps: int, sampler: str, s
     g = generators(seed, model.device)
     options = eta_option(sampler, eta)
     with sampling_scope(model, use_ema, precision):
-        cond = model.conditioning(prompts=list(prompts), guidance=scale != 1.0 and not guidance_as_input(model))
+        cond = model.conditioning(prompts=list(prompts), guidance=needs_unconditional(model, scale))
         return generate(model, cond, len(prompts), steps=steps, sampler=sampler, scale=scale, rescale=rescale,
                         spacing=spacing, generator=g, shape=shape, x_T=x_T, **options)
 
@@ -241,6 +262,6 @@ def img2img(model, image: torch.Tensor, prompts: Optional[Sequence[str]] = None,
     image = image.to(model.device)
     with sampling_scope(model, use_ema, precision, "img2img"):
         cond = model.conditioning(prompts=None if prompts is None else list(prompts), image=image,
-                                  noise_level=noise_level, guidance=scale != 1.0 and not guidance_as_input(model))
+                                  noise_level=noise_level, guidance=needs_unconditional(model, scale))
         return generate(model, cond, image.shape[0], image=image, strength=strength, steps=steps, sampler=sampler,
                         scale=scale, rescale=rescale, spacing=spacing, generator=g, **options)

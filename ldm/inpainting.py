@@ -58,7 +58,7 @@ def inpaint(model, image: torch.Tensor, mask: torch.Tensor, prompts: Optional[Se
     with sampling_scope(model, use_ema, precision, "inpainting"):
         # an inpainting model reads its mask inputs, also when known-region replacement is added
         cond = model.conditioning(prompts=None if prompts is None else list(prompts), image=image, mask=mask,
-                                  guidance=scale != 1.0)
+                                  guidance=generation.needs_unconditional(model, scale))
         replace = mode is InpaintMode.REPLACE
         decoded = generation.generate(model, cond, n, image=image, mask=mask if replace else None, steps=steps,
                                       sampler=sampler, scale=scale, rescale=rescale, spacing=spacing, generator=g,

@@ -67,7 +67,7 @@ def trajectory(model, prompt: str, steps: int = 20, sampler: str = "ddim", scale
 
     g = torch.Generator(device=model.device).manual_seed(seed)
     with sampling_scope(model, context="trajectory"):
-        cond = model.conditioning(prompts=[prompt], guidance=scale != 1.0)
+        cond = model.conditioning(prompts=[prompt], guidance=generation.needs_unconditional(model, scale))
         generation.generate(model, cond, 1, steps=steps, sampler=sampler, scale=scale, generator=g, callback=record,
                             decode=False)
         kept = [(i, z) for k, (i, z) in enumerate(seen) if k % every == 0 or k == len(seen) - 1]

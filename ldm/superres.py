@@ -52,7 +52,7 @@ def upscale_tile(model, lr: torch.Tensor, *, steps: int, sampler: str, generator
                  rescale: float = 0.0, **sampler_options) -> torch.Tensor:
     """One batch of low-resolution tiles (B, 3, h, w in [-1, 1]) -> decoded images (B, 3, f h, f w)."""
     cond = model.conditioning(prompts=None if prompts is None else list(prompts), low_res=lr, noise_level=noise_level,
-                              guidance=scale != 1.0, generator=generator)
+                              guidance=generation.needs_unconditional(model, scale), generator=generator)
     return generation.generate(model, cond, lr.shape[0], steps=steps, sampler=sampler, scale=scale, rescale=rescale,
                                spacing=spacing, generator=generator, **sampler_options)
 

@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                 labels = (torch.full((bs,), opt.class_label) if opt.class_label is not None
                           else torch.arange(done, done + bs) % n_cls).to(model.device)
             with sampling_scope(model, True, prec):
-                cond = model.conditioning(labels=labels, guidance=scale != 1.0)
+                cond = model.conditioning(labels=labels, guidance=generation.needs_unconditional(model, scale))
                 imgs = to_uint8(generation.generate(model, cond, bs, steps=steps, sampler=sampler, scale=scale,
                                                     generator=generators(seeds, model.device), shape=shape,
                                                     spacing=opt.spacing, rescale=opt.guidance_rescale, **options))

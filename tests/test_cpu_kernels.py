@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import ldm.modules.cpu_kernels as ck
 from _helpers import needs_compiler
 from ldm.modules.attention import GEGLU
+from ldm.modules.diffusionmodules.util import GroupNorm32
+from ldm.modules.kernel_backend import CpuKernels, FusedGeluGate, FusedGroupNormSiLU, use_cpu_kernels
 
 
 def _reference(h: torch.Tensor) -> torch.Tensor:
@@ -57,23 +59,18 @@ def test_non_contiguous_input_and_gradient():
     torch.testing.assert_close(dh, base.grad, atol=2e-6, rtol=2e-5)
 
 
-@pytest.fixture
-def fused_ops():
-    yield ck.set_fused_cpu_ops
-    ck.set_fused_cpu_ops(True)
-
-
 @needs_compiler
-def test_geglu_module_uses_the_kernel_on_float32_cpu_only(fused_ops, monkeypatch):
+def test_geglu_module_uses_the_kernel_on_float32_cpu_only(monkeypatch):
     used = []
     real = ck._FusedGeglu.apply
     monkeypatch.setattr(ck._FusedGeglu, "apply", lambda h: used.append(h.dtype) or real(h))
     torch.manual_seed(0)
     layer = GEGLU(16, 24)
+    use_cpu_kernels(layer, CpuKernels())
     x = torch.randn(2, 5, 16)
     fused = layer(x)
     layer.double()(x.double())  # float64: torch's ops
-    fused_ops(False)
+    use_cpu_kernels(layer, CpuKernels.off())
     torch.testing.assert_close(layer.float()(x), fused, atol=1e-6, rtol=1e-5)
     assert used == [torch.float32]
 
@@ -86,20 +83,21 @@ def test_geglu_falls_back_with_one_warning_when_the_kernel_cannot_be_built(monke
     monkeypatch.setattr(ck, "_ext", None)  # as in a process whose build failed
     monkeypatch.setattr(ck, "_warned_fallback", set())
     h = torch.randn(3, 8)
+    gate = FusedGeluGate()
     with caplog.at_level(logging.WARNING, logger=ck.__name__):
-        outs = [ck.geglu(h) for _ in range(2)]
+        outs = [gate(h) for _ in range(2)]
     torch.testing.assert_close(outs[0], _reference(h))
     assert [r.getMessage() for r in caplog.records] == [
         "fused CPU ops: could not build the CPU kernels (no compiler); using torch's ops"]
     monkeypatch.setattr(ck, "_build_error", RuntimeError("no compiler"))  # once the failure is known and said,
     n = len(calls)
-    ck.geglu(h)
+    gate(h)
     assert len(calls) == n  # an op call does not try (and raise, and catch) again
 
 
 def test_compiled_code_keeps_torch_ops(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not ck._kernel_applies(torch.randn(2, 8))
+    assert not ck.kernel_applies(torch.randn(2, 8))
 
 
 def _gn_reference(norm, x, silu):
@@ -143,7 +141,7 @@ def test_group_norm_silu_matches_torch_forward_and_backward(shape, groups, layou
 
 
 @needs_compiler
-def test_unet_transformer_and_autoencoder_blocks_use_the_fused_norm(fused_ops, monkeypatch):
+def test_unet_transformer_and_autoencoder_blocks_use_the_fused_norm(monkeypatch):
     from ldm.modules.attention import SpatialTransformer
     from ldm.modules.diffusionmodules.model import ResnetBlock
     from ldm.modules.diffusionmodules.openaimodel import ResBlock
@@ -155,6 +153,7 @@ def test_unet_transformer_and_autoencoder_blocks_use_the_fused_norm(fused_ops, m
     st = SpatialTransformer(32, 4, 8, context_dim=16)
     ae = ResnetBlock(in_channels=32, out_channels=32, temb_channels=0, dropout=0.0)
     for m in (res, st, ae):
+        use_cpu_kernels(m, CpuKernels())
         for p in m.parameters():
             p.data.add_(torch.randn_like(p) * 0.05)
     x, emb, ctx = torch.randn(2, 32, 8, 8), torch.randn(2, 16), torch.randn(2, 5, 16)
@@ -165,35 +164,43 @@ def test_unet_transformer_and_autoencoder_blocks_use_the_fused_norm(fused_ops, m
     outs = run()
     # (silu, channels-last): the ResBlock's in and out layers, the transformer's input norm, the autoencoder's two
     assert calls == [(True, True), (True, True), (False, True), (True, False), (True, False)]
-    fused_ops(False)
+    for m in (res, st, ae):
+        use_cpu_kernels(m, CpuKernels.off())
     for fused, plain in zip(outs, run()):
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
     assert len(calls) == 5
 
 
-def test_group_norm_silu_keeps_hooks_and_other_dtypes_on_torch(monkeypatch):
+def test_the_fused_norm_keeps_other_dtypes_and_layouts_on_torch(monkeypatch):
     monkeypatch.setattr(ck, "_FusedGroupNormSiLU", None)  # any use of the kernel would fail
-    norm = torch.nn.GroupNorm(4, 8)
+    norm = GroupNorm32(4, 8)
+    fused = FusedGroupNormSiLU.sharing(norm, silu=True)
     x = torch.randn(2, 8, 4, 4)
-    seen = []
-    handle = norm.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    torch.testing.assert_close(ck.group_norm_silu(norm, x), F.silu(norm(x)))
-    handle.remove()
-    assert len(seen) == 2
-    torch.testing.assert_close(ck.group_norm_silu(norm.double(), x.double(), silu=False), norm(x.double()))
-    torch.testing.assert_close(ck.group_norm_silu(norm.float(), x[:, :, ::2]), F.silu(norm(x[:, :, ::2])))  # strided
+    torch.testing.assert_close(fused.double()(x.double()), F.silu(norm.double()(x.double())))
+    fused.float(), norm.float()
+    torch.testing.assert_close(fused(x[:, :, ::2]), F.silu(norm(x[:, :, ::2])))  # strided
+    no_silu = FusedGroupNormSiLU.sharing(norm, silu=False)
+    torch.testing.assert_close(no_silu(x.double()), norm(x.double()))
 
 
-def test_run_norm_silu_keeps_the_hooks_of_the_sequential_and_its_silu():
-    from ldm.modules.diffusionmodules.util import run_norm_silu
-    layers = torch.nn.Sequential(torch.nn.GroupNorm(4, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 1))
+def test_hooked_modules_keep_torch_ops_and_their_hooks():
+    """The swap leaves a norm or a SiLU with hooks as it is (the hook sees every call, on torch's op); a hook on the
+    Sequential around them sees the call either way."""
+    layers = torch.nn.Sequential(GroupNorm32(4, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 1))
+    plain = copy.deepcopy(layers)
     x = torch.randn(2, 8, 4, 4)
     seen = []
-    for module in (layers, layers[1]):
+    for module in (layers[0], layers[1]):
         handle = module.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
-        torch.testing.assert_close(run_norm_silu(layers, x), layers(x), atol=1e-5, rtol=1e-4)
+        assert use_cpu_kernels(layers, CpuKernels())["norm"] == 0
+        torch.testing.assert_close(layers(x), plain(x))
         handle.remove()
-    assert seen == ["Sequential", "Sequential", "SiLU", "SiLU"]
+    assert seen == ["GroupNorm32", "SiLU"]
+    handle = layers.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    assert use_cpu_kernels(layers, CpuKernels())["norm"] == 1
+    torch.testing.assert_close(layers(x), plain(x), atol=1e-5, rtol=1e-4)
+    handle.remove()
+    assert seen[-1] == "Sequential" and type(layers[0]) is FusedGroupNormSiLU
 
 
 # -- the build: a stale lock, a wheel in a fresh venv --------------------------------------------------------------

@@ -304,3 +304,33 @@ def test_the_package_import_graph_has_no_cycle():
     # models know no callbacks, CLI or datasets
     assert not {"ldm.callbacks", "ldm.cli", "ldm.data"} & set(graph.get("ldm.models", {})), graph["ldm.models"]
 
+
+
+def test_models_read_the_trainer_through_public_properties_only():
+    """No private Lightning attribute (`_trainer`, `_logger_connector`, ...) nor loop progress internals in the
+    models: they go through ldm.models.trainer_state."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ldm" / "models"
+    private = {"_trainer", "_fabric", "_logger_connector", "_results", "_accelerator_connector",
+               "_checkpoint_connector", "_data_connector", "_current_fx_name", "batch_progress", "epoch_loop"}
+    found = [f"{f.name}:{n.lineno} .{n.attr}" for f in root.rglob("*.py") for n in ast.walk(ast.parse(f.read_text()))
+             if isinstance(n, ast.Attribute) and n.attr in private]
+    assert not found, found
+
+
+def test_get_input_moves_channels_first_for_images_and_clips():
+    from ldm.models.diffusion.diffusion_module import DDPM
+
+    model = instantiate_from_config(_tiny_ddpm_config().model)
+    image = torch.rand(2, 8, 8, 3)
+    clip = torch.rand(2, 5, 8, 8, 3)  # (B, T, H, W, C): frames of a video dataset
+    assert torch.equal(DDPM.get_input(model, {"x": image}, "x"), image.permute(0, 3, 1, 2))
+    got = DDPM.get_input(model, {"x": clip}, "x")
+    assert got.shape == (2, 3, 5, 8, 8) and got.is_contiguous() and torch.equal(got, clip.permute(0, 4, 1, 2, 3))
+    assert DDPM.get_input(model, {"x": image[..., 0]}, "x").shape == (2, 1, 8, 8)
+    one = DDPM.get_input(model, {"x": torch.rand(2, 8, 8, 1)}, "x")
+    # one channel: canonical strides, as a copy makes them (the permuted view's are channels-last-like too, which
+    # sends convolutions down another path)
+    assert one.shape == (2, 1, 8, 8) and one.stride() == (64, 64, 8, 1)

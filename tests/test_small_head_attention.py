@@ -6,13 +6,14 @@ import torch.nn.functional as F
 import ldm.modules.small_head_attention as sha
 from _helpers import needs_compiler
 from ldm.modules.attention import CrossAttention
+from ldm.modules.kernel_backend import CpuKernels, SmallHeadAttend, use_cpu_kernels
 
 
-@pytest.fixture
-def backend():
-    before = sha.get_attention_backend()
-    yield sha.set_attention_backend
-    sha.set_attention_backend(before)
+def on(backend: str, *modules: torch.nn.Module) -> None:
+    """Put the modules' attention layers on `backend`, each with a fresh 'auto' record of timings."""
+    sha._auto_choice.clear()
+    for m in modules:
+        use_cpu_kernels(m, CpuKernels(attention=backend))
 
 
 @needs_compiler
@@ -52,14 +53,14 @@ def test_kernel_with_peaked_scores_matches_sdpa():
 
 
 @needs_compiler
-def test_cross_attention_backend_switch(backend):
+def test_cross_attention_backend_switch():
     torch.manual_seed(0)
     attn = CrossAttention(32, context_dim=24, heads=4, dim_head=8)
     self_attn = CrossAttention(32, heads=4, dim_head=8)
     x, ctx = torch.randn(2, 40, 32), torch.randn(2, 9, 24)
     outs, grads = {}, {}
     for name in ("sdpa", "fused_cpu"):
-        backend(name)
+        on(name, attn, self_attn)
         attn.zero_grad()
         y = attn(x, ctx) + self_attn(x)  # cross- and self-attention
         y.square().sum().backward()
@@ -76,14 +77,21 @@ def test_kernel_applies_only_where_it_can():
     assert not sha.applies(torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16), None)
 
 
-def test_unknown_backend_is_refused(backend):
+def test_unknown_backend_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="LDM_ATTENTION_BACKEND"):
-        backend("flash9")
+        CpuKernels(attention="flash9")
+    with pytest.raises(ValueError, match="LDM_ATTENTION_BACKEND"):
+        SmallHeadAttend("flash9")
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    monkeypatch.setenv(sha.ENV_VAR, "flash9")
+    with pytest.raises(ValueError, match="LDM_ATTENTION_BACKEND='flash9'"):  # when a network is built
+        UNetModel(image_size=8, in_channels=4, model_channels=16, out_channels=4, num_res_blocks=1,
+                  attention_resolutions=[1], channel_mult=[1], num_head_channels=8, use_spatial_transformer=True,
+                  context_dim=8, norm_groups=8)
 
 
 @needs_compiler
-def test_auto_times_each_shape_once_and_routes_by_the_result(backend, monkeypatch):
-    backend("auto")
+def test_auto_times_each_shape_once_and_routes_by_the_result(monkeypatch):
     decided = []
 
     def faster(q, k, v, training):  # the kernel "wins" self-attention only
@@ -94,6 +102,7 @@ def test_auto_times_each_shape_once_and_routes_by_the_result(backend, monkeypatc
     real = sha._SmallHeadAttention.apply
     monkeypatch.setattr(sha._SmallHeadAttention, "apply", lambda *a: used.append(a[0].shape) or real(*a))
     attn, self_attn = CrossAttention(32, context_dim=24, heads=4, dim_head=8), CrossAttention(32, heads=4, dim_head=8)
+    on("auto", attn, self_attn)
     x, ctx = torch.randn(2, 40, 32), torch.randn(2, 9, 24)
     for _ in range(2):
         (attn(x, ctx) + self_attn(x)).sum().backward()
@@ -116,24 +125,21 @@ def test_auto_timing_leaves_the_random_stream_and_inputs_alone():
 
 
 def test_auto_is_the_default(monkeypatch):
-    import importlib
+    from ldm.modules.cpu_kernels import FUSED_ENV_VAR
     monkeypatch.delenv(sha.ENV_VAR, raising=False)
-    fresh = importlib.reload(sha)
-    try:
-        assert fresh.get_attention_backend() == "auto"
-    finally:
-        importlib.reload(sha)
+    monkeypatch.delenv(FUSED_ENV_VAR, raising=False)
+    assert CpuKernels.from_environment() == CpuKernels(attention="auto", fused_ops=True)
 
 
 @needs_compiler
-def test_auto_times_inside_a_gradient_checkpointed_block(backend):
+def test_auto_times_inside_a_gradient_checkpointed_block():
     from ldm.modules.attention import BasicTransformerBlock
     torch.manual_seed(0)
     block = BasicTransformerBlock(32, n_heads=4, d_head=8, context_dim=24, checkpoint=True).train()
     x, ctx = torch.randn(2, 40, 32, requires_grad=True), torch.randn(2, 9, 24)
     grads = {}
     for name in ("sdpa", "auto"):  # 'auto' decides on its first call, inside the checkpointed forward
-        backend(name)
+        on(name, block)
         x.grad = None
         block(x, ctx).square().sum().backward()
         grads[name] = x.grad.clone()

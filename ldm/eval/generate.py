@@ -71,7 +71,8 @@ def generate(model, n: int, conditions: Conditions, *, sampler: str, steps: int,
             g = generators(image_seeds(seed, first, bs), model.device)
             raw = conditions.batch(first, last)
             cond = model.conditioning(prompts=raw if conditions.kind == "text" else None,
-                                      labels=raw if conditions.kind == "class" else None, guidance=scale != 1.0)
+                                      labels=raw if conditions.kind == "class" else None,
+                                      guidance=generation.needs_unconditional(model, scale))
             images = generation.generate(model, cond, bs, steps=steps, sampler=sampler, scale=scale, generator=g,
                                          **(sampler_options or {}))
             yield first, to_uint8_rgb(images)

@@ -9,13 +9,28 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from ldm.modules.cpu_kernels import geglu, group_norm_silu
 from ldm.modules.diffusionmodules.util import GroupNorm32
-from ldm.modules.small_head_attention import small_head_attention, use_kernel
 
 # SpatialTransformer's input GroupNorm (CompVis): 32 groups, eps 1e-6.
 TRANSFORMER_NORM_EPS = 1e-6
 FF_MULT = 4
+
+
+class GeluGate(nn.Module):
+    """GELU-gated linear unit's gating (Shazeer 2020): a * GELU(g) for h = [a | g] halves of the last dim (erf GELU)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        a, g = h.chunk(2, dim=-1)
+        return a * F.gelu(g)
+
+
+class Attend(nn.Module):
+    """softmax(q k^T / sqrt(d)) v over (B, H, N, D) heads by torch's scaled_dot_product_attention; `mask` True where a
+    key may be attended."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class GEGLU(nn.Module):
@@ -24,9 +39,10 @@ class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.gate = GeluGate()  # no weights; `ldm.modules.kernel_backend` swaps in the fused CPU kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return geglu(self.proj(x))
+        return self.gate(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -47,8 +63,8 @@ class FeedForward(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention softmax(q k^T / sqrt(d)) v; keys/values from `context` when given.
 
-    Computed by torch's scaled_dot_product_attention, or by the fused small-head CPU kernel where
-    `ldm.modules.small_head_attention`'s backend (default 'auto': where timed faster) chooses it.
+    Computed by `attend`: torch's scaled_dot_product_attention, or where `ldm.modules.kernel_backend` swapped it in
+    when the network was built, the fused small-head CPU kernel (default 'auto': where timed faster).
     """
 
     def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8, dim_head: int = 64,
@@ -62,6 +78,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.attend = Attend()  # no weights
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -74,10 +91,7 @@ class CrossAttention(nn.Module):
         attn_mask = None
         if mask is not None:  # (b, m) True where the context token may be attended
             attn_mask = mask.view(b, 1, 1, -1).bool()
-        if use_kernel(q, k, v, attn_mask):
-            out = small_head_attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.attend(q, k, v, attn_mask)
         return self.to_out(out.transpose(1, 2).reshape(b, n, h * d))
 
 
@@ -117,6 +131,7 @@ class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map: norm, proj_in (1x1 conv or Linear), blocks, zero proj_out."""
 
     block_inputs = ("context",)  # what a UNet block passes it (ldm.modules.diffusionmodules.openaimodel)
+    norm_silu_pairs = (("norm", None),)  # a norm with no SiLU after it, for ldm.modules.kernel_backend
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
                  context_dim: Optional[Union[int, Sequence[int]]] = None, disable_self_attn: bool = False,
@@ -142,7 +157,7 @@ class SpatialTransformer(nn.Module):
             context = [context] * len(self.transformer_blocks)
         b, c, h, w = x.shape
         x_in = x
-        x = group_norm_silu(self.norm, x, silu=False)  # the fused CPU kernel where it applies, else self.norm(x)
+        x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
         x = rearrange(x, "b c h w -> b (h w) c")

@@ -1,11 +1,11 @@
-"""The framework's fused CPU kernels (`csrc/`): one C++ extension, built on first use, and the ops that use it.
+"""The framework's fused CPU kernels (`csrc/`): one C++ extension, built on first use, and the ops that call it.
 
-It holds the small-head attention kernel (`ldm.modules.small_head_attention` decides where it runs), a one-pass
-GEGLU and GroupNorm followed by SiLU in two passes, forward and backward (float32 CPU tensors; torch's ops elsewhere
-and under torch.compile, which fuses its own). It is built with the system C++ compiler and ninja (about half a
-minute, logged) and cached under TORCH_EXTENSIONS_DIR (else torch's default root), per source, flags and CPU; `python -m
-ldm.modules.cpu_kernels` builds it ahead of time. Where it cannot be built, attention uses SDPA and the other ops
-torch's, each with a warning; LDM_FUSED_CPU_OPS=0 keeps GEGLU and GroupNorm on torch's ops.
+It holds the small-head attention kernel (`ldm.modules.small_head_attention`), a one-pass GEGLU and GroupNorm followed
+by SiLU in two passes, forward and backward (float32 CPU tensors; torch's ops elsewhere and under torch.compile, which
+fuses its own). Networks do not call these: `ldm.modules.kernel_backend` swaps in the modules that do when a network is
+built. The extension is built with the system C++ compiler and ninja (about half a minute, logged) and cached under
+TORCH_EXTENSIONS_DIR (else torch's default root), per source, flags and CPU; `python -m ldm.modules.cpu_kernels` builds
+it ahead of time. Where it cannot be built, the modules use torch's ops, each kind with one warning.
 """
 from __future__ import annotations
 
@@ -20,18 +20,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / name for name in ("small_head_attention.cpp", "geglu.cpp", "group_norm_silu.cpp", "bindings.cpp")]
-FUSED_ENV_VAR = "LDM_FUSED_CPU_OPS"  # "0": GEGLU and GroupNorm (+ SiLU) on torch's ops instead of the kernels
+FUSED_ENV_VAR = "LDM_FUSED_CPU_OPS"  # "0": networks built with GEGLU and GroupNorm (+ SiLU) on torch's ops
 
 _ext = None
 _build_error: Optional[BaseException] = None
-_fused_ops = os.environ.get(FUSED_ENV_VAR, "1") != "0"
 _warned_fallback: set[str] = set()  # the users that warned of a failed build
 
 
@@ -127,7 +125,7 @@ def load_kernel():
                                     f"again")
         raise RuntimeError(str(_build_error))
     log.info("loading the CPU kernels %s (built once from %s with the system C++ compiler, about half a minute, "
-             "then cached by torch)", name, CSRC)
+             "then cached in %s)", name, CSRC, build_dir)
     owner = build_dir / OWNER_FILE
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
@@ -161,16 +159,9 @@ def kernels_built(user: str, fallback: str) -> bool:
     return True
 
 
-def set_fused_cpu_ops(enabled: bool) -> None:
-    """Run GEGLU and GroupNorm (+ SiLU) on the kernels where they apply (default; also LDM_FUSED_CPU_OPS=1 / 0)
-    or on torch's ops."""
-    global _fused_ops
-    _fused_ops = bool(enabled)
-
-
-def _kernel_applies(x: torch.Tensor) -> bool:
+def kernel_applies(x: torch.Tensor) -> bool:
     """float32 on CPU, outside torch.compile's tracing, kernels built (a warning, once, where they cannot be)."""
-    if not (_fused_ops and x.device.type == "cpu" and x.dtype == torch.float32):
+    if not (x.device.type == "cpu" and x.dtype == torch.float32):
         return False
     if torch.compiler.is_compiling():  # a traced graph keeps torch's ops, which the compiler fuses itself
         return False
@@ -193,13 +184,12 @@ class _FusedGeglu(torch.autograd.Function):
         return load_kernel().geglu_bwd(grad.contiguous(), h)
 
 
-def geglu(h: torch.Tensor) -> torch.Tensor:
-    """GELU-gated linear unit's gating (Shazeer 2020): a * GELU(g) for h = [a | g] split in halves along the last
-    dim, exact (erf) GELU; the fused kernel on float32 CPU tensors, torch's ops elsewhere."""
-    if h.shape[-1] % 2 == 0 and _kernel_applies(h):
-        return _FusedGeglu.apply(h)
-    a, g = h.chunk(2, dim=-1)
-    return a * F.gelu(g)
+def fused_geglu(h: torch.Tensor) -> Optional[torch.Tensor]:
+    """GELU-gated linear unit's gating (Shazeer 2020), a * GELU(g) for h = [a | g] split in halves along the last dim
+    (exact erf GELU), by the kernel; None where it does not apply (the caller runs torch's ops)."""
+    if h.shape[-1] % 2 or not kernel_applies(h):
+        return None
+    return _FusedGeglu.apply(h)
 
 
 def _channels_last(x: torch.Tensor) -> Optional[bool]:
@@ -233,15 +223,14 @@ class _FusedGroupNormSiLU(torch.autograd.Function):
                 dbias if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
-def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
-    """`norm(x)` followed by SiLU when `silu` (GroupNorm, Wu & He 2018): the fused kernel for float32 CPU tensors,
-    contiguous or channels-last, with an affine float32 `norm` and no hooks on it; otherwise `norm` and F.silu."""
+def fused_group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool) -> Optional[torch.Tensor]:
+    """`norm(x)` followed by SiLU when `silu` (GroupNorm, Wu & He 2018) by the kernel, for float32 CPU tensors,
+    contiguous or channels-last, with `norm`'s affine float32 weights; None where it does not apply."""
     w, b = norm.weight, norm.bias
     layout = _channels_last(x) if x.dim() >= 3 else None
     if (layout is None or w is None or b is None or w.dtype != torch.float32 or b.dtype != torch.float32
-            or w.device != x.device or norm._forward_hooks or norm._forward_pre_hooks or not _kernel_applies(x)):
-        y = norm(x)
-        return F.silu(y) if silu else y
+            or w.device != x.device or not kernel_applies(x)):
+        return None
     return _FusedGroupNormSiLU.apply(x, w.contiguous(), b.contiguous(), norm.num_groups, norm.eps, silu, layout)
 
 
@@ -251,7 +240,7 @@ def main() -> int:
     try:
         load_kernel()
     except RuntimeError as e:
-        print(f"{e}\nAttention will use scaled_dot_product_attention and GEGLU torch's ops instead.")
+        print(f"{e}\nAttention will use scaled_dot_product_attention, GEGLU and GroupNorm torch's ops instead.")
         return 1
     print(f"CPU kernels ready (cached in {build_directory(f'ldm_cpu_kernels_{_cpu_tag()}')})")
     return 0

@@ -8,12 +8,12 @@ at 1.4-1.7x SDPA's speed, forward and backward, on an AVX-512 CPU (an earlier ve
 benchmarks/RESULTS.md), but that depends on the CPU, so the default backend, 'auto', times both once per
 attention shape, forward and backward, and keeps the faster (as cuDNN's benchmark mode does). It builds the
 kernel on first use, with the framework's other CPU kernels (`ldm.modules.cpu_kernels`), and uses SDPA, with a
-warning, when it cannot be built.
+warning, when it cannot be built. A network's attention layers get the backend when it is built
+(`ldm.modules.kernel_backend`).
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable, Optional
 
@@ -27,28 +27,17 @@ SUPPORTED_HEAD_DIMS = (8,)  # at 16 SDPA was faster (benchmarks/attention_small_
 BACKENDS = ("sdpa", "fused_cpu", "auto")
 ENV_VAR = "LDM_ATTENTION_BACKEND"
 
-_backend = os.environ.get(ENV_VAR, "auto")
-# 'auto': timed runs per backend and shape (the best of them counts), and the choice made per shape
+# 'auto': timed runs per backend and shape (the best of them counts), and the choice made per shape, shared by the
+# attention layers of every network in the process (a cache of measurements, not a setting)
 AUTO_REPEATS = 3
 _auto_choice: dict[tuple, bool] = {}
 
 
-def set_attention_backend(name: str) -> None:
-    """Choose how CrossAttention computes attention: 'auto' (default: this kernel where it applies, builds and was
-    timed faster than SDPA for the shape), 'fused_cpu' (this kernel where it applies, an error if it cannot be
-    built) or 'sdpa'."""
-    global _backend
+def check_backend(name: str) -> str:
+    """`name` if it is one of BACKENDS, else a ValueError naming the choices."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend '{name}': expected one of {BACKENDS} (also settable as {ENV_VAR})")
-    _backend = name
-    _auto_choice.clear()
-
-
-def get_attention_backend() -> str:
-    """The backend chosen by set_attention_backend or the LDM_ATTENTION_BACKEND environment variable."""
-    if _backend not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}='{_backend}': expected one of {BACKENDS}")
-    return _backend
+    return name
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
@@ -57,10 +46,9 @@ def applies(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> b
             and q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dim() == 4)
 
 
-def use_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
-    """Apply the chosen backend to this call (building the kernel on first use; under 'auto', timing both backends
-    on the first call of each shape)."""
-    backend = get_attention_backend()
+def use_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], backend: str) -> bool:
+    """Whether `backend` runs this call on the kernel (building it on first use; under 'auto', timing both backends on
+    the first call of each shape)."""
     if backend == "sdpa" or not applies(q, k, mask):
         return False
     if backend == "fused_cpu":

@@ -26,9 +26,16 @@ class KnownRegionDenoiser(MaskedDenoiser):
         self.generator = generator
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        s = sigma.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-        x_known = self.x0_known + randn_like(self.x0_known, self.generator) * s
-        return super().forward(self.mask * x_known + (1.0 - self.mask) * x, sigma, **kwargs)
+        return super().forward(known_region_blend(x, sigma, self.mask, self.x0_known, self.generator), sigma, **kwargs)
+
+
+def known_region_blend(x: torch.Tensor, sigma: torch.Tensor, known: torch.Tensor, x0_known: torch.Tensor,
+                       generator: Generator = None) -> torch.Tensor:
+    """x with its known region (`known` = 1) replaced by the known latents re-noised to sigma (VE form, fresh noise
+    from `generator`): CompVis' DDIM / PLMS inpainting, x_known = x0 + sigma * noise."""
+    s = sigma.view(-1, *([1] * (x.dim() - 1))).to(x.dtype) if sigma.dim() > 0 else sigma
+    x_known = x0_known + randn_like(x0_known, generator) * s
+    return known * x_known + (1.0 - known) * x
 
 
 def renoise(x_vp: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor, generator: Generator = None

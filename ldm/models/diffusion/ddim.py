@@ -15,7 +15,8 @@ import torch
 from ldm import generation
 from ldm.sampling.compvis import CompVisDenoiser, model_schedule
 from ldm.sampling.entry import vp_scale
-from ldm.sampling.guidance import CFGDenoiser, Conditioning, ThresholdMode, threshold_x0
+from ldm.sampling.guidance import Conditioning, ThresholdMode, threshold_x0
+from ldm.sampling.inpainting import known_region_blend
 from ldm.core.algebra import to_d
 from ldm.sampling.samplers import Generator, ddim_step, randn_like
 from ldm.core.spacing import Spacing, compvis_ddim_timesteps, get_sigmas
@@ -55,12 +56,9 @@ class CompVisSamplerBase:
     def _denoiser(self, conditioning, unconditional_guidance_scale: float, unconditional_conditioning, n: int,
                   device: torch.device):
         den = CompVisDenoiser(self.model, quantize=True)  # CompVis samplers pass integer timesteps
-        as_input = generation.guidance_as_input(self.model)  # a guidance-distilled student: one forward per step
-        scale = 1.0 if as_input else unconditional_guidance_scale
-        extra = Conditioning(conditioning, unconditional_conditioning).extra_args(scale)
-        if as_input:
-            extra["cond"]["guidance"] = torch.full((n,), float(unconditional_guidance_scale), device=device)
-        return den, CFGDenoiser(den, scale=scale), extra
+        guided, extra = generation.guidance_setup(self.model, den, Conditioning(conditioning, unconditional_conditioning),
+                                                  unconditional_guidance_scale, n, device)
+        return den, guided, extra
 
     def _step(self, model: Callable, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
               denoised: torch.Tensor, extra: dict, state: dict, eta: float, generator: Generator,
@@ -106,8 +104,7 @@ class CompVisSamplerBase:
         n = len(sigmas) - 1
         for i in range(n):
             if mask is not None:  # CompVis inpainting: known latents re-noised to this level, blended into x_t
-                x_known = x0 + randn_like(x0, generator) * sigmas[i]
-                x = mask * x_known + (1.0 - mask) * x
+                x = known_region_blend(x, sigmas[i], mask, x0, generator)
             denoised = model(x, sigmas[i].expand(x.shape[0]), **extra)
             if callback is not None:
                 callback(i)

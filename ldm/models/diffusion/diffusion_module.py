@@ -30,6 +30,7 @@ from ldm.modules.diffusionmodules.schedule import ddpm_buffers, extract_into_ten
 from ldm.modules.ema import LitEma
 from ldm.parallel import FSDP, is_sharded, shard_diffusion_model
 from ldm import generation
+from ldm.models.trainer_state import attached_trainer, training_batches_started
 from ldm.modules.model_inputs import ConditionInput, InpaintMode, prior_weights, with_prior
 from ldm.core.denoiser import Denoiser, DiscreteSchedule
 from ldm.sampling import ApplyModelNetwork, CompVisDenoiser, Conditioning, Spacing
@@ -276,7 +277,8 @@ class DDPM(pl.LightningModule):
     def configure_model(self) -> None:
         """Lightning's set-up hook (fit, validate, test, predict): under the FSDP strategy (ldm.parallel) shards the
         UNet and its EMA copy, then compiles what `model.params.compile` names."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
         if isinstance(strategy, FSDP) and not is_sharded(self.model.parameters()):
             shard_diffusion_model(self, strategy)
         self.compile_networks()
@@ -366,10 +368,12 @@ class DDPM(pl.LightningModule):
                             rng=self.batch_random)
 
     def get_input(self, batch: dict, k: str) -> torch.Tensor:
+        """`batch[k]` channels-last as datasets give it ((B, H, W, C), (B, T, H, W, C) for clips; (B, H, W) is one
+        channel) -> channels first ((B, C, H, W), (B, C, T, H, W)), float, contiguous."""
         x = batch[k]
         if x.dim() == 3:
             x = x[..., None]
-        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+        return x.movedim(-1, 1).to(memory_format=torch.contiguous_format).float()  # canonical strides (C = 1 too)
 
     def shared_step(self, batch: dict):
         return self.p_losses(self.get_input(batch, self.first_stage_key), None, sample_weights=self.item_weights(batch))
@@ -385,8 +389,8 @@ class DDPM(pl.LightningModule):
             return None
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
             else (0, 1)
-        batch = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self._trainer is not None else 0
-        return GlobalBatchRandom(self.noise_seed, batch, rank, world, self.device, stream=stream)
+        return GlobalBatchRandom(self.noise_seed, training_batches_started(attached_trainer(self)), rank, world,
+                                 self.device, stream=stream)
 
     def training_step(self, batch, batch_idx):
         batch = with_prior(batch)

@@ -22,6 +22,7 @@ from torch import nn
 from ldm.checkpoint import init_from_ckpt
 from ldm.models.diffusion.diffusion_module import disabled_train
 from ldm.models.diffusion.latent import LatentDiffusion
+from ldm.models.trainer_state import attached_trainer
 from ldm.core.denoiser import Denoiser
 from ldm.core.scaling import DenoiserScaling, scaling_for
 from ldm.modules.diffusionmodules.distillation import (ConsistencyBoundary, ConsistencyDistillationLoss,
@@ -233,7 +234,8 @@ class ProgressiveDistillation(Distillation):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
         done, rest = divmod(self.global_step, self.round_steps)
-        if rest == 0 and 1 <= done <= len(self.rounds) and done != self._saved_round and self._trainer is not None:
+        if rest == 0 and 1 <= done <= len(self.rounds) and done != self._saved_round \
+                and attached_trainer(self) is not None:
             self._saved_round = done
             steps = self.rounds[done - 1]
             cb = self.trainer.checkpoint_callback

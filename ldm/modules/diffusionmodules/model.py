@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.cpu_kernels import group_norm_silu
 from ldm.modules.diffusionmodules.util import GroupNorm32
+from ldm.modules.kernel_backend import use_cpu_kernels
 
 # CompVis constants: GroupNorm(32 groups, eps 1e-6) everywhere in the first stage.
 DEFAULT_NORM_GROUPS = 32
@@ -57,17 +57,19 @@ class Downsample(nn.Module):
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: norm-swish-conv twice, optional time embedding, 1x1/3x3 shortcut."""
 
+    norm_silu_pairs = (("norm1", "act1"), ("norm2", "act2"))  # one fused op each (ldm.modules.kernel_backend)
+
     def __init__(self, *, in_channels: int, out_channels: Optional[int] = None, conv_shortcut: bool = False,
                  dropout: float = 0.0, temb_channels: int = 512, norm_groups: int = DEFAULT_NORM_GROUPS):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels, self.out_channels = in_channels, out_channels
         self.use_conv_shortcut = conv_shortcut
-        self.norm1 = Normalize(in_channels, norm_groups)
+        self.norm1, self.act1 = Normalize(in_channels, norm_groups), nn.SiLU()
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
             self.temb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = Normalize(out_channels, norm_groups)
+        self.norm2, self.act2 = Normalize(out_channels, norm_groups), nn.SiLU()
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -77,10 +79,10 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.conv1(group_norm_silu(self.norm1, x))
+        h = self.conv1(self.act1(self.norm1(x)))
         if temb is not None:
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(group_norm_silu(self.norm2, h)))
+        h = self.conv2(self.dropout(self.act2(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
         return x + h
@@ -131,6 +133,8 @@ def _check_resolution(resolution: int, ch_mult: Sequence[int]) -> None:
 class Encoder(nn.Module):
     """Image -> latent moments: conv_in, `down` levels, mid (res-attn-res), norm, conv_out."""
 
+    norm_silu_pairs = (("norm_out", "act_out"),)
+
     @property
     def downsampling_factor(self) -> int:
         """Image side / latent side: each level but the last halves the resolution."""
@@ -176,8 +180,9 @@ class Encoder(nn.Module):
         self.mid.attn_1 = make_attn(block_in, attn_type, norm_groups)
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0,
                                        dropout=dropout, norm_groups=norm_groups)
-        self.norm_out = Normalize(block_in, norm_groups)
+        self.norm_out, self.act_out = Normalize(block_in, norm_groups), nn.SiLU()
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
+        use_cpu_kernels(self)  # the fused CPU kernels' modules, as LDM_FUSED_CPU_OPS says
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -189,11 +194,13 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(group_norm_silu(self.norm_out, h))
+        return self.conv_out(self.act_out(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
     """Latent -> image: conv_in, mid, `up` levels (indexed from full resolution, run lowest first), conv_out."""
+
+    norm_silu_pairs = (("norm_out", "act_out"),)
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, resamp_with_conv: bool = True,
@@ -236,8 +243,9 @@ class Decoder(nn.Module):
                 curr_res *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(block_in, norm_groups)
+        self.norm_out, self.act_out = Normalize(block_in, norm_groups), nn.SiLU()
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+        use_cpu_kernels(self)  # the fused CPU kernels' modules, as LDM_FUSED_CPU_OPS says
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self.last_z_shape = z.shape
@@ -252,5 +260,5 @@ class Decoder(nn.Module):
                 h = level.upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(group_norm_silu(self.norm_out, h))
+        h = self.conv_out(self.act_out(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h

@@ -13,8 +13,8 @@ from ldm.modules.attention import SpatialTransformer, zero_module
 from ldm.config_keys import report_no_effect
 from ldm.modules.diffusionmodules.guidance_embedding import GuidanceEmbedding
 from ldm.modules.diffusionmodules.util import (UNET_NORM_GROUPS, avg_pool_nd, conv_nd, linear, normalization,
-                                               run_norm_silu, timestep_embedding, to_channels_last,
-                                               upsample_nearest)
+                                               timestep_embedding, to_channels_last, upsample_nearest)
+from ldm.modules.kernel_backend import use_cpu_kernels
 
 
 class TimestepBlock(nn.Module):
@@ -108,6 +108,8 @@ class ResBlock(TimestepBlock):
             nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
         self.out_layers = nn.Sequential(normalization(self.out_channels, norm_groups), nn.SiLU(), nn.Dropout(p=dropout),
                                         zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)))
+        # scale-shift: out_layers[0] runs alone, the SiLU after the scale and shift (no fused norm + SiLU there)
+        self.out_layers.norm_runs_alone = use_scale_shift_norm
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         elif use_conv:
@@ -123,10 +125,10 @@ class ResBlock(TimestepBlock):
     def _forward(self, x: torch.Tensor, emb: torch.Tensor, output_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         if self.updown:
             upd = {"output_size": output_size} if isinstance(self.h_upd, Upsample) else {}
-            h = self.in_layers[-1](self.h_upd(run_norm_silu(self.in_layers, x, stop=-1), **upd))
+            h = self.in_layers[-1](self.h_upd(self.in_layers[:-1](x), **upd))
             x = self.x_upd(x, **upd)
         else:
-            h = run_norm_silu(self.in_layers, x)
+            h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)
         while emb_out.dim() < h.dim():
             emb_out = emb_out[..., None]
@@ -135,7 +137,7 @@ class ResBlock(TimestepBlock):
             scale, shift = emb_out.chunk(2, dim=1)
             h = out_rest(out_norm(h) * (1 + scale) + shift)
         else:
-            h = run_norm_silu(self.out_layers, h + emb_out)
+            h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
 
 
@@ -242,6 +244,7 @@ class UNetModel(nn.Module):
         # channels_last: conv weights, and so every activation, in channels-last memory (the state dict is unchanged)
         if channels_last:
             to_channels_last(self, dims)
+        use_cpu_kernels(self)  # the fused CPU kernels' modules, as LDM_ATTENTION_BACKEND / LDM_FUSED_CPU_OPS say
 
     # -- block factories: a subclass overrides one to change every block of its kind ------------------------
     def heads_for(self, ch: int) -> tuple[int, int]:
@@ -382,4 +385,4 @@ class UNetModel(nn.Module):
             h = torch.cat([h, hs.pop()], dim=1)
             # an upsampling block ends at the size of the skip it meets next (odd sides: not simply x2)
             h = module(h, emb, context, output_size=hs[-1].shape[2:] if hs else None, **inputs)
-        return run_norm_silu(self.out, h).contiguous()  # the usual layout out, whatever the memory format inside
+        return self.out(h).contiguous()  # the usual layout out, whatever the memory format inside

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.cpu_kernels import group_norm_silu
 
 # Sinusoidal embedding period (Vaswani et al. 2017), as in CompVis/SD.
 MAX_PERIOD = 10000
@@ -42,20 +41,6 @@ class GroupNorm32(nn.GroupNorm):
         if self.weight is None or self.weight.dtype == x.dtype:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
-def run_norm_silu(layers: nn.Sequential, x: torch.Tensor, stop: Optional[int] = None) -> torch.Tensor:
-    """`layers[:stop](x)` for a Sequential opening with GroupNorm then SiLU (ResBlock's in / out layers, the UNet's
-    out): those two as one op (`ldm.modules.cpu_kernels.group_norm_silu`: the fused kernel where it applies)."""
-    if stop is None and (layers._forward_hooks or layers._forward_pre_hooks):
-        return layers(x)  # the Sequential's own hooks see the call
-    mods = list(layers)[:stop]
-    if (len(mods) >= 2 and isinstance(mods[0], nn.GroupNorm) and type(mods[1]) is nn.SiLU
-            and not (mods[1]._forward_hooks or mods[1]._forward_pre_hooks)):  # the norm's hooks: group_norm_silu
-        x, mods = group_norm_silu(mods[0], x), mods[2:]
-    for m in mods:
-        x = m(x)
-    return x
 
 
 def normalization(channels: int, groups: int = UNET_NORM_GROUPS) -> nn.Module:
