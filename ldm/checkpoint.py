@@ -258,8 +258,10 @@ def _summarize(keys: Sequence[str], limit: int = 12) -> str:
 
 def load_state_dict_checked(module: torch.nn.Module, ckpt_or_sd: Mapping[str, Any], *, strict: bool = True,
                             ignore_keys: Iterable[str] = (), source: str = "<state dict>",
-                            prefix: Optional[str] = None) -> tuple[list[str], list[str]]:
-    """Load into `module`; missing/unexpected keys raise (strict) or are logged, never silently ignored."""
+                            prefix: Optional[str] = None,
+                            expected_missing: Optional[Callable[[str], bool]] = None) -> tuple[list[str], list[str]]:
+    """Load into `module`; missing/unexpected keys raise (strict) or are logged, never silently ignored
+    (`expected_missing`: keys the caller knows are new, e.g. a video model's temporal layers, returned unlogged)."""
     sd = extract_state_dict(ckpt_or_sd)
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -288,8 +290,9 @@ def load_state_dict_checked(module: torch.nn.Module, ckpt_or_sd: Mapping[str, An
         msg.append("Use ignore_keys for keys to drop, or strict=False to load partially (keys are then reported)."
                    + _kind_hint(module, sd))
         raise CheckpointError(" ".join(msg))
-    if missing:
-        logger.warning("%s: %d missing keys: %s", source, len(missing), _summarize(missing))
+    unannounced = [k for k in missing if expected_missing is None or not expected_missing(k)]
+    if unannounced:
+        logger.warning("%s: %d missing keys: %s", source, len(unannounced), _summarize(unannounced))
     if unexpected:
         logger.warning("%s: %d unexpected keys: %s", source, len(unexpected), _summarize(unexpected))
     return missing, unexpected

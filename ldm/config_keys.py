@@ -18,6 +18,9 @@ NO_EFFECT_KEYS: dict[str, dict[str, str]] = {
     "UNetModel": {
         "use_fp16": "choose the precision at run time (trainer precision, or --precision for sampling)",
     },
+    "VideoUNet": {
+        "spatial_transformer_attn_type": "attention runs on torch's SDPA (memory-efficient on CUDA) or the CPU kernel",
+    },
     "DDPM": {
         "log_every_t": "CompVis' intermediate-sample logging interval; log_images here logs fixed rows",
         "use_positional_encodings": "CompVis stored it and never read it",

@@ -165,7 +165,8 @@ def _sample_shape(model, shape: Optional[Sequence[int]], conditioning: Condition
     size = conditioning.latent_size
     if size is not None:
         return (model.channels, *size)
-    return (model.channels, model.image_size, model.image_size)
+    native = getattr(model, "native_sample_shape", None)  # a video model: (C, frames, H, W)
+    return tuple(native) if native is not None else (model.channels, model.image_size, model.image_size)
 
 
 @torch.no_grad()

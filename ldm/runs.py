@@ -215,6 +215,9 @@ def load_for_sampling(ckpt: Union[str, Path], config: Optional[Union[str, Path]]
     target = get_obj_from_str(cfg.model.target, key="model.target") if "model" in cfg and "target" in cfg.model else None
     if getattr(target, "checkpoint_has_all_weights", False) and OmegaConf.select(cfg, "model.params.ckpt_path"):
         cfg.model.params.ckpt_path = None  # a distilled student's run checkpoint holds every weight, teacher's too
+    for key in getattr(target, "init_weight_keys", ()):  # weights a run starts from (a video model's image LDM)
+        if OmegaConf.select(cfg, f"model.params.{key}"):
+            cfg.model.params[key] = None
     for key in ("first_stage_config", "cond_stage_config", "unet_config"):
         sub = OmegaConf.select(cfg, f"model.params.{key}.params")
         if sub is not None and "ckpt_path" in sub.keys():

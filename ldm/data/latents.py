@@ -67,9 +67,13 @@ def encode_dataset(dataset: Dataset, first_stage: torch.nn.Module, image_key: st
             if image_key not in item:
                 raise KeyError(f"CachedLatents: item {start + i} has no key '{image_key}' (image_key); "
                                f"keys: {sorted(item)}")
+        clips = np.ndim(items[0][image_key]) == 4  # (T, H, W, C) per item: a clip, encoded frame by frame
         x = torch.cat([_to_chw(it[image_key]) for it in items])
         enc = first_stage.encode(x)
-        moments.append(getattr(enc, "parameters", enc).float())  # KL posterior: [mean, logvar] on channels
+        m = getattr(enc, "parameters", enc).float()  # KL posterior: [mean, logvar] on channels
+        if clips:  # (N T, C', h, w) -> (N, C', T, h, w), as the video model's latents
+            m = m.reshape(len(items), -1, *m.shape[1:]).transpose(1, 2)
+        moments.append(m.contiguous())
         rest.extend({k: _plain(v) for k, v in it.items() if k != image_key} for it in items)
     return torch.cat(moments), rest
 
@@ -77,8 +81,8 @@ def encode_dataset(dataset: Dataset, first_stage: torch.nn.Module, image_key: st
 class CachedLatents(Dataset):
     """`dataset` with its images replaced by the frozen first stage's encodings, computed once and kept on disk.
 
-    Items carry `latent_moments` (C', h, w) instead of `image_key`, plus every other key of the item
-    (captions, labels). LatentDiffusion samples the posterior from them at each step, as it would after
+    Items carry `latent_moments` (C', h, w; (C', T, h, w) for clips) instead of `image_key`, plus every other key
+    of the item (captions, labels). LatentDiffusion samples the posterior from them at each step, as it would after
     encoding. The cache file is reused while the dataset config, the first-stage config and its
     checkpoint bytes are unchanged, and rebuilt otherwise. Per-item randomness of the dataset (crops,
     flips) is frozen at caching time, so use it for deterministic datasets or accept fixed augmentations.

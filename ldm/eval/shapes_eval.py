@@ -34,6 +34,7 @@ class Reading:
     color: Optional[str]
     size: Optional[str]
     position: Optional[str]
+    center: Optional[tuple[float, float]] = None  # the object's (x, y) as fractions of the side (x right, y down)
 
     def as_dict(self) -> dict:
         return {"shape": self.shape, "color": self.color, "size": self.size, "position": self.position}
@@ -95,7 +96,7 @@ def read_image(img: Union[np.ndarray, torch.Tensor], colors: Optional[Mapping[st
     names = list(POSITIONS)
     anchors = np.array(list(POSITIONS.values()))
     position = names[int(np.argmin(np.linalg.norm(anchors - np.array([cx, cy]), axis=1)))]
-    return Reading(shape, color, size, position)
+    return Reading(shape, color, size, position, (float(cx), float(cy)))
 
 
 def _classify_shape(soft: np.ndarray, mask: np.ndarray) -> Optional[str]:

@@ -416,10 +416,15 @@ class LatentDiffusion(DDPM):
         return xc
 
     @torch.no_grad()
+    def batch_latents(self, batch: dict, k: str, bs: Optional[int] = None) -> torch.Tensor:
+        """The scaled latents the diffusion model trains on for `batch[k]` (a video model encodes frame by frame)."""
+        return self.get_first_stage_encoding(self.encode_batch(batch, k, bs)).detach()
+
+    @torch.no_grad()
     def get_input(self, batch: dict, k: str, return_first_stage_outputs: bool = False, force_c_encode: bool = False,
                   cond_key: Optional[str] = None, return_original_cond: bool = False, bs: Optional[int] = None,
                   drop_cond: float = 0.0):
-        z = self.get_first_stage_encoding(self.encode_batch(batch, k, bs)).detach()
+        z = self.batch_latents(batch, k, bs)
         c = xc = None
         if self.routed:  # an embedder list: each drops at its own rate (drop_cond > 0: training)
             xc = self.raw_condition(batch, bs)
@@ -442,7 +447,7 @@ class LatentDiffusion(DDPM):
 
     def shared_step(self, batch: dict):
         if self.routed:  # the embedders' gradients flow where they train
-            z = self.get_first_stage_encoding(self.encode_batch(batch, self.first_stage_key)).detach()
+            z = self.batch_latents(batch, self.first_stage_key)
             c = self.conditioner(self.raw_condition(batch), drop=self.training, rng=self.batch_random)
             return self.p_losses(z, c, sample_weights=self.item_weights(batch))
         z, c = self.get_input(batch, self.first_stage_key, drop_cond=self.ucg_rate if self.training else 0.0)

@@ -90,13 +90,21 @@ class ResBlock(TimestepBlock):
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: Optional[int] = None,
                  use_conv: bool = False, use_scale_shift_norm: bool = False, dims: int = 2,
                  use_checkpoint: bool = False, up: bool = False, down: bool = False,
-                 norm_groups: int = UNET_NORM_GROUPS):
+                 norm_groups: int = UNET_NORM_GROUPS, kernel_size: Union[int, Sequence[int]] = 3,
+                 exchange_temb_dims: bool = False):
         super().__init__()
         self.channels, self.emb_channels = channels, emb_channels
         self.out_channels = out_channels or channels
         self.use_checkpoint, self.use_scale_shift_norm = use_checkpoint, use_scale_shift_norm
+        # exchange_temb_dims: the embedding comes per frame (b, t, c) for a (b, c, t, h, w) input (temporal blocks)
+        self.exchange_temb_dims = exchange_temb_dims
+        if isinstance(kernel_size, int):
+            padding: Union[int, tuple[int, ...]] = kernel_size // 2
+        else:
+            kernel_size = tuple(kernel_size)
+            padding = tuple(k // 2 for k in kernel_size)
         self.in_layers = nn.Sequential(normalization(channels, norm_groups), nn.SiLU(),
-                                       conv_nd(dims, channels, self.out_channels, 3, padding=1))
+                                       conv_nd(dims, channels, self.out_channels, kernel_size, padding=padding))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
@@ -107,13 +115,14 @@ class ResBlock(TimestepBlock):
         self.emb_layers = nn.Sequential(
             nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
         self.out_layers = nn.Sequential(normalization(self.out_channels, norm_groups), nn.SiLU(), nn.Dropout(p=dropout),
-                                        zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)))
+                                        zero_module(conv_nd(dims, self.out_channels, self.out_channels, kernel_size,
+                                                            padding=padding)))
         # scale-shift: out_layers[0] runs alone, the SiLU after the scale and shift (no fused norm + SiLU there)
         self.out_layers.norm_runs_alone = use_scale_shift_norm
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         elif use_conv:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, kernel_size, padding=padding)
         else:
             self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
 
@@ -132,6 +141,8 @@ class ResBlock(TimestepBlock):
         emb_out = self.emb_layers(emb).type(h.dtype)
         while emb_out.dim() < h.dim():
             emb_out = emb_out[..., None]
+        if self.exchange_temb_dims:  # (b, t, c, 1, 1) -> (b, c, t, 1, 1)
+            emb_out = emb_out.movedim(1, 2)
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = emb_out.chunk(2, dim=1)

@@ -74,15 +74,19 @@ def upsample_nearest(x: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 def to_channels_last(module: nn.Module, dims: int = 2) -> nn.Module:
-    """Store the module's 2-d (3-d) conv weights channels-last, so convolutions run on NHWC (NDHWC) memory.
+    """Store the module's conv weights channels-last (2-d: NHWC, 3-d: NDHWC), so convolutions run on that memory.
 
     A convolution with channels-last weights gives channels-last output whatever its input's layout, so the
     activations follow; oneDNN's CPU convolutions are fastest on this layout (cuDNN documents the same for its
-    tensor-core ones). 1-d modules are left as they are. Parameter names, shapes and values (the state dict) do
-    not change; `load_state_dict` copies into the existing layout.
+    tensor-core ones). Each weight gets the format of its own rank (a video UNet holds 2-d and 3-d convolutions
+    side by side; `Module.to(memory_format=...)` refuses the other rank). `dims` 1 leaves the module as it is.
+    Parameter names, shapes and values (the state dict) do not change; `load_state_dict` copies into the layout.
     """
-    if dims == 2:
-        return module.to(memory_format=torch.channels_last)
-    if dims == 3:
-        return module.to(memory_format=torch.channels_last_3d)
+    if dims not in (2, 3):
+        return module
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() in formats and p.device.type != "meta":
+                p.data = p.data.to(memory_format=formats[p.dim()])  # as Module.to: canonical strides (1x1 too)
     return module
