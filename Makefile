@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 NB_STAMP := $(VENV)/.notebook-installed
 
-.PHONY: quickstart test test-slow notebooks install clean-venv
+.PHONY: quickstart video-quickstart test test-slow notebooks install clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
+
+# the video default: the quickstart's image LDM learns motion on moving shapes (run `make quickstart` first)
+video-quickstart: $(STAMP)
+	$(PY) scripts/video_quickstart.py
 
 test: $(STAMP)
 	$(PY) -m pytest tests

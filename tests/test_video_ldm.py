@@ -250,3 +250,20 @@ def test_a_video_run_through_main_resumes_at_its_step(tmp_path):
     sd = image.state_dict()
     spatial = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
     assert torch.equal(ck["state_dict"][spatial], sd[spatial])
+
+
+@torch.no_grad()
+def test_every_sampler_on_video_latents_with_guidance(parts):
+    """Each sampler of the framework on (B, C, T, h, w) clips, classifier-free guided, one generator per clip: the
+    second clip of a two-clip run is the single clip of the second seed (no sampler mixes clips)."""
+    from ldm.sampling import SAMPLERS
+    video = video_model(parts).eval()
+    perturb(torch.nn.ModuleList(video.unet.temporal_modules()), seed=8)
+    for name in sorted(SAMPLERS):
+        two = generation.generate(video, video.conditioning(labels=[0, 3]), 2, steps=3, sampler=name, scale=2.0,
+                                  generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)],
+                                  decode=False)
+        one = generation.generate(video, video.conditioning(labels=[3]), 1, steps=3, sampler=name, scale=2.0,
+                                  generator=[torch.Generator().manual_seed(2)], decode=False)
+        assert two.shape == (2, 2, video.num_frames, 8, 8) and torch.isfinite(two).all(), name
+        assert torch.allclose(two[1:], one, atol=1e-4), name

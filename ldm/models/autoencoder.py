@@ -14,7 +14,7 @@ from ldm.metrics import reconstruction_metrics
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.vqvae.quantize import VectorQuantizer
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +40,10 @@ class _FirstStageBase(pl.LightningModule):
         return self.encoder.downsampling_factor
 
     def _init_common(self, ddconfig, lossconfig, embed_dim: int, image_key: str, colorize_nlabels: Optional[int],
-                     monitor: Optional[str]) -> None:
+                     monitor: Optional[str], decoder_config=None) -> None:
         self.image_key = image_key
         self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
+        self.decoder = self.build_decoder(ddconfig, decoder_config)
         self.loss = instantiate_from_config(lossconfig, key="model.params.lossconfig") if lossconfig else nn.Identity()
         self.embed_dim = embed_dim
         if colorize_nlabels is not None:
@@ -54,6 +54,25 @@ class _FirstStageBase(pl.LightningModule):
         self.learning_rate = 1e-4  # set by main.py from base_learning_rate
         self.automatic_optimization = False
         self.batches_seen = 0  # CompVis step semantics (one per batch), saved in checkpoints
+
+    @staticmethod
+    def build_decoder(ddconfig, decoder_config=None) -> Decoder:
+        """The image Decoder of `ddconfig`, or `decoder_config`'s (target + params, e.g. the temporal decoder
+        ldm.modules.temporal_ae.VideoDecoder; its params default to ddconfig's)."""
+        if decoder_config is None:
+            return Decoder(**ddconfig)
+        params = {**dict(ddconfig), **dict(decoder_config.get("params", {}) or {})}
+        decoder = instantiate_from_config({"target": decoder_config.get("target"), "params": params},
+                                          key="model.params.decoder_config")
+        if not isinstance(decoder, Decoder):
+            raise ConfigError(f"model.params.decoder_config: target {decoder_config.get('target')} built a "
+                              f"{type(decoder).__name__}, not a Decoder")
+        return decoder
+
+    @property
+    def decodes_clips(self) -> bool:
+        """Whether the decoder is temporal: `decode(z, timesteps=T)` decodes (b t) latents as clips of T frames."""
+        return "timesteps" in getattr(self.decoder, "extra_inputs", ())
 
     # -- data -----------------------------------------------------------------------------------
     def get_input(self, batch: dict, k: Optional[str] = None) -> torch.Tensor:
@@ -216,11 +235,11 @@ class AutoencoderKL(_FirstStageBase):
     def __init__(self, ddconfig: dict, lossconfig: Optional[dict], embed_dim: int, ckpt_path: Optional[str] = None,
                  ignore_keys: Sequence[str] = (), image_key: str = "image", colorize_nlabels: Optional[int] = None,
                  monitor: Optional[str] = None, ema_decay: Optional[float] = None, learn_logvar: bool = False,
-                 scheduler_config: Optional[dict] = None):
+                 scheduler_config: Optional[dict] = None, decoder_config: Optional[dict] = None):
         super().__init__()
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z: true (mean and log-variance)")
-        self._init_common(ddconfig, lossconfig, embed_dim, image_key, colorize_nlabels, monitor)
+        self._init_common(ddconfig, lossconfig, embed_dim, image_key, colorize_nlabels, monitor, decoder_config)
         self.learn_logvar = learn_logvar
         self.scheduler_config = scheduler_config
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
@@ -240,8 +259,9 @@ class AutoencoderKL(_FirstStageBase):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(self.to_weights_dtype(x))))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(self.to_weights_dtype(z)))
+    def decode(self, z: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """Images of latents; `timesteps=T` for a temporal decoder decodes (b t) latents as clips of T frames."""
+        return self.decoder(self.post_quant_conv(self.to_weights_dtype(z)), **inputs)
 
     def forward(self, input: torch.Tensor, sample_posterior: bool = True):
         posterior = self.encode(input)

@@ -106,7 +106,7 @@ def disabled_train(self, mode: bool = True):
 class DiffusionWrapper(nn.Module):
     """Routes conditioning into the UNet: c_concat channels concatenated to x, c_crossattn as the cross-attention
     context (concatenated on features), c_adm as the vector input y; CompVis' `adm` takes y from c_crossattn[0].
-    Any other keyword (a video UNet's num_frames) goes to the UNet, which refuses those it does not take."""
+    Any other keyword (a video UNet's num_video_frames) goes to the UNet, which refuses those it does not take."""
 
     def __init__(self, diff_model_config, conditioning_key: Optional[str]):
         super().__init__()

@@ -139,9 +139,15 @@ class VideoLatentDiffusion(LatentDiffusion):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        """Images of latents: (B, C', T, h, w) clips decoded `frame_chunk` frames at a time to (B, C, T, H, W)."""
+        """Images of latents: (B, C', T, h, w) clips decoded `frame_chunk` frames at a time to (B, C, T, H, W); a
+        temporal decoder (ldm.modules.temporal_ae) sees each chunk of a clip as a clip."""
         if z.dim() != 5:
             return super().decode_first_stage(z)
+        if getattr(self.first_stage_model, "decodes_clips", False):  # a temporal decoder: each clip in time chunks
+            clips = [torch.cat([self.first_stage_model.decode(chunk.movedim(1, 0) / self.scale_factor,
+                                                              timesteps=chunk.shape[1])
+                                for chunk in clip.split(self.frame_chunk, dim=1)]) for clip in z]
+            return torch.stack(clips).movedim(1, 2)  # (B, T, C, H, W) -> (B, C, T, H, W)
         frames = rearrange(z, "b c t h w -> (b t) c h w")
         out = torch.cat([super(VideoLatentDiffusion, self).decode_first_stage(chunk)
                          for chunk in frames.split(self.frame_chunk)])

@@ -1,7 +1,7 @@
 """Convolutional autoencoder Encoder/Decoder of the LDM first stage (CompVis layout, VQGAN-style)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -198,9 +198,15 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent -> image: conv_in, mid, `up` levels (indexed from full resolution, run lowest first), conv_out."""
+    """Latent -> image: conv_in, mid, `up` levels (indexed from full resolution, run lowest first), conv_out.
+
+    Built from two factories, `make_resblock` and `make_conv_out`, so that a temporal decoder is this one with other
+    blocks (ldm.modules.temporal_ae.VideoDecoder); layers declaring `block_inputs` get those of the call's inputs
+    (a temporal decoder's `timesteps`), which a decoder refuses unless it lists them in `extra_inputs`.
+    """
 
     norm_silu_pairs = (("norm_out", "act_out"),)
+    extra_inputs: tuple[str, ...] = ()
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int] = (), dropout: float = 0.0, resamp_with_conv: bool = True,
@@ -217,24 +223,22 @@ class Decoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.resolution, self.in_channels = resolution, in_channels
         self.give_pre_end, self.tanh_out = give_pre_end, tanh_out
+        self.dropout, self.norm_groups = dropout, norm_groups
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0,
-                                       dropout=dropout, norm_groups=norm_groups)
+        self.mid.block_1 = self.make_resblock(block_in, block_in)
         self.mid.attn_1 = make_attn(block_in, attn_type, norm_groups)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0,
-                                       dropout=dropout, norm_groups=norm_groups)
+        self.mid.block_2 = self.make_resblock(block_in, block_in)
         levels = []
         for i_level in reversed(range(self.num_resolutions)):
             level = _Level()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=0,
-                                               dropout=dropout, norm_groups=norm_groups))
+                level.block.append(self.make_resblock(block_in, block_out))
                 block_in = block_out
                 if curr_res in attn_resolutions:
                     level.attn.append(make_attn(block_in, attn_type, norm_groups))
@@ -244,21 +248,44 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
         self.norm_out, self.act_out = Normalize(block_in, norm_groups), nn.SiLU()
-        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+        self.conv_out = self.make_conv_out(block_in, out_ch)
         use_cpu_kernels(self)  # the fused CPU kernels' modules, as LDM_FUSED_CPU_OPS says
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    # -- block factories: a subclass overrides one to change every block of its kind ------------------------
+    def make_resblock(self, ch_in: int, ch_out: int) -> nn.Module:
+        """A residual block of the decoder (mid and up levels)."""
+        return ResnetBlock(in_channels=ch_in, out_channels=ch_out, temb_channels=0, dropout=self.dropout,
+                           norm_groups=self.norm_groups)
+
+    def make_conv_out(self, ch_in: int, ch_out: int) -> nn.Module:
+        """The last convolution, to image channels."""
+        return nn.Conv2d(ch_in, ch_out, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, z: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        unknown = sorted(set(inputs) - set(self.extra_inputs))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward: unknown input{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(unknown)}" + (f"; it takes {', '.join(self.extra_inputs)}"
+                                                       if self.extra_inputs else "; it takes only the latent"))
         self.last_z_shape = z.shape
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        h = self.conv_in(z)
+        h = _call(self.mid.block_1, h, inputs)
+        h = _call(self.mid.block_2, self.mid.attn_1(h), inputs)
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]
             for i_block, block in enumerate(level.block):
-                h = block(h)
+                h = _call(block, h, inputs)
                 if len(level.attn) > 0:
                     h = level.attn[i_block](h)
             if i_level != 0:
                 h = level.upsample(h)
         if self.give_pre_end:
             return h
-        h = self.conv_out(self.act_out(self.norm_out(h)))
+        h = _call(self.conv_out, self.act_out(self.norm_out(h)), inputs)
         return torch.tanh(h) if self.tanh_out else h
+
+
+def _call(layer: nn.Module, h: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """`layer(h)` with the inputs it declares in `block_inputs`."""
+    names = getattr(layer, "block_inputs", ())
+    return layer(h, **{n: inputs[n] for n in names if n in inputs}) if names else layer(h)

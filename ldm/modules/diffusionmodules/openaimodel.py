@@ -29,7 +29,7 @@ class TimestepBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """Sequential that gives each layer the inputs its `block_inputs` names, as keywords: the timestep embedding
     (`emb`), the cross-attention `context`, the size an upsampling layer must reach (`output_size`, for inputs whose
-    side is not a multiple of the UNet's factor) and any input a UNet subclass adds (`num_frames`); a layer that
+    side is not a multiple of the UNet's factor) and any input a UNet subclass adds (`num_video_frames`); a layer that
     declares none (a plain convolution) gets x alone."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None,
@@ -91,8 +91,11 @@ class ResBlock(TimestepBlock):
                  use_conv: bool = False, use_scale_shift_norm: bool = False, dims: int = 2,
                  use_checkpoint: bool = False, up: bool = False, down: bool = False,
                  norm_groups: int = UNET_NORM_GROUPS, kernel_size: Union[int, Sequence[int]] = 3,
-                 exchange_temb_dims: bool = False):
+                 exchange_temb_dims: bool = False, skip_t_emb: bool = False):
         super().__init__()
+        if skip_t_emb and use_scale_shift_norm:
+            raise ValueError("ResBlock: skip_t_emb (no timestep embedding) leaves nothing to scale and shift with")
+        self.skip_t_emb = skip_t_emb  # no emb_layers: a block that takes no embedding (a temporal decoder's)
         self.channels, self.emb_channels = channels, emb_channels
         self.out_channels = out_channels or channels
         self.use_checkpoint, self.use_scale_shift_norm = use_checkpoint, use_scale_shift_norm
@@ -112,8 +115,9 @@ class ResBlock(TimestepBlock):
             self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
         else:
             self.h_upd = self.x_upd = nn.Identity()
-        self.emb_layers = nn.Sequential(
-            nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
+        if not skip_t_emb:
+            self.emb_layers = nn.Sequential(
+                nn.SiLU(), linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
         self.out_layers = nn.Sequential(normalization(self.out_channels, norm_groups), nn.SiLU(), nn.Dropout(p=dropout),
                                         zero_module(conv_nd(dims, self.out_channels, self.out_channels, kernel_size,
                                                             padding=padding)))
@@ -138,6 +142,8 @@ class ResBlock(TimestepBlock):
             x = self.x_upd(x, **upd)
         else:
             h = self.in_layers(x)
+        if self.skip_t_emb:
+            return self.skip_connection(x) + self.out_layers(h)
         emb_out = self.emb_layers(emb).type(h.dtype)
         while emb_out.dim() < h.dim():
             emb_out = emb_out[..., None]
@@ -351,7 +357,7 @@ class UNetModel(nn.Module):
                                  zero_module(conv_nd(dims, mc, self.out_channels, 3, padding=1)))
 
     # inputs beyond (x, timesteps, context, y, guidance) that this UNet takes and passes to every block (a video
-    # UNet: num_frames); any other keyword is refused by name
+    # UNet: num_video_frames); any other keyword is refused by name
     extra_inputs: tuple[str, ...] = ()
 
     @property

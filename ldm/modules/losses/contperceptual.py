@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ldm.modules.losses.discriminator import NLayerDiscriminator, adopt_weight, d_loss_fn, weights_init
+from ldm.modules.losses.discriminator import (NLayerDiscriminator, NLayerDiscriminator3D, adopt_weight, d_loss_fn,
+                                             weights_init)
 from ldm.modules.losses.lpips import build_lpips
 
 
@@ -150,3 +151,28 @@ class DummyLoss(nn.Module):
     def forward(self, *args, **kwargs) -> torch.Tensor:
         raise RuntimeError("DummyLoss is a placeholder for a frozen first stage; configure a real lossconfig to train "
                            "the autoencoder")
+
+
+class VideoLPIPSWithDiscriminator(LPIPSWithDiscriminator):
+    """The KL-autoencoder loss on clips (Blattmann et al. 2023, sec. 3.1.1): per-frame reconstruction and LPIPS, KL,
+    and a patch-wise video discriminator of 3-d convolutions (NLayerDiscriminator3D) that sees whole clips."""
+
+    def __init__(self, *args, disc_time_kernel: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.disc_conditional:
+            raise ValueError("VideoLPIPSWithDiscriminator: disc_conditional is not provided for clips")
+        first = self.discriminator.main[0]
+        layers = sum(isinstance(m, nn.Conv2d) for m in self.discriminator.modules()) - 2
+        self.discriminator = NLayerDiscriminator3D(input_nc=first.in_channels, ndf=first.out_channels,
+                                                   n_layers=layers, time_kernel=disc_time_kernel).apply(weights_init)
+        self.frames: Optional[int] = None  # frames per clip of the (b t) batch being scored, set by forward
+
+    def _logits(self, x: torch.Tensor, cond: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.frames is None:
+            raise ValueError("VideoLPIPSWithDiscriminator: call it with timesteps (frames per clip)")
+        b = x.shape[0] // self.frames
+        return self.discriminator(x.contiguous().reshape(b, self.frames, *x.shape[1:]).transpose(1, 2))
+
+    def forward(self, *args, timesteps: Optional[int] = None, **kwargs):
+        self.frames = timesteps
+        return super().forward(*args, **kwargs)

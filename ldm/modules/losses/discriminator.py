@@ -103,3 +103,30 @@ def d_loss_fn(kind: DiscLoss):
 def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:
     """`value` before `threshold` steps, then `weight` (the CompVis disc_start switch)."""
     return value if global_step < threshold else weight
+
+
+class NLayerDiscriminator3D(nn.Module):
+    """A patch-wise video discriminator: the PatchGAN's layers as 3-d convolutions, (3, 4, 4) kernels striding 2 in
+    space and 1 in time, one logit per overlapping space-time patch of a (B, C, T, H, W) clip."""
+
+    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, time_kernel: int = 3):
+        super().__init__()
+        kw, tk = 4, time_kernel
+        pad = (tk // 2, 1, 1)
+        seq: list[nn.Module] = [nn.Conv3d(input_nc, ndf, kernel_size=(tk, kw, kw), stride=(1, 2, 2), padding=pad),
+                                nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2 ** n, 8)
+            seq += [nn.Conv3d(ndf * prev, ndf * mult, kernel_size=(tk, kw, kw), stride=(1, 2, 2), padding=pad,
+                              bias=False), nn.BatchNorm3d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        prev, mult = mult, min(2 ** n_layers, 8)
+        seq += [nn.Conv3d(ndf * prev, ndf * mult, kernel_size=(tk, kw, kw), stride=1, padding=pad, bias=False),
+                nn.BatchNorm3d(ndf * mult), nn.LeakyReLU(0.2, True),
+                nn.Conv3d(ndf * mult, 1, kernel_size=(tk, kw, kw), stride=1, padding=pad)]
+        self.main = nn.Sequential(*seq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"NLayerDiscriminator3D takes clips (B, C, T, H, W), got shape {tuple(x.shape)}")
+        return self.main(x)
