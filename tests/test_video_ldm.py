@@ -267,3 +267,61 @@ def test_every_sampler_on_video_latents_with_guidance(parts):
                                   generator=[torch.Generator().manual_seed(2)], decode=False)
         assert two.shape == (2, 2, video.num_frames, 8, 8) and torch.isfinite(two).all(), name
         assert torch.allclose(two[1:], one, atol=1e-4), name
+
+
+def context_model(parts, **over):
+    """A video model trained for prediction and interpolation: its UNet reads latents, context latents and mask."""
+    ae_path, image_path, _ = parts
+    cfg = config(True, ae_path, image_ckpt_path=image_path, num_frames=T,
+                 context_frames={"modes": ["none", "predict", "interpolate"], "max_given": 2}, **over)
+    cfg.params.unet_config.params.in_channels = 2 * 2 + 1
+    torch.manual_seed(0)
+    return instantiate_from_config(cfg)
+
+
+@torch.no_grad()
+def test_masked_context_is_used_and_predicted_frames_do_not_leak(parts):
+    _, _, image = parts
+    video = context_model(parts).eval()
+    z = torch.randn(2, 2, T, 8, 8)
+    t = torch.tensor([300, 600])
+    c = video.get_learned_conditioning(torch.tensor([1, 2]))
+    from ldm.models.diffusion.video_context import context_concat, prediction_mask
+    mask = prediction_mask(T, 1).expand(2, -1)  # frame 0 given
+    ctx = torch.randn(2, 2, T, 8, 8)
+    # started from the image model: the widened input channels are zero, so the context changes nothing yet
+    out0 = video.apply_model(z, t, video.with_context(c, context_concat(ctx, mask)))
+    ref = image.apply_model(z.movedim(2, 1).reshape(2 * T, 2, 8, 8), t.repeat_interleave(T),
+                            image.get_learned_conditioning(torch.tensor([1, 2])).repeat_interleave(T, 0))
+    assert torch.allclose(out0.movedim(2, 1).reshape(2 * T, 2, 8, 8), ref, atol=1e-5)
+    perturb(video.model, seed=9)  # as after training
+    base = video.apply_model(z, t, video.with_context(c, context_concat(ctx, mask)))
+    changed_context = ctx.clone()
+    changed_context[:, :, 0] += 1.0
+    assert (video.apply_model(z, t, video.with_context(c, context_concat(changed_context, mask))) - base).abs().max() > 1e-3
+    changed_predicted = ctx.clone()
+    changed_predicted[:, :, 2] += 1.0  # a frame to predict: its input must not leak into the conditioning
+    assert torch.equal(video.apply_model(z, t, video.with_context(c, context_concat(changed_predicted, mask))), base)
+
+
+def test_context_training_step_and_continuing_clips(parts):
+    video = context_model(parts)
+    loss, _ = video.shared_step(clips_batch())
+    assert torch.isfinite(loss)
+    video.eval()
+    perturb(torch.nn.ModuleList(video.unet.temporal_modules()), seed=11)
+    first = clips_batch()["video"].movedim(-1, 1)  # (B, C, T, H, W)
+    longer = video.continue_clips(first, 1, labels=[0, 1], steps=2, scale=2.0,
+                                  generator=torch.Generator().manual_seed(0))
+    assert longer.shape == (2, 1, T + (T - 1), 32, 32) and torch.equal(longer[:, :, :T], first)
+    longest = video.continue_clips(longer, 2, labels=[0, 1], steps=2, scale=1.0)
+    assert longest.shape[2] == 2 * T - 1 + T - 2
+    with pytest.raises(Exception, match="given 3"):
+        video.continue_clips(first, 3, labels=[0, 1], steps=2)
+    ae_path, image_path, _ = parts
+    bad = config(True, ae_path, image_ckpt_path=image_path, context_frames={"modes": ["predict"]})
+    with pytest.raises(ConfigError, match="in_channels is 2"):
+        instantiate_from_config(bad)
+    bad = config(True, ae_path, context_frames={"modes": ["extrapolate"]})
+    with pytest.raises(ConfigError, match="extrapolate"):
+        instantiate_from_config(bad)

@@ -47,21 +47,39 @@ def video_run(tmp_path_factory):
     torch.save({"state_dict": video.state_dict(), "global_step": 0}, ckpt)
     cfg_path = root / "video-project.yaml"
     OmegaConf.save(OmegaConf.create({"model": OmegaConf.to_container(video_cfg)}), cfg_path)
-    return str(cfg_path), str(ckpt), image_path, (str(root / "image-project.yaml"), image_cfg)
+    # the same model trained with context frames (prediction from a first frame: image-to-video)
+    ctx_cfg = OmegaConf.merge(video_cfg, {"params": {"context_frames": {"modes": ["none", "predict"]},
+                                                     "unet_config": {"params": {"in_channels": 5}}}})
+    ctx = instantiate_from_config(ctx_cfg)
+    perturb(ctx.model, seed=5)
+    ctx.model_ema.reset_to(ctx.model)
+    torch.save({"state_dict": ctx.state_dict(), "global_step": 0}, root / "context.ckpt")
+    OmegaConf.save(OmegaConf.create({"model": OmegaConf.to_container(ctx_cfg)}), root / "context-project.yaml")
+    return (str(cfg_path), str(ckpt), image_path, (str(root / "image-project.yaml"), image_cfg),
+            (str(root / "context-project.yaml"), str(root / "context.ckpt")))
+
+
+def script(name: str, argv) -> int:
+    import importlib.util
+    import sys
+    from pathlib import Path
+    folder = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(folder))  # the video scripts share helpers with their neighbours
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.main(argv)
+    finally:
+        sys.path.remove(str(folder))
 
 
 def txt2video(argv):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "txt2video.py"
-    spec = importlib.util.spec_from_file_location("txt2video", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
+    return script("txt2video", argv)
 
 
 def test_clips_written_as_mp4_gif_frames_and_a_strip_with_one_seed_per_clip(video_run, tmp_path):
-    cfg, ckpt, _, _ = video_run
+    cfg, ckpt = video_run[:2]
     base = ["--config", cfg, "--ckpt", ckpt, "--steps", "2", "--prompt", "a small red circle moving left"]
     assert txt2video(base + ["--n_samples", "2", "--seed", "5", "--outdir", str(tmp_path / "a")]) == 0
     clips = tmp_path / "a" / "clips"
@@ -85,7 +103,7 @@ def test_clips_written_as_mp4_gif_frames_and_a_strip_with_one_seed_per_clip(vide
 
 
 def test_bad_input_refused_before_work(video_run, tmp_path, capsys):
-    cfg, ckpt, image_path, (image_cfg_path, image_cfg) = video_run
+    cfg, ckpt, image_path, (image_cfg_path, image_cfg) = video_run[:4]
     assert txt2video(["--config", cfg, "--ckpt", ckpt, "--frames", "0", "--outdir", str(tmp_path)]) != 0
     assert "--frames 0" in capsys.readouterr().err
     assert txt2video(["--config", cfg, "--ckpt", ckpt, "--fps", "-1", "--outdir", str(tmp_path)]) != 0
@@ -94,3 +112,26 @@ def test_bad_input_refused_before_work(video_run, tmp_path, capsys):
     assert txt2video(["--config", image_cfg_path, "--ckpt", image_path, "--outdir", str(tmp_path / "img")]) != 0
     assert "not a video model" in capsys.readouterr().err
     assert not (tmp_path / "img" / "clips").exists() or not any((tmp_path / "img" / "clips").iterdir())
+
+
+def test_img2video_starts_from_the_image(video_run, tmp_path, capsys):
+    cfg, ckpt = video_run[:2]
+    ctx_cfg, ctx_ckpt = video_run[4]
+    rng = np.random.default_rng(0)
+    first = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+    Image.fromarray(first).save(tmp_path / "first.png")
+    args = ["--init-img", str(tmp_path / "first.png"), "--prompt", "a small red circle moving right", "--steps", "2"]
+    assert script("img2video", args + ["--config", ctx_cfg, "--ckpt", ctx_ckpt, "--n_samples", "2",
+                                       "--outdir", str(tmp_path / "out")]) == 0
+    clips = tmp_path / "out" / "clips"
+    assert probe_video(clips / "00001.mp4").frames == T and len(list((clips / "00000").glob("*.png"))) == T
+    assert np.array_equal(np.asarray(Image.open(clips / "00000" / "000.png")), first)  # the given frame, as given
+    assert (tmp_path / "out" / "strip-0000.png").is_file()
+    assert script("img2video", args + ["--config", cfg, "--ckpt", ckpt, "--outdir", str(tmp_path / "x")]) != 0
+    assert "not trained with context frames" in capsys.readouterr().err
+    assert script("img2video", args + ["--config", ctx_cfg, "--ckpt", ctx_ckpt, "--motion", "127",
+                                       "--outdir", str(tmp_path / "y")]) != 0
+    assert "no motion input" in capsys.readouterr().err
+    assert script("img2video", ["--init-img", str(tmp_path / "missing.png"), "--config", ctx_cfg, "--ckpt", ctx_ckpt,
+                                "--outdir", str(tmp_path / "z")]) != 0
+    assert "missing.png" in capsys.readouterr().err

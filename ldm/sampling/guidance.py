@@ -47,10 +47,11 @@ class Conditioning:
         return extra
 
     @property
-    def latent_size(self) -> Optional[tuple[int, int]]:
-        """The spatial size the concatenated inputs fix for the sample (None when nothing is concatenated)."""
+    def latent_size(self) -> Optional[tuple[int, ...]]:
+        """The size the concatenated inputs fix for the sample: (h, w), or (t, h, w) for clips (None when nothing
+        is concatenated)."""
         concat = self.cond.get("c_concat") if isinstance(self.cond, dict) else None
-        return tuple(concat[0].shape[-2:]) if concat else None
+        return tuple(concat[0].shape[2:]) if concat else None
 
     @property
     def batch_size(self) -> Optional[int]:

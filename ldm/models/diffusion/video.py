@@ -11,12 +11,15 @@ from einops import rearrange
 
 from ldm.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_checked
 from ldm.errors import InputError
+from ldm.models.diffusion.inpaint import FIRST_CONV_KEYS, widen_input_channels
 from ldm.models.diffusion.latent import LatentDiffusion
+from ldm.models.diffusion.video_context import ContextFrames, context_concat, prediction_mask
 from ldm.modules.diffusionmodules.temporal_mix import MergeStrategy
 from ldm.modules.diffusionmodules.video_model import VideoUNet
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.modules.model_inputs import LATENT_KEY
+from ldm.modules.model_inputs import LATENT_KEY, Encoding, unscaled_latents
+from ldm.sampling import Conditioning
 from ldm.util import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,10 @@ class VideoLatentDiffusion(LatentDiffusion):
     used, every image layer of this model filled) and the temporal layers, reported as new, start so that the model
     computes the image model's function (`VideoUNet.start_as_image_model`). Only the temporal layers train unless
     `train_spatial`; the EMA follows what trains. `frame_chunk`: frames per first-stage call (bounded memory).
-    `num_frames`: the clip length sampling uses by default (training takes it from the data).
+    `num_frames`: the clip length sampling uses by default (training takes it from the data). `context_frames`
+    ({modes: [none, predict, interpolate], max_given}): train for prediction and interpolation too (sec. 3.2-3.3),
+    the given frames' latents and mask concatenated to the input (the image checkpoint's input convolution widened
+    with zeros for them); `continue_clips` then extends clips, repeatedly for long ones.
     """
 
     # config keys naming weights a run starts from, which its own checkpoints hold (dropped when sampling, ldm.runs)
@@ -40,7 +46,7 @@ class VideoLatentDiffusion(LatentDiffusion):
 
     def __init__(self, *args: Any, image_ckpt_path: Optional[str] = None, train_spatial: bool = False,
                  frame_chunk: int = 8, num_frames: int = 8, image_only_key: str = IMAGE_ONLY_KEY,
-                 image_ema: bool = True, **kwargs: Any):
+                 image_ema: bool = True, context_frames: Optional[dict] = None, **kwargs: Any):
         ckpt_path, ignore_keys = kwargs.pop("ckpt_path", None), kwargs.pop("ignore_keys", [])
         super().__init__(*args, **kwargs)
         net = self.model.diffusion_model
@@ -51,6 +57,12 @@ class VideoLatentDiffusion(LatentDiffusion):
             raise ConfigError(f"model.params: frame_chunk ({frame_chunk}) and num_frames ({num_frames}) must be >= 1")
         self.train_spatial, self.frame_chunk, self.num_frames = train_spatial, int(frame_chunk), int(num_frames)
         self.image_only_key = image_only_key
+        # prediction / interpolation: context frames' latents and their mask concatenated to the input
+        self.context_frames = ContextFrames.from_config(context_frames) if context_frames is not None else None
+        if self.context_frames is not None and net.in_channels != 2 * self.channels + 1:
+            raise ConfigError(f"model.params.unet_config.params.in_channels is {net.in_channels}; with context_frames "
+                              f"the UNet reads the latents, the context latents and the mask: "
+                              f"{2 * self.channels + 1} channels")
         if image_ckpt_path is not None:
             self.init_from_image_ckpt(image_ckpt_path, use_ema_weights=image_ema)
         if not train_spatial:
@@ -84,7 +96,12 @@ class VideoLatentDiffusion(LatentDiffusion):
         def is_new(key: str) -> bool:
             return key in temporal_shadow or (key.startswith("model.diffusion_model.") and self.unet.is_temporal_key(key))
 
-        own = set(self.state_dict())
+        own_sd = self.state_dict()
+        if self.context_frames is not None:  # the image UNet's input conv reads the latents only: widen with zeros
+            widened = widen_input_channels(sd, own_sd, FIRST_CONV_KEYS, self.channels)
+            if widened:
+                logger.info("%s: widened for the context frames: %s", path, "; ".join(widened))
+        own = set(own_sd)
         wrong = sorted(k for k in own - set(sd) if not is_new(k)) + sorted(set(sd) - own)
         if wrong:
             raise CheckpointError(f"{path}: not the image LDM of this video model (model.params.image_ckpt_path): "
@@ -196,7 +213,57 @@ class VideoLatentDiffusion(LatentDiffusion):
                 with torch.enable_grad():
                     c = self.get_learned_conditioning(c)
         c = self.with_video_inputs(c, self.image_only(batch, z.shape[0], z.shape[2]))
+        if self.context_frames is not None:
+            c = self.with_context(c, context_concat(z, self.context_frames.draw(z.shape[0], z.shape[2], z.device)))
         return self.p_losses(z, c, sample_weights=self.item_weights(batch))
+
+    # -- prediction and interpolation ---------------------------------------------------------------
+    def with_context(self, c: Any, concat: torch.Tensor) -> dict:
+        """The conditioning with the context frames' input (`context_concat`) as c_concat."""
+        if c is None:
+            return {"c_concat": [concat]}
+        if not isinstance(c, dict):
+            c = {self.model.conditioning_key.plain_key: c if isinstance(c, list) else [c]}
+        return {**c, "c_concat": [concat]}
+
+    @torch.no_grad()
+    def clip_latents(self, clips: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C', T, h, w) of (B, C, T, H, W) clips in [-1, 1] (the posterior mode)."""
+        z = self.scale_factor * unscaled_latents(self.encode_frames(clips.to(self.device)), Encoding.MODE)
+        return rearrange(z, "(b t) c h w -> b c t h w", b=clips.shape[0])
+
+    def context_conditioning(self, base: Conditioning, z: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+        """`base` with the context of latents `z` (B, C', T, h, w) at the frames `mask` (B, T) gives; its unconditional
+        branch has no context (context guidance, as the text's)."""
+        if self.context_frames is None:
+            raise ConfigError("this video model was not trained with context frames (model.params.context_frames)")
+        cond = self.with_context(base.cond, context_concat(z, mask))
+        uncond = None
+        if base.uncond is not None:
+            uncond = self.with_context(base.uncond, context_concat(torch.zeros_like(z), torch.zeros_like(mask)))
+        return Conditioning(cond, uncond)
+
+    @torch.no_grad()
+    def continue_clips(self, clips: torch.Tensor, given: int, *, prompts: Optional[Sequence[str]] = None,
+                       labels: Any = None, steps: Optional[int] = None, scale: Optional[float] = None,
+                       sampler: Optional[str] = None, generator: Any = None) -> torch.Tensor:
+        """Prediction (sec. 3.2): (B, C, T0, H, W) clips in [-1, 1] extended by num_frames - `given` frames generated
+        with their last `given` frames as context; call it again on the result for longer clips."""
+        from ldm import generation
+
+        t = self.num_frames
+        if not 1 <= given < t or given > clips.shape[2]:
+            raise InputError(f"continue_clips: given {given} must be in [1, {t - 1}] and at most the clips' "
+                             f"{clips.shape[2]} frames")
+        scale = self.guidance_scale if scale is None else scale
+        ctx = self.clip_latents(clips[:, :, -given:])
+        z = torch.zeros(ctx.shape[0], ctx.shape[1], t, *ctx.shape[-2:], device=ctx.device)
+        z[:, :, :given] = ctx
+        mask = prediction_mask(t, given, ctx.device).expand(ctx.shape[0], -1)
+        base = self.conditioning(prompts=prompts, labels=labels, guidance=scale != 1.0)
+        out = generation.generate(self, self.context_conditioning(base, z, mask), ctx.shape[0], steps=steps,
+                                  sampler=sampler, scale=scale, generator=generator)
+        return torch.cat([clips.to(out.device), out[:, :, given:]], dim=2)
 
     def _bs(self, batch: dict) -> int:
         return int((batch[LATENT_KEY] if LATENT_KEY in batch else batch[self.first_stage_key]).shape[0])
