@@ -59,7 +59,11 @@ class VideoAutoencoderKL(AutoencoderKL):
         if wrong:
             raise CheckpointError(f"{path}: not the image autoencoder of this model (model.params.image_ckpt_path): "
                                   f"{len(wrong)} keys do not match, e.g. {wrong[:5]}")
-        sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}  # the new loss has its own discriminator
+        dropped = [k for k in sd if k.startswith("loss.")]
+        if dropped:  # the video loss has its own (3-d) discriminator
+            logger.info("%s: %d loss.* keys of the image autoencoder not used (its 2-d discriminator)", path,
+                        len(dropped))
+        sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
         missing, _ = load_state_dict_checked(self, sd, strict=False, source=str(path),
                                              expected_missing=lambda k: is_new(k) or k.startswith("loss."))
         self.decoder.start_as_image_decoder()

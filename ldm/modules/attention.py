@@ -152,22 +152,26 @@ class SpatialTransformer(nn.Module):
             for d in range(depth)])
         self.proj_out = zero_module(nn.Linear(inner, in_channels) if use_linear else nn.Conv2d(inner, in_channels, 1))
 
-    def forward(self, x: torch.Tensor, context: Optional[Union[torch.Tensor, list]] = None) -> torch.Tensor:
-        if not isinstance(context, list):
-            context = [context] * len(self.transformer_blocks)
-        b, c, h, w = x.shape
-        x_in = x
+    def tokens_in(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, c, h, w) -> (b, h w, inner): norm, then proj_in (a 1x1 conv before the flattening, or a Linear after)."""
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
         x = rearrange(x, "b c h w -> b (h w) c")
-        if self.use_linear:
-            x = self.proj_in(x)
-        for i, block in enumerate(self.transformer_blocks):
-            x = block(x, context=context[i])
+        return self.proj_in(x) if self.use_linear else x
+
+    def tokens_out(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(b, h w, inner) -> (b, c, h, w) through proj_out, the inverse arrangement of `tokens_in`."""
         if self.use_linear:
             x = self.proj_out(x)
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
-        if not self.use_linear:
-            x = self.proj_out(x)
-        return x + x_in
+        return x if self.use_linear else self.proj_out(x)
+
+    def forward(self, x: torch.Tensor, context: Optional[Union[torch.Tensor, list]] = None) -> torch.Tensor:
+        if not isinstance(context, list):
+            context = [context] * len(self.transformer_blocks)
+        h, w = x.shape[-2:]
+        tokens = self.tokens_in(x)
+        for i, block in enumerate(self.transformer_blocks):
+            tokens = block(tokens, context=context[i])
+        return self.tokens_out(tokens, h, w) + x

@@ -147,12 +147,7 @@ class SpatialVideoTransformer(SpatialTransformer):
             if time_context.dim() == 2:
                 time_context = time_context[:, None]
         x_in = x
-        x = self.norm(x)
-        if not self.use_linear:
-            x = self.proj_in(x)
-        x = rearrange(x, "b c h w -> b (h w) c")
-        if self.use_linear:
-            x = self.proj_in(x)
+        x = self.tokens_in(x)
         frames = torch.arange(t, device=x.device).repeat(x.shape[0] // t)  # each item's index in its clip
         emb = self.time_pos_embed(timestep_embedding(frames, self.in_channels, max_period=self.max_time_embed_period)
                                   .to(x.dtype))[:, None]
@@ -160,9 +155,4 @@ class SpatialVideoTransformer(SpatialTransformer):
             x = block(x, context=spatial_context[i])
             x_mix = mix_block(x + emb, context=time_context, timesteps=t)
             x = self.time_mixer(x, x_mix, image_only_indicator)
-        if self.use_linear:
-            x = self.proj_out(x)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
-        if not self.use_linear:
-            x = self.proj_out(x)
-        return x + x_in
+        return self.tokens_out(x, h, w) + x_in

@@ -187,7 +187,8 @@ class VideoLatentDiffusion(LatentDiffusion):
         if tuple(flag.shape) != (clips, frames):
             raise InputError(f"batch['{self.image_only_key}'] has shape {tuple(flag.shape)}; expected ({clips},) or "
                              f"({clips}, {frames})")
-        if bool(flag.any()) and self.unet.merge_strategy != MergeStrategy.LEARNED_WITH_IMAGES.value:
+        # the strategy first: under learned_with_images (the usual case) no device value is read each step
+        if self.unet.merge_strategy != MergeStrategy.LEARNED_WITH_IMAGES.value and bool(flag.any()):
             raise ConfigError(f"batch['{self.image_only_key}'] marks image items, but the VideoUNet's merge_strategy "
                               f"is '{self.unet.merge_strategy}': images in a video batch need learned_with_images "
                               f"(alpha = 1 for them)")
